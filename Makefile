@@ -1,0 +1,23 @@
+# The two commands of the README:
+#   make demo   - install everything, then run the example project's tests in a microVM
+#   make test   - install everything, then run the test suite (real VMs under TCG)
+.PHONY: setup demo test lint bench
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	.venv/bin/stoker run examples/hello -- make test
+
+test: setup
+	.venv/bin/ruff check src tests bench
+	.venv/bin/mypy
+	.venv/bin/pytest
+
+lint: setup
+	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench
+	.venv/bin/mypy
+
+bench: setup
+	.venv/bin/python bench/coldstart.py

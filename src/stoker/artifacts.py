@@ -1,0 +1,59 @@
+"""Resolving what a VM boots: kernel, initramfs (with the agent inside), root image.
+
+All three are cached; on a warm cache this takes milliseconds.  On a cold cache
+the kernel is fetched with ``apt-get download`` and the default image is built
+with ``mmdebstrap`` (minutes), reporting progress through ``progress``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from stoker.agent.bundle import agent_files
+from stoker.errors import UsageError
+from stoker.images import Image, ImageStore, default_builder
+from stoker.kernel import Kernel, build_initramfs, provision_kernel
+from stoker.paths import Dirs
+
+DEFAULT_IMAGE = "default"
+
+
+@dataclass(frozen=True)
+class BootArtifacts:
+    """Everything a backend needs from the cache to boot one image."""
+
+    kernel: Kernel
+    initrd: Path
+    image: Image
+
+
+def resolve_artifacts(
+    dirs: Dirs,
+    image: str = DEFAULT_IMAGE,
+    *,
+    progress: Callable[[str], None] | None = None,
+    agent: Mapping[str, bytes] | None = None,
+) -> BootArtifacts:
+    """Find (or build, for the embedded default) the kernel, initramfs and image.
+
+    ``agent`` replaces the guest agent's files (see :func:`stoker.agent.bundle.agent_files`);
+    the tests use it to boot deliberately misbehaving agents.
+    """
+    store = ImageStore(dirs)
+    found = store.get(image)
+    if found is None:
+        if image != DEFAULT_IMAGE:
+            known = sorted({i.name for i in store.list()})
+            raise UsageError(
+                f"unknown image {image!r}",
+                hint=f"built images: {', '.join(known) or 'none'}; "
+                f"the default image is {DEFAULT_IMAGE!r}",
+            )
+        if progress:
+            progress("building the default image (first run only; takes a few minutes)")
+        found = store.ensure(default_builder(), progress=progress)
+    kernel = provision_kernel(dirs, progress=progress)
+    initramfs = build_initramfs(dirs, kernel, agent_files=agent_files() if agent is None else agent)
+    return BootArtifacts(kernel=kernel, initrd=initramfs.path, image=found)

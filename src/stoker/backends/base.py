@@ -1,0 +1,150 @@
+"""The one interface every VMM backend implements.
+
+A backend turns a frozen :class:`MachineSpec` into a running VMM process and hands
+back a :class:`LaunchedVM`: a transport to the guest agent, the guest console, and
+an idempotent, verified :meth:`LaunchedVM.kill`.  Everything above it (boot
+supervision, exec, file transfer, teardown ordering) lives in :mod:`stoker.vm`
+and is written once for all backends.
+"""
+
+from __future__ import annotations
+
+import collections
+from abc import ABC, abstractmethod
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from stoker.protocol.transport import Transport
+
+Accel = Literal["kvm", "tcg"]
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything needed to start one microVM; resolved paths only, no defaults to look up."""
+
+    name: str
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    accel: Accel
+    rootfs_type: str = "erofs"
+    python: str = "/usr/bin/python3"
+    cpus: int = 2
+    memory_mb: int = 1024
+    #: The writable layer: a throw-away ext4 disk of this size (host file, sparse).
+    scratch: Path | None = None
+    #: Extra kernel command-line parameters (already validated).
+    cmdline_extra: tuple[str, ...] = ()
+    #: Boot only far enough to prove the accelerator works (see init.sh ``stoker.probe``).
+    probe: bool = False
+    #: The guest TSC frequency to assume instead of calibrating it.  Under TCG the
+    #: guest TSC runs at the host's rate, and calibrating it against the emulated
+    #: PIT fails on a loaded host, leaving the guest without a clocksource (it hangs).
+    tsc_khz: int | None = None
+
+    def kernel_cmdline(self) -> str:
+        """The guest kernel command line (a pure function of the spec)."""
+        params = [
+            "console=ttyS0",
+            # Reboot at once on panic; with -no-reboot the VMM then exits and we notice.
+            "panic=-1",
+            "oops=panic",
+            "quiet",
+            "loglevel=4",
+            # No keyboard controller on microvm: skip probing for it.
+            "i8042.noaux",
+            "i8042.nokbd",
+            "i8042.nopnp",
+            "no_timer_check",
+            "rdinit=/init",
+            f"stoker.root=/dev/vda",
+            f"stoker.rootfstype={self.rootfs_type}",
+            f"stoker.python={self.python}",
+        ]
+        if self.scratch is not None:
+            params.append("stoker.scratch=/dev/vdb")
+        if self.tsc_khz:
+            params += [f"tsc_early_khz={self.tsc_khz}", "tsc=reliable"]
+        if self.probe:
+            params.append("stoker.probe=1")
+        params.extend(self.cmdline_extra)
+        return " ".join(params)
+
+
+class ConsoleBuffer:
+    """The last ``limit`` bytes of a guest console (the guest may print forever)."""
+
+    def __init__(self, limit: int = 64 * 1024) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._limit = limit
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        self._chunks.append(data)
+        self._size += len(data)
+        while self._size > self._limit and len(self._chunks) > 1:
+            self._size -= len(self._chunks.popleft())
+        if self._size > self._limit:
+            only = self._chunks.pop()[-self._limit :]
+            self._chunks.append(only)
+            self._size = len(only)
+
+    def text(self) -> str:
+        return b"".join(self._chunks).decode("utf-8", "replace")
+
+    def tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines, for error messages."""
+        text = self.text().replace("\r\n", "\n").replace("\r", "\n")
+        return "\n".join(text.rstrip("\n").split("\n")[-lines:])
+
+
+@dataclass
+class LaunchedVM(ABC):
+    """A VMM process the backend started; owned by exactly one :class:`stoker.vm.VM`."""
+
+    transport: Transport
+    console: ConsoleBuffer = field(default_factory=ConsoleBuffer)
+    #: Extra diagnostics (e.g. VMM stderr), bounded.
+    vmm_log: ConsoleBuffer = field(default_factory=lambda: ConsoleBuffer(16 * 1024))
+
+    @property
+    @abstractmethod
+    def pid(self) -> int | None:
+        """The VMM's process id while it runs."""
+
+    @abstractmethod
+    async def wait(self) -> int:
+        """Wait until the VMM process exits and return its exit status."""
+
+    @property
+    @abstractmethod
+    def returncode(self) -> int | None:
+        """The VMM's exit status once it exited, else None."""
+
+    @abstractmethod
+    async def kill(self) -> None:
+        """Stop the VMM for good: graceful first, then SIGKILL; idempotent; verified."""
+
+
+class Backend(ABC):
+    """A virtual machine monitor stoker can drive."""
+
+    name: str
+
+    @abstractmethod
+    async def launch(self, spec: MachineSpec, workdir: Path, stack: AsyncExitStack) -> LaunchedVM:
+        """Start the VMM for ``spec``.
+
+        Resources created on the way (sockets, processes) are registered on
+        ``stack`` so that they are released in reverse order even when launching
+        fails half-way.
+        """
+
+    @abstractmethod
+    def describe(self) -> dict[str, str]:
+        """Version and capability facts for ``stoker doctor``."""

@@ -1,0 +1,314 @@
+"""QEMU backend: ``qemu-system-x86_64 -M microvm`` with direct kernel boot.
+
+The command line is data: :func:`qemu_argv` is a pure function of a
+:class:`~stoker.backends.base.MachineSpec` and the file descriptors the parent
+created, golden-tested in ``tests/test_qemu_argv.py``.
+
+Sockets are created by the parent and passed as descriptors (never paths in a
+shared directory, so there is no start-up race and nothing to clean up on disk):
+
+* the agent's virtio-serial port, the QMP monitor and the serial console are each
+  one end of a ``socketpair``;
+* QEMU never shares our stdio (it would set O_NONBLOCK on it).
+
+The VMM gets ``PR_SET_PDEATHSIG=SIGKILL`` so that even a ``kill -9`` of stoker
+cannot leave a VM running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from stoker.backends.base import Backend, ConsoleBuffer, LaunchedVM, MachineSpec
+from stoker.errors import InfrastructureError, LaunchError
+from stoker.protocol import wire
+from stoker.protocol.transport import SocketTransport
+
+log = logging.getLogger(__name__)
+
+QEMU_BINARY = "qemu-system-x86_64"
+#: How long a QMP ``quit`` may take before we escalate to signals.
+QUIT_GRACE = 2.0
+
+
+def _escape(value: str) -> str:
+    """Escape a value for QEMU's comma-separated option syntax."""
+    return value.replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class QemuFds:
+    """Descriptor numbers (identical in parent and child) of the pre-connected sockets."""
+
+    agent: int
+    qmp: int
+    console: int
+
+
+def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> list[str]:
+    """Return the QEMU command line for ``spec`` (pure: no I/O, no globals)."""
+    if spec.accel == "kvm":
+        accel, cpu = ["-accel", "kvm"], ["-cpu", "host"]
+    else:
+        accel, cpu = ["-accel", "tcg,thread=multi" if spec.cpus > 1 else "tcg"], ["-cpu", "max"]
+    argv = [
+        binary,
+        "-name", f"{_escape(spec.name)},debug-threads=on",
+        # microvm: no PCI, no firmware tables beyond ACPI, no option ROMs (docs/system/i386/microvm.rst).
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        *accel,
+        *cpu,
+        "-smp", str(spec.cpus),
+        "-m", f"{spec.memory_mb}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-nic", "none",
+        # Defence in depth: QEMU's seccomp filter (no spawning, no privilege changes).
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-kernel", _escape(str(spec.kernel)),
+        "-initrd", _escape(str(spec.initrd)),
+        "-append", spec.kernel_cmdline(),
+        "-chardev", f"socket,id=console,fd={fds.console}",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,fd={fds.qmp}",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+    if not spec.probe:
+        argv += [
+            "-chardev", f"socket,id=agent,fd={fds.agent}",
+            "-device", "virtio-serial-device,max_ports=2",
+            "-device", f"virtserialport,chardev=agent,name={wire.PORT_NAME}",
+            "-drive",
+            f"id=root,file={_escape(str(spec.rootfs))},format=raw,if=none,read-only=on",
+            "-device", "virtio-blk-device,drive=root",
+            "-device", "virtio-rng-device",
+        ]
+        if spec.scratch is not None:
+            argv += [
+                "-drive",
+                f"id=scratch,file={_escape(str(spec.scratch))},format=raw,if=none,"
+                "discard=unmap,detect-zeroes=unmap",
+                "-device", "virtio-blk-device,drive=scratch",
+            ]
+    return argv
+
+
+def _pdeathsig_hook() -> Any:
+    """A preexec function that makes the child die with its parent (Linux prctl)."""
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+    return hook
+
+
+_PDEATHSIG = _pdeathsig_hook()
+
+
+@dataclass
+class QemuVM(LaunchedVM):
+    """A running QEMU process."""
+
+    proc: asyncio.subprocess.Process | None = None
+    qmp: QMPClient | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    #: Stream objects that must stay referenced while the VM runs.
+    keep: list[object] = field(default_factory=list)
+    _killed: bool = False
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None or self.proc.returncode is not None else self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    async def kill(self) -> None:
+        """QMP ``quit``, then SIGTERM, then SIGKILL; always reaps; verifies the pid is gone."""
+        if self._killed:
+            return
+        self._killed = True
+        proc = self.proc
+        try:
+            if proc is not None and proc.returncode is None:
+                if self.qmp is not None:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(QUIT_GRACE):
+                            await self.qmp.execute("quit")
+                await _wait_for(proc, QUIT_GRACE)
+                for sig, grace in ((signal.SIGTERM, QUIT_GRACE), (signal.SIGKILL, 30.0)):
+                    if proc.returncode is not None:
+                        break
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(sig)
+                    await _wait_for(proc, grace)
+                if proc.returncode is None:
+                    raise InfrastructureError(f"QEMU pid {proc.pid} survived SIGKILL")
+        finally:
+            if self.qmp is not None:
+                with contextlib.suppress(Exception):
+                    await self.qmp.disconnect()
+            for task in self.tasks:
+                task.cancel()
+            for task in self.tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+async def _wait_for(proc: asyncio.subprocess.Process, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await proc.wait()
+
+
+async def _pump(reader: asyncio.StreamReader, sink: ConsoleBuffer) -> None:
+    while data := await reader.read(65536):
+        sink.feed(data)
+
+
+class QemuBackend(Backend):
+    """QEMU's ``microvm`` machine."""
+
+    name = "qemu"
+
+    def __init__(self, binary: str = QEMU_BINARY) -> None:
+        self.binary = binary
+
+    def describe(self) -> dict[str, str]:
+        return {"binary": self.binary, "version": qemu_version(self.binary) or "not installed"}
+
+    async def launch(self, spec: MachineSpec, workdir: Path, stack: AsyncExitStack) -> LaunchedVM:
+        pairs = {name: socket.socketpair() for name in ("agent", "qmp", "console")}
+        for ours, theirs in pairs.values():
+            stack.callback(ours.close)
+            stack.callback(theirs.close)
+        fds = QemuFds(*(pairs[n][1].fileno() for n in ("agent", "qmp", "console")))
+        argv = qemu_argv(spec, fds, binary=self.binary)
+        log.debug("launching: %s", " ".join(argv))
+        vm = QemuVM(transport=SocketTransport(pairs["agent"][0].dup()), argv=argv)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=[fds.agent, fds.qmp, fds.console],
+                preexec_fn=_PDEATHSIG,  # noqa: PLW1509 - only calls a pre-resolved prctl
+                cwd=workdir,
+            )
+        except FileNotFoundError as exc:
+            raise LaunchError(
+                f"{self.binary} is not installed", argv=argv, hint="apt-get install qemu-system-x86"
+            ) from exc
+        vm.proc = proc
+        stack.push_async_callback(vm.kill)
+        # The child holds its own copies now; close ours so EOF propagates when it exits.
+        for _, theirs in pairs.values():
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        assert proc.stderr is not None
+        vm.tasks.append(loop.create_task(_pump(proc.stderr, vm.vmm_log)))
+        con_reader, con_writer = await asyncio.open_connection(sock=pairs["console"][0].dup())
+        vm.keep.append(con_writer)
+        vm.tasks.append(loop.create_task(_pump(con_reader, vm.console)))
+        qmp = QMPClient(spec.name)
+        vm.qmp = qmp
+        try:
+            async with asyncio.timeout(30):
+                await qmp.connect(pairs["qmp"][0].dup())
+        except Exception as exc:
+            # QEMU refused the command line: its stderr says why.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await proc.wait()
+            raise LaunchError(
+                "QEMU failed to start",
+                argv=argv,
+                returncode=proc.returncode,
+                output=vm.vmm_log.text(),
+            ) from exc
+        return vm
+
+
+_VERSION_RE = re.compile(r"version (\d+\.\d+(?:\.\d+)?)")
+
+
+def qemu_version(binary: str = QEMU_BINARY) -> str | None:
+    """``7.2.22`` for an installed QEMU, else None."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = _VERSION_RE.search(out)
+    return match.group(1) if match else None
+
+
+def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
+    """The host's TSC frequency in kHz when it is constant (what a TCG guest's TSC runs at)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    mhz: float | None = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "cpu MHz" and mhz is None:
+            with contextlib.suppress(ValueError):
+                mhz = float(value)
+    if mhz is None or not {"constant_tsc", "nonstop_tsc"} <= flags:
+        return None
+    return round(mhz * 1000)
+
+
+def kvm_device_status(path: str = "/dev/kvm") -> tuple[bool, str]:
+    """Cheap check whether ``/dev/kvm`` is present and answers KVM_GET_API_VERSION."""
+    import fcntl
+
+    if not os.path.exists(path):
+        return False, f"{path} does not exist (no hardware virtualisation exposed to this host)"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return False, f"cannot open {path}: {exc.strerror}"
+    try:
+        kvm_get_api_version = 0xAE00
+        version = fcntl.ioctl(fd, kvm_get_api_version)
+    except OSError as exc:
+        return False, f"{path} does not answer KVM_GET_API_VERSION: {exc.strerror}"
+    finally:
+        os.close(fd)
+    if version != 12:
+        return False, f"{path} reports KVM API version {version}, expected 12"
+    return True, f"{path} is present (KVM API 12)"

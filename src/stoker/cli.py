@@ -1,0 +1,279 @@
+"""The ``stoker`` command line.  The only place that turns errors into exit statuses.
+
+Exit statuses of ``stoker run``: the command's own status (128+N when it was
+killed by signal N), 124 when it timed out, 125 when stoker or the VM failed
+(infrastructure), 2 for bad usage, 130/143 when stoker itself was interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stoker.errors import InfrastructureError, StokerError, UsageError
+
+EXIT_TIMEOUT = 124
+EXIT_INFRA = 125
+EXIT_USAGE = 2
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="stoker",
+    help="Build and test untrusted code in throw-away microVMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+image_app = typer.Typer(help="Build and list root filesystem images.", no_args_is_help=True)
+kernel_app = typer.Typer(help="Fetch the guest kernel.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+app.add_typer(kernel_app, name="kernel")
+
+err = Console(stderr=True, highlight=False)
+
+
+def _fail(exc: StokerError) -> typer.Exit:
+    kind = "error" if isinstance(exc, UsageError) else "infrastructure error"
+    err.print(f"[bold red]stoker: {kind}:[/] {exc}", markup=True, highlight=False)
+    if exc.hint:
+        err.print(f"[yellow]hint:[/] {exc.hint}")
+    return typer.Exit(EXIT_USAGE if isinstance(exc, UsageError) else EXIT_INFRA)
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; SIGINT and SIGTERM cancel it so every VM is torn down first."""
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        received: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if received:
+                raise _Interrupted(received[0]) from None
+            raise
+
+    return asyncio.run(main())
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``1h`` -> seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise UsageError(f"cannot read duration {text!r} (expected e.g. 90, 30s, 10m, 1h)")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``K=V`` sets a value; a bare ``K`` passes the host's value through."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            if key not in os.environ:
+                raise UsageError(f"--env {key}: not set on the host (use --env {key}=VALUE)")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+@app.command(
+    context_settings={"allow_interspersed_args": False},
+    help="Copy SRC into a fresh microVM, run CMD there, stream its output, exit with its status.",
+)
+def run(
+    src: Annotated[Path, typer.Argument(help="Project directory to copy into the VM.")],
+    command: Annotated[list[str], typer.Argument(help="Command to run (after --).")],
+    image: Annotated[str, typer.Option(help="Image to boot.")] = "default",
+    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 2,
+    memory: Annotated[str, typer.Option(help="Guest memory, e.g. 1G.")] = "1G",
+    disk: Annotated[str, typer.Option(help="Size of the writable layer, e.g. 4G.")] = "4G",
+    timeout: Annotated[
+        str | None, typer.Option(help="Kill the command after this long (30s, 10m, 1h).")
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="K=V (or K to pass the host's value).")
+    ] = None,
+    artifacts: Annotated[
+        list[str] | None, typer.Option("--artifacts", "-a", help="Glob (relative to SRC) to copy back.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where artifacts go.")] = Path("stoker-out"),
+    accel: Annotated[str, typer.Option(help="auto, kvm or tcg.")] = "auto",
+    json_summary: Annotated[
+        bool,
+        typer.Option("--json", help="Print a JSON summary on stdout (command output goes to stderr)."),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    from stoker.run import RunRequest, run_job
+
+    _setup_logging(verbose)
+    try:
+        if accel not in ("auto", "kvm", "tcg"):
+            raise UsageError(f"--accel must be auto, kvm or tcg, not {accel!r}")
+        req = RunRequest(
+            src=src,
+            argv=tuple(command),
+            image=image,
+            cpus=cpus,
+            memory=memory,
+            disk=disk,
+            timeout=parse_duration(timeout) if timeout else None,
+            env=parse_env(env or []),
+            artifacts=tuple(artifacts or ()),
+            out=out,
+            accel=accel,  # type: ignore[arg-type]
+        )
+        out_stream = sys.stderr.buffer if json_summary else sys.stdout.buffer
+        summary = _run_async(
+            run_job(
+                req,
+                stdout=_writer(out_stream),
+                stderr=_writer(sys.stderr.buffer),
+                on_progress=lambda msg: err.print(f"[dim]stoker: {msg}[/]"),
+                on_warning=lambda msg: err.print(f"[yellow]stoker: warning:[/] {msg}"),
+            )
+        )
+    except _Interrupted as exc:
+        err.print(f"stoker: interrupted by signal {exc.signum}; the VM was destroyed")
+        raise typer.Exit(128 + exc.signum) from None
+    except StokerError as exc:
+        raise _fail(exc) from None
+    if summary.timed_out:
+        err.print(f"[red]stoker: command timed out after {timeout} and was killed[/]")
+    if json_summary:
+        sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
+    elif summary.artifacts or summary.missing_artifacts:
+        err.print(f"stoker: {len(summary.artifacts)} artifact path(s) copied to {summary.artifact_dir}")
+        for pattern in summary.missing_artifacts:
+            err.print(f"[yellow]stoker: warning:[/] artifact pattern {pattern!r} matched nothing")
+    raise typer.Exit(summary.returncode if summary.returncode is not None else EXIT_INFRA)
+
+
+def _writer(stream: Any) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+
+    return write
+
+
+@app.command(help="Show what this host offers and whether `stoker run` can work here.")
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    from stoker.doctor import run_checks
+
+    report = run_checks()
+    if json_out:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        console = Console()
+        table = Table(title="stoker doctor", show_lines=False)
+        table.add_column("check")
+        table.add_column("status")
+        table.add_column("details")
+        for check in report.checks:
+            status = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+            table.add_row(check.name, status[check.status], check.detail)
+        console.print(table)
+        for check in report.checks:
+            if check.status == "fail" and check.fix:
+                console.print(f"[red]{check.name}[/]: {check.fix}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@image_app.command("build", help="Build (or find in the cache) an image. Only 'default' exists so far.")
+def image_build(name: Annotated[str, typer.Argument()] = "default") -> None:
+    from stoker.images import ImageStore, default_builder
+    from stoker.paths import Dirs
+
+    if name != "default":
+        raise _fail(UsageError(f"unknown image {name!r}", hint="only 'default' can be built so far"))
+    try:
+        img = ImageStore(Dirs.from_env()).ensure(
+            default_builder(), progress=lambda msg: err.print(f"[dim]stoker: {msg}[/]")
+        )
+    except StokerError as exc:
+        raise _fail(exc) from None
+    size = img.rootfs.stat().st_size
+    typer.echo(f"{img.name} {img.digest[:12]} {img.rootfs} ({size / 1e6:.1f} MB)")
+
+
+@image_app.command("ls", help="List built images.")
+def image_ls() -> None:
+    from stoker.images import ImageStore
+    from stoker.paths import Dirs
+
+    table = Table()
+    for col in ("name", "digest", "size", "path"):
+        table.add_column(col)
+    for img in ImageStore(Dirs.from_env()).list():
+        table.add_row(img.name, img.digest[:12], f"{img.rootfs.stat().st_size / 1e6:.1f} MB", str(img.rootfs))
+    Console().print(table)
+
+
+@kernel_app.command("fetch", help="Download and unpack Debian's cloud kernel into the cache.")
+def kernel_fetch(
+    refresh: Annotated[bool, typer.Option(help="Look for a newer kernel package.")] = False,
+) -> None:
+    from stoker.kernel import provision_kernel
+    from stoker.paths import Dirs
+
+    try:
+        kernel = provision_kernel(
+            Dirs.from_env(), refresh=refresh, progress=lambda msg: err.print(f"[dim]stoker: {msg}[/]")
+        )
+    except StokerError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{kernel.package} {kernel.version} {kernel.vmlinuz}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except InfrastructureError as exc:  # pragma: no cover - commands catch their own
+        _fail(exc)
+        sys.exit(EXIT_INFRA)
+

@@ -1,0 +1,117 @@
+"""``stoker doctor``: what this host offers, and what is missing for ``stoker run``."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from stoker.backends.accel import cached_verdict
+from stoker.backends.qemu import QEMU_BINARY, kvm_device_status, qemu_version
+from stoker.paths import Dirs
+
+Status = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks]}
+
+
+def _tool(name: str, binary: str, package: str, *, needed_for: str, required: bool = True) -> Check:
+    path = shutil.which(binary)
+    if path:
+        return Check(name, "ok", path)
+    return Check(
+        name,
+        "fail" if required else "warn",
+        f"{binary} not found ({needed_for})",
+        f"apt-get install {package}",
+    )
+
+
+def run_checks(dirs: Dirs | None = None) -> Report:
+    """Inspect the host; never raises for a missing piece, reports it instead."""
+    from stoker.images import ImageStore
+    from stoker.kernel import cached_kernel
+
+    dirs = dirs or Dirs.from_env()
+    report = Report()
+    add = report.checks.append
+
+    version = qemu_version(QEMU_BINARY)
+    if version is None:
+        add(Check("qemu", "fail", f"{QEMU_BINARY} not found", "apt-get install qemu-system-x86"))
+    else:
+        add(Check("qemu", "ok", f"{QEMU_BINARY} {version} (-M microvm)"))
+
+    kvm_ok, kvm_why = kvm_device_status()
+    kernel = cached_kernel(dirs)
+    verdict = None
+    if kernel is not None:
+        initrds = sorted(dirs.initramfs.glob("*.cpio.gz"))
+        for initrd in initrds:
+            verdict = cached_verdict(dirs, kernel.vmlinuz, initrd) or verdict
+    if not kvm_ok:
+        add(Check("kvm", "warn", f"not usable: {kvm_why}; VMs use TCG emulation (slower)"))
+    elif verdict is None:
+        add(Check("kvm", "warn", f"{kvm_why}; not probed yet (the first `stoker run` boots a probe guest)"))
+    elif verdict.usable:
+        add(Check("kvm", "ok", verdict.reason))
+    else:
+        add(Check("kvm", "warn", f"present but not usable: {verdict.reason}; VMs use TCG"))
+
+    add(_tool("busybox-static", "busybox", "busybox-static", needed_for="the initramfs"))
+    add(_tool("mkfs.ext4", "mkfs.ext4", "e2fsprogs", needed_for="the writable layer"))
+    if kernel is not None:
+        add(Check("kernel", "ok", f"{kernel.package} {kernel.version} cached at {kernel.root}"))
+    else:
+        apt = shutil.which("apt-get")
+        add(Check(
+            "kernel",
+            "warn" if apt else "fail",
+            "not cached yet" + ("; `stoker kernel fetch` downloads it with apt-get" if apt else ""),
+            "" if apt else "stoker needs apt-get to fetch Debian's cloud kernel",
+        ))
+
+    images = ImageStore(dirs).list()
+    if images:
+        listing = ", ".join(f"{i.name} ({i.rootfs.stat().st_size / 1e6:.0f} MB)" for i in images)
+        add(Check("images", "ok", listing))
+    else:
+        builders = [shutil.which("mmdebstrap"), shutil.which("mkfs.erofs")]
+        add(Check(
+            "images",
+            "warn" if all(builders) else "fail",
+            "none built yet; `stoker image build` (or the first run) builds the default image",
+            "" if all(builders) else "apt-get install mmdebstrap erofs-utils",
+        ))
+
+    free = _free_bytes(dirs.cache)
+    status: Status = "ok" if free > 4e9 else ("warn" if free > 1e9 else "fail")
+    add(Check("disk", status, f"{free / 1e9:.1f} GB free under {dirs.cache}",
+              "" if status != "fail" else "free some disk space (images need ~1 GB)"))
+    return report
+
+
+def _free_bytes(path: Path) -> int:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free

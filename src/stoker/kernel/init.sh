@@ -1,0 +1,149 @@
+#!/bin/sh
+# stoker guest init: PID 1 in the initramfs, busybox only.
+#
+# Boot contract (the host side of stoker relies on exactly this):
+#   kernel command line
+#     stoker.root=DEV          read-only root device (default /dev/vda)
+#     stoker.rootfstype=FS     its filesystem (default erofs)
+#     stoker.scratch=DEV       ext4 disk (formatted by the host) for the writable layer;
+#                              without it the writable layer is a tmpfs
+#     stoker.tmpfs_size=SIZE   size of that tmpfs (default 512m)
+#     stoker.python=PATH       interpreter inside the root (default /usr/bin/python3)
+#     stoker.probe=1           print STOKER-PROBE-OK after loading modules, power off
+#     stoker.debug=1           trace every step on the console
+#   on success: exec PYTHON -B -S -m stoker.agent as PID 1 of the overlay root
+#     (lower = root device, upper = scratch/tmpfs), PYTHONPATH=/usr/lib/stoker-agent,
+#     /dev /proc /sys already mounted
+#   on failure: "stoker-init: error: WHAT" on the console, then power off
+#     (QEMU runs with -no-reboot, so either way it exits)
+#
+# Quiet unless stoker.debug=1, and fast: builtins where possible, no fixed sleeps.
+
+export PATH=/bin
+
+halt_now() {
+    poweroff -f
+    reboot -f
+    exit 1  # PID 1 exiting panics the kernel; panic=-1 and -no-reboot end QEMU
+}
+
+fail() {
+    echo "stoker-init: error: $*" >/dev/console
+    halt_now
+}
+
+debug() {
+    [ "$DEBUG" = 1 ] || return 0
+    { read -r up _ </proc/uptime; } 2>/dev/null || up=?
+    echo "stoker-init: [$up] $*" >/dev/console
+}
+
+# must WHAT CMD...: run CMD; on failure stop with WHAT and CMD's error output.
+must() {
+    what=$1
+    shift
+    "$@" 2>/tmp/init.err && return 0
+    rc=$?
+    err=$(tr '\n' ' ' </tmp/init.err)
+    fail "$what: ${err:-exit status $rc}"
+}
+
+# wait_block DEV: wait up to 10 s for block device DEV to appear.
+wait_block() {
+    [ -b "$1" ] && return 0
+    read -r up _ </proc/uptime
+    deadline=$((${up%.*} + 10))
+    while [ ! -b "$1" ]; do
+        read -r up _ </proc/uptime
+        [ "${up%.*}" -lt "$deadline" ] || return 1
+        usleep 10000
+    done
+}
+
+# 1. Kernel file systems and parameters.  The kernel opened /dev/console from
+#    the initramfs (it has a node) for our stdio before running us.
+mount -t proc proc /proc || fail "cannot mount /proc"
+mount -t sysfs sysfs /sys || fail "cannot mount /sys"
+mount -t devtmpfs devtmpfs /dev || fail "cannot mount /dev"
+exec </dev/console >/dev/console 2>&1
+
+ROOT=/dev/vda
+ROOTFSTYPE=erofs
+SCRATCH=
+TMPFS_SIZE=512m
+PYTHON=/usr/bin/python3
+PROBE=0
+DEBUG=0
+read -r cmdline </proc/cmdline
+set -f  # the command line is split into words, never globbed
+for arg in $cmdline; do
+    case "$arg" in
+    stoker.root=*) ROOT=${arg#*=} ;;
+    stoker.rootfstype=*) ROOTFSTYPE=${arg#*=} ;;
+    stoker.scratch=*) SCRATCH=${arg#*=} ;;
+    stoker.tmpfs_size=*) TMPFS_SIZE=${arg#*=} ;;
+    stoker.python=*) PYTHON=${arg#*=} ;;
+    stoker.probe=*) PROBE=${arg#*=} ;;
+    stoker.debug=*) DEBUG=${arg#*=} ;;
+    esac
+done
+set +f
+debug "cmdline: $cmdline"
+
+# 2. Modules, dependencies first.  "File exists" means already loaded: fine.
+while read -r mod; do
+    [ -n "$mod" ] || continue
+    debug "insmod $mod"
+    if ! insmod "/lib/modules/$mod" 2>/tmp/init.err; then
+        err=$(tr '\n' ' ' </tmp/init.err)
+        case "$err" in
+        *"File exists"*) ;;
+        *) fail "insmod $mod: ${err:-failed}" ;;
+        esac
+    fi
+done </lib/modules/load.order
+
+# 3. Probe mode: the accelerator boots a guest; nothing more to check.
+if [ "$PROBE" = 1 ]; then
+    printf '\nSTOKER-PROBE-OK\n' >/dev/console
+    halt_now
+fi
+
+# 4-5. The read-only root.
+debug "waiting for $ROOT"
+wait_block "$ROOT" || fail "root device $ROOT did not appear within 10 s"
+must "cannot mount $ROOT ($ROOTFSTYPE) on /lower" mount -t "$ROOTFSTYPE" -o ro "$ROOT" /lower
+
+# 6. The writable layer and the overlay.
+if [ -n "$SCRATCH" ]; then
+    debug "waiting for $SCRATCH"
+    wait_block "$SCRATCH" || fail "scratch device $SCRATCH did not appear within 10 s"
+    must "cannot mount scratch disk $SCRATCH on /rw" mount -t ext4 -o noatime "$SCRATCH" /rw
+else
+    must "cannot mount a tmpfs on /rw" \
+        mount -t tmpfs -o "size=$TMPFS_SIZE,mode=0755" tmpfs /rw
+fi
+must "cannot create /rw/upper and /rw/work" mkdir -p /rw/upper /rw/work
+must "cannot mount the overlay on /newroot" \
+    mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot
+debug "root mounted"
+
+# 7. The agent.
+must "cannot create /usr/lib/stoker-agent" mkdir -p /newroot/usr/lib/stoker-agent
+must "cannot copy the agent" cp -a /stoker-agent/. /newroot/usr/lib/stoker-agent/
+
+# 8. Kernel file systems move into the new root.
+for dir in dev proc sys; do
+    [ -d "/newroot/$dir" ] || must "cannot create /$dir in the root" mkdir -p "/newroot/$dir"
+    must "cannot move /$dir into the root" mount --move "/$dir" "/newroot/$dir"
+done
+
+# 9. Hand over to the agent.  -e or -L: an absolute symlink resolves only after switch_root.
+if [ ! -e "/newroot$PYTHON" ] && [ ! -L "/newroot$PYTHON" ]; then
+    fail "$PYTHON does not exist in the root file system"
+fi
+export PYTHONPATH=/usr/lib/stoker-agent
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+debug "exec $PYTHON -B -S -m stoker.agent"
+exec switch_root /newroot "$PYTHON" -B -S -m stoker.agent
+fail "switch_root failed"

@@ -1,0 +1,62 @@
+"""Running helper programs (apt-get, mmdebstrap, mkfs.*) with typed failures.
+
+Command lines are lists, never shell strings.  A failure raises
+:class:`~stoker.errors.LaunchError` carrying the command and its output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from stoker.errors import LaunchError
+
+
+def run_checked(
+    argv: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    log: Path | None = None,
+    hint: str | None = None,
+) -> str:
+    """Run ``argv`` to completion and return its combined output.
+
+    Output goes to ``log`` as well when given (appended), so long builds leave a
+    full log behind.  Raises :class:`LaunchError` when the program is missing,
+    exits non-zero or exceeds ``timeout``.
+    """
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        proc = subprocess.run(
+            list(argv),
+            cwd=cwd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise LaunchError(f"{argv[0]} is not installed", argv=argv, hint=hint) from exc
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.output or b"").decode(errors="replace")
+        raise LaunchError(f"{argv[0]} timed out after {timeout}s", argv=argv, output=out) from exc
+    output = proc.stdout.decode(errors="replace")
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as fh:
+            fh.write(f"$ {' '.join(argv)}\n{output}\n")
+    if proc.returncode != 0:
+        raise LaunchError(
+            f"{Path(argv[0]).name} failed",
+            argv=argv,
+            returncode=proc.returncode,
+            output=output,
+            hint=hint if log is None else f"{hint + '; ' if hint else ''}full log: {log}",
+        )
+    return output

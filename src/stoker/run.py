@@ -1,0 +1,177 @@
+"""``stoker run``: one project, one command, one fresh microVM.
+
+Copy the project in, run the command with its output streamed live, copy the
+requested artifacts out (also when the command failed: test reports matter most
+then), destroy the VM.  :func:`run_job` is the library function; the CLI is a
+thin layer over it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stoker.archive import ExtractLimits
+from stoker.backends.accel import AccelRequest
+from stoker.errors import UsageError
+from stoker.paths import Dirs
+from stoker.protocol.client import OutputSink
+from stoker.vm import VM
+
+GUEST_WORK_ROOT = "/work"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What ``stoker run`` was asked to do (validated by :meth:`validate`)."""
+
+    src: Path
+    argv: tuple[str, ...]
+    image: str = "default"
+    cpus: int = 2
+    memory: str = "1G"
+    disk: str = "4G"
+    timeout: float | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    artifacts: tuple[str, ...] = ()
+    out: Path = Path("stoker-out")
+    accel: AccelRequest = "auto"
+    max_artifact_bytes: int = 1 << 30
+
+    def validate(self) -> None:
+        if not self.argv:
+            raise UsageError("no command given", hint="usage: stoker run SRC -- CMD [ARGS...]")
+        if not self.src.exists():
+            raise UsageError(f"source directory {self.src} does not exist")
+        if not self.src.is_dir():
+            raise UsageError(f"source {self.src} is not a directory")
+        for key in self.env:
+            if not _ENV_NAME.match(key):
+                raise UsageError(f"invalid environment variable name {key!r}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"timeout must be positive, got {self.timeout}")
+        for pattern in self.artifacts:
+            if pattern.startswith("/") or ".." in Path(pattern).parts:
+                raise UsageError(
+                    f"artifact pattern {pattern!r} must be relative to the project and stay inside it"
+                )
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} exists and is not a directory")
+
+    @property
+    def guest_dir(self) -> str:
+        name = self.src.resolve().name or "project"
+        return f"{GUEST_WORK_ROOT}/{name}"
+
+
+@dataclass
+class RunSummary:
+    """The machine-readable outcome of a run (``--json``)."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    returncode: int | None = None
+    timed_out: bool = False
+    spawn_error: str | None = None
+    accel: str | None = None
+    vm: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    copied_in: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
+    missing_artifacts: list[str] = field(default_factory=list)
+    artifact_dir: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+async def run_job(
+    req: RunRequest,
+    *,
+    stdout: OutputSink,
+    stderr: OutputSink,
+    dirs: Dirs | None = None,
+    on_progress: Callable[[str], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """Run ``req`` in a fresh VM; raises only for infrastructure and usage errors.
+
+    A command that fails or times out is reported in the summary (``timed_out``
+    is set and ``returncode`` is 124 for a timeout, like ``timeout(1)``).
+    """
+    from stoker.errors import CommandTimeout
+
+    req.validate()
+    summary = RunSummary()
+    t0 = time.monotonic()
+    vm = VM(
+        req.image,
+        cpus=req.cpus,
+        memory=req.memory,
+        disk=req.disk,
+        accel=req.accel,
+        dirs=dirs,
+        on_progress=on_progress,
+        on_warning=on_warning,
+    )
+    summary.vm = vm.name
+    try:
+        async with vm:
+            summary.accel = vm.accel
+            t = time.monotonic()
+            report = await vm.put(req.src, req.guest_dir)
+            summary.timings["copy_in"] = time.monotonic() - t
+            summary.copied_in = {"files": report.files, "bytes": report.bytes, "skipped": report.skipped}
+            t = time.monotonic()
+            try:
+                result = await vm.exec(
+                    list(req.argv),
+                    env=dict(req.env),
+                    cwd=req.guest_dir,
+                    stdout=stdout,
+                    stderr=stderr,
+                    capture=False,
+                    timeout=req.timeout,
+                )
+                summary.exit_code = result.exit_code
+                summary.signal = result.signal
+                summary.returncode = result.returncode
+                summary.spawn_error = result.spawn_error
+                if result.spawn_error:
+                    await _maybe_await(stderr(f"stoker: {result.spawn_error}\n".encode()))
+            except CommandTimeout:
+                summary.timed_out = True
+                summary.returncode = 124
+            summary.timings["command"] = time.monotonic() - t
+            if req.artifacts:
+                t = time.monotonic()
+                req.out.mkdir(parents=True, exist_ok=True)
+                extracted, missing = await vm.get(
+                    req.artifacts,
+                    req.out,
+                    cwd=req.guest_dir,
+                    limits=ExtractLimits(max_bytes=req.max_artifact_bytes),
+                )
+                summary.artifacts = extracted.files
+                summary.missing_artifacts = missing
+                summary.artifact_dir = str(req.out.resolve())
+                summary.timings["copy_out"] = time.monotonic() - t
+    finally:
+        summary.timings.update(
+            {k: v for k, v in vm.timings.as_dict().items() if k in ("prepare", "launch", "agent_ready", "teardown")}
+        )
+        summary.timings["total"] = time.monotonic() - t0
+        summary.timings = {k: round(v, 4) for k, v in summary.timings.items()}
+    return summary
+
+
+async def _maybe_await(value: object) -> None:
+    import inspect
+
+    if inspect.isawaitable(value):
+        await value

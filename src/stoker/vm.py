@@ -1,0 +1,447 @@
+"""One throw-away microVM, as an object with explicit states.
+
+::
+
+    CREATED --start()--> BOOTING --agent ready--> READY --destroy()--> STOPPING --> DEAD
+                              \\__________ any failure ___________________/
+
+``exec``, ``put`` and ``get`` are written once here on top of the backend
+interface and the agent protocol.  Every one of them is raced against the VMM
+process: if QEMU dies or the guest kernel panics mid-operation, the caller gets a
+:class:`~stoker.errors.VMError` carrying the console tail, never a hang.
+
+Typical use::
+
+    async with stoker.VM(image="default", cpus=2, memory="1G") as vm:
+        await vm.put("./project", "/work")
+        result = await vm.exec(["make", "test"], cwd="/work")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, safe_extract
+from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
+from stoker.backends.accel import AccelRequest, resolve_accel
+from stoker.backends.base import Backend, LaunchedVM, MachineSpec
+from stoker.backends.qemu import QemuBackend, host_tsc_khz
+from stoker.errors import (
+    BootError,
+    GuestPanic,
+    GuestProtocolError,
+    InfrastructureError,
+    JobFailed,
+    LaunchError,
+    StokerError,
+    UsageError,
+    VMError,
+    VMMCrashed,
+)
+from stoker.paths import Dirs
+from stoker.protocol.client import AgentClient, ChannelClosed, ChannelLimits, ExecResult, OutputSink
+from stoker.units import parse_size_mb
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+DEFAULT_BOOT_TIMEOUT = 120.0
+
+
+class VMState(enum.Enum):
+    CREATED = "created"
+    BOOTING = "booting"
+    READY = "ready"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+def require(*states: VMState) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+    """Guard a coroutine method so it only runs in the given states."""
+
+    def deco(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            vm = args[0]
+            assert isinstance(vm, VM)
+            if vm.state not in states:
+                allowed = ", ".join(s.value for s in states)
+                raise InfrastructureError(
+                    f"{fn.__name__}() needs the VM to be {allowed}; it is {vm.state.value}"
+                )
+            return await fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco
+
+
+@dataclass
+class Timings:
+    """Where the time went, in seconds (monotonic clock)."""
+
+    prepare: float = 0.0
+    launch: float = 0.0
+    agent_ready: float = 0.0
+    teardown: float = 0.0
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "prepare": round(self.prepare, 4),
+            "launch": round(self.launch, 4),
+            "agent_ready": round(self.agent_ready, 4),
+            "teardown": round(self.teardown, 4),
+            **{k: round(v, 4) for k, v in self.marks.items()},
+        }
+
+
+class VM:
+    """A throw-away microVM.  Use as ``async with VM(...) as vm``."""
+
+    def __init__(
+        self,
+        image: str = DEFAULT_IMAGE,
+        *,
+        cpus: int = 2,
+        memory: str | int = "1G",
+        disk: str | int = "4G",
+        accel: AccelRequest = "auto",
+        backend: Backend | None = None,
+        dirs: Dirs | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        limits: ChannelLimits | None = None,
+        hostname: str | None = None,
+        on_progress: Callable[[str], None] | None = None,
+        on_warning: Callable[[str], None] | None = None,
+        agent_files: Mapping[str, bytes] | None = None,
+    ) -> None:
+        if not 1 <= cpus <= 64:
+            raise UsageError(f"cpus must be between 1 and 64, not {cpus}")
+        self.memory_mb = parse_size_mb(memory, what="memory", minimum=128)
+        self.disk_mb = parse_size_mb(disk, what="disk", minimum=64)
+        if accel not in ("auto", "kvm", "tcg"):
+            raise UsageError(f"accel must be auto, kvm or tcg, not {accel!r}")
+        self.image = image
+        self.cpus = cpus
+        self.accel_request: AccelRequest = accel
+        self.backend = backend or QemuBackend()
+        self.dirs = dirs or Dirs.from_env()
+        self.boot_timeout = boot_timeout
+        self.limits = limits or ChannelLimits()
+        self.id = secrets.token_hex(4)
+        self.name = f"stoker-{self.id}"
+        self.hostname = hostname or self.name
+        self.state = VMState.CREATED
+        self.timings = Timings()
+        self.accel: str | None = None
+        self.workdir: Path | None = None
+        self._on_progress = on_progress
+        self._on_warning = on_warning
+        self._agent_files = agent_files
+        self._stack = AsyncExitStack()
+        self._vmm: LaunchedVM | None = None
+        self._client: AgentClient | None = None
+        self._vmm_exit: asyncio.Task[int] | None = None
+        self._log = log.getChild(self.name)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> VM:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.destroy()
+
+    @property
+    def console_tail(self) -> str:
+        """The last lines the guest printed on its serial console."""
+        return self._vmm.console.tail() if self._vmm is not None else ""
+
+    @property
+    def vmm_pid(self) -> int | None:
+        return self._vmm.pid if self._vmm is not None else None
+
+    @require(VMState.CREATED)
+    async def start(self) -> None:
+        """Boot the VM and wait for its agent; on any failure everything is torn down."""
+        self.state = VMState.BOOTING
+        t0 = time.monotonic()
+        try:
+            artifacts = await asyncio.to_thread(
+                resolve_artifacts,
+                self.dirs,
+                self.image,
+                progress=self._on_progress,
+                agent=self._agent_files,
+            )
+            self.workdir = await asyncio.to_thread(self._make_workdir)
+            self._stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+            scratch = self.workdir / "scratch.img"
+            await _make_scratch_disk(scratch, self.disk_mb)
+            accel, warning = await resolve_accel(
+                self.accel_request,
+                dirs=self.dirs,
+                backend=self.backend,
+                kernel=artifacts.kernel.vmlinuz,
+                initrd=artifacts.initrd,
+                workdir=self.workdir,
+            )
+            if warning and self._on_warning:
+                self._on_warning(warning)
+            self.accel = accel
+            spec = self._machine_spec(artifacts, accel, scratch)
+            self.timings.prepare = time.monotonic() - t0
+            t1 = time.monotonic()
+            self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
+            self._vmm_exit = asyncio.get_running_loop().create_task(self._vmm.wait())
+            self._stack.push_async_callback(self._cancel_exit_watch)
+            self.timings.launch = time.monotonic() - t1
+            reader, writer = await self._guarded(self._vmm.transport.connect(self.boot_timeout))
+            self._client = AgentClient(reader, writer, limits=self.limits, name=self.name)
+            self._stack.push_async_callback(self._client.aclose)
+            try:
+                await self._guarded(self._client.wait_ready(self.boot_timeout))
+            except TimeoutError:
+                raise BootError(
+                    f"the guest agent did not come up within {self.boot_timeout:.0f}s",
+                    console=self.console_tail,
+                ) from None
+            await self._guarded(self._client.init(hostname=self.hostname))
+            self.timings.agent_ready = time.monotonic() - t1
+            self.state = VMState.READY
+            self._log.debug("ready in %.2fs (accel=%s)", self.timings.agent_ready, accel)
+        except BaseException:
+            await self.destroy()
+            raise
+
+    def _make_workdir(self) -> Path:
+        runtime = self.dirs.ensure_runtime()
+        return Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=runtime))
+
+    def _machine_spec(self, artifacts: BootArtifacts, accel: str, scratch: Path) -> MachineSpec:
+        return MachineSpec(
+            name=self.name,
+            kernel=artifacts.kernel.vmlinuz,
+            initrd=artifacts.initrd,
+            rootfs=artifacts.image.rootfs,
+            rootfs_type=artifacts.image.fstype,
+            python=artifacts.image.python,
+            accel="kvm" if accel == "kvm" else "tcg",
+            cpus=self.cpus,
+            memory_mb=self.memory_mb,
+            scratch=scratch,
+            tsc_khz=host_tsc_khz() if accel == "tcg" else None,
+        )
+
+    async def destroy(self) -> None:
+        """Kill the VMM and release every resource (idempotent; safe in any state)."""
+        if self.state in (VMState.STOPPING, VMState.DEAD):
+            return
+        self.state = VMState.STOPPING
+        t0 = time.monotonic()
+        try:
+            # Teardown must finish even if our caller is being cancelled (Ctrl-C).
+            await asyncio.shield(self._stack.aclose())
+        finally:
+            self.timings.teardown = time.monotonic() - t0
+            self.state = VMState.DEAD
+
+    async def _cancel_exit_watch(self) -> None:
+        if self._vmm_exit is not None and not self._vmm_exit.done():
+            self._vmm_exit.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._vmm_exit
+
+    # ------------------------------------------------------------------ VMM supervision
+
+    async def _guarded(self, aw: Awaitable[T]) -> T:
+        """Await ``aw`` unless the VMM dies first; then raise a classified VMError."""
+        assert self._vmm_exit is not None
+        task = asyncio.ensure_future(aw)
+        try:
+            done, _ = await asyncio.wait(
+                {task, self._vmm_exit}, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
+        if task in done:
+            try:
+                return task.result()
+            except (ChannelClosed, GuestProtocolError) as exc:
+                # The channel broke: if the VMM is going down, report that instead.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        await asyncio.shield(self._vmm_exit)
+                if self._vmm_exit.done():
+                    raise self._vmm_died() from exc
+                raise
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise self._vmm_died()
+
+    def _vmm_died(self) -> VMError:
+        assert self._vmm is not None
+        status = self._vmm.returncode
+        console = self.console_tail
+        if "Kernel panic" in console:
+            return GuestPanic("the guest kernel panicked", console=console)
+        if self.state is VMState.BOOTING:
+            return BootError(
+                f"the VM stopped during boot (VMM exit status {status})",
+                console=console + ("\n" + self._vmm.vmm_log.tail(5) if self._vmm.vmm_log.total else ""),
+            )
+        return VMMCrashed(
+            f"the VMM exited unexpectedly (status {status})",
+            console=console + ("\n" + self._vmm.vmm_log.tail(5) if self._vmm.vmm_log.total else ""),
+        )
+
+    def _agent(self) -> AgentClient:
+        assert self._client is not None
+        return self._client
+
+    # ------------------------------------------------------------------ operations
+
+    @require(VMState.READY)
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "/",
+        uid: int | None = None,
+        gid: int | None = None,
+        stdin: bytes | AsyncIterator[bytes] | None = None,
+        stdout: OutputSink | None = None,
+        stderr: OutputSink | None = None,
+        capture: bool = True,
+        max_capture: int | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run a command in the guest.
+
+        ``env`` is the complete environment (a sensible ``PATH``, ``HOME`` and
+        ``LANG`` are added where missing).  With ``check=True`` a command that
+        does not exit 0 raises :class:`~stoker.errors.JobFailed`.
+        """
+        full_env = {**default_guest_env(), **(env or {})}
+        result = await self._guarded(
+            self._agent().exec(
+                argv,
+                env=full_env,
+                cwd=cwd,
+                uid=uid,
+                gid=gid,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                capture=capture,
+                max_capture=max_capture,
+                timeout=timeout,
+            )
+        )
+        if check and not result.ok:
+            how = (
+                f"exit status {result.exit_code}"
+                if result.exit_code is not None
+                else f"signal {result.signal}"
+            )
+            raise JobFailed(
+                f"{argv[0]} failed with {how}", exit_code=result.exit_code, signal=result.signal
+            )
+        return result
+
+    @require(VMState.READY)
+    async def put(self, src: str | os.PathLike[str], dest: str) -> PackReport:
+        """Copy a host file or directory tree to ``dest`` in the guest (modes, links, mtimes kept)."""
+        source = Path(src)
+        if not source.exists():
+            raise UsageError(f"{source} does not exist")
+        reports: list[PackReport] = []
+
+        def produce(out: Any) -> None:
+            reports.append(pack_tree(source, out))
+
+        await self._guarded(self._agent().put(dest, produce))
+        return reports[0]
+
+    @require(VMState.READY)
+    async def get(
+        self,
+        paths: str | Iterable[str],
+        dest: str | os.PathLike[str],
+        *,
+        cwd: str = "/",
+        limits: ExtractLimits | None = None,
+    ) -> tuple[ExtractReport, list[str]]:
+        """Copy guest files matching ``paths`` (globs relative to ``cwd``) into ``dest``.
+
+        The guest is untrusted: the tar stream it sends is extracted with
+        :func:`stoker.archive.safe_extract`, which refuses anything that would
+        land outside ``dest``.  Returns the report and the patterns that matched nothing.
+        """
+        target = Path(dest)
+        target.mkdir(parents=True, exist_ok=True)
+        patterns = [paths] if isinstance(paths, str) else list(paths)
+        bounds = limits or ExtractLimits()
+        return await self._guarded(
+            self._agent().get(patterns, cwd, lambda stream: safe_extract(stream, target, bounds))
+        )
+
+
+def default_guest_env() -> dict[str, str]:
+    """The environment every command starts from."""
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+    }
+
+
+async def _make_scratch_disk(path: Path, size_mb: int) -> None:
+    """A sparse, freshly formatted ext4 file for the overlay's writable layer."""
+    with path.open("wb") as fh:
+        fh.truncate(size_mb * 1024 * 1024)
+    argv = [
+        "mkfs.ext4", "-q", "-F",
+        # A throw-away disk: no journal, no reserved blocks, lazy init (sparse stays sparse).
+        "-O", "^has_journal",
+        "-m", "0",
+        "-E", "lazy_itable_init=1,nodiscard",
+        str(path),
+    ]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+    except FileNotFoundError as exc:
+        raise LaunchError("mkfs.ext4 is not installed", argv=argv, hint="apt-get install e2fsprogs") from exc
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise LaunchError("mkfs.ext4 failed", argv=argv, returncode=proc.returncode, output=out.decode(errors="replace"))
+
+
+__all__ = ["VM", "ExecResult", "StokerError", "Timings", "VMState"]

@@ -1,0 +1,59 @@
+"""Shared fixtures: one cache for the whole run, a private runtime dir, and a leak check.
+
+Real-VM tests share the user's stoker cache (kernel, initramfs, default image are
+built once and reused, as ``make demo`` does) but get a private runtime
+directory, so the end-of-session check can find any QEMU process the tests
+started and failed to reap: a leaked VM fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stoker.paths import Dirs
+
+
+def _processes_mentioning(needle: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if needle in cmdline and "qemu" in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("stoker-runtime")
+    yield path
+
+
+@pytest.fixture(scope="session")
+def dirs(runtime_dir: Path) -> Dirs:
+    """The real cache (shared with `make demo`), a private runtime directory."""
+    return Dirs(cache=Dirs.from_env().cache, runtime=runtime_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_vms(runtime_dir: Path) -> Iterator[None]:
+    """Fail the session if any QEMU process started by the tests is still alive."""
+    os.environ["STOKER_RUNTIME_DIR"] = str(runtime_dir)  # CLI subprocesses too
+    yield
+    deadline = time.monotonic() + 5
+    leaked = _processes_mentioning(str(runtime_dir))
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leaked = _processes_mentioning(str(runtime_dir))
+    leftovers = [p.name for p in runtime_dir.iterdir()]
+    assert not leaked, "QEMU processes outlived the tests:\n" + "\n".join(leaked)
+    assert not leftovers, f"VM work directories outlived the tests: {leftovers}"

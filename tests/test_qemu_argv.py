@@ -1,0 +1,66 @@
+"""Golden tests of the QEMU command line (command lines are data)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from stoker.backends.base import MachineSpec
+from stoker.backends.qemu import QemuFds, qemu_argv
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _spec(**kw: object) -> MachineSpec:
+    base: dict[str, object] = dict(
+        name="stoker-test",
+        kernel=Path("/cache/vmlinuz"),
+        initrd=Path("/cache/initrd.cpio.gz"),
+        rootfs=Path("/cache/images/abc/rootfs.erofs"),
+        accel="tcg",
+        cpus=2,
+        memory_mb=1024,
+        scratch=Path("/run/stoker/vm/scratch.img"),
+    )
+    base.update(kw)
+    return MachineSpec(**base)  # type: ignore[arg-type]
+
+
+CASES = {
+    "tcg-2cpu": _spec(),
+    "kvm-1cpu-noscratch": _spec(accel="kvm", cpus=1, scratch=None),
+    "probe": _spec(accel="kvm", cpus=1, memory_mb=256, probe=True, scratch=None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden_argv(case: str) -> None:
+    argv = qemu_argv(CASES[case], QemuFds(agent=3, qmp=4, console=5))
+    path = GOLDEN / f"qemu-{case}.json"
+    if os.environ.get("STOKER_UPDATE_GOLDEN"):
+        path.write_text(json.dumps(argv, indent=1) + "\n")
+    assert argv == json.loads(path.read_text()), f"regenerate with STOKER_UPDATE_GOLDEN=1 if intended ({path})"
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    argv = qemu_argv(_spec(rootfs=Path("/a,b/root.erofs")), QemuFds(3, 4, 5))
+    assert any("file=/a,,b/root.erofs," in a for a in argv)
+
+
+def test_kernel_cmdline_is_pure_and_complete() -> None:
+    spec = _spec()
+    line = spec.kernel_cmdline()
+    assert line == spec.kernel_cmdline()
+    for param in ("console=ttyS0", "panic=-1", "stoker.root=/dev/vda", "stoker.scratch=/dev/vdb",
+                  "stoker.rootfstype=erofs", "stoker.python=/usr/bin/python3"):
+        assert param in line.split()
+    assert "stoker.probe=1" in _spec(probe=True).kernel_cmdline().split()
+
+
+def test_no_network_device() -> None:
+    argv = qemu_argv(_spec(), QemuFds(3, 4, 5))
+    assert argv[argv.index("-nic") + 1] == "none"
+    assert not any("virtio-net" in a for a in argv)
