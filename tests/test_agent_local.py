@@ -49,8 +49,11 @@ async def agent() -> AsyncIterator[AgentClient]:
 
 
 async def test_exec_roundtrip(agent: AgentClient) -> None:
-    res = await agent.exec(["sh", "-c", "echo out; echo err >&2; exit 3"], capture=True,
-                           env={"PATH": os.environ["PATH"]})
+    res = await agent.exec(
+        ["sh", "-c", "echo out; echo err >&2; exit 3"],
+        capture=True,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert res.exit_code == 3 and res.signal is None
     assert res.stdout == b"out\n" and res.stderr == b"err\n"
 
@@ -62,8 +65,13 @@ async def test_signal_termination(agent: AgentClient) -> None:
 
 
 async def test_env_cwd_stdin(agent: AgentClient, tmp_path: Path) -> None:
-    res = await agent.exec(["sh", "-c", "pwd; echo $FOO; cat"], env={"FOO": "bar", "PATH": "/usr/bin:/bin"},
-                           cwd=str(tmp_path), stdin=b"hello stdin", capture=True)
+    res = await agent.exec(
+        ["sh", "-c", "pwd; echo $FOO; cat"],
+        env={"FOO": "bar", "PATH": "/usr/bin:/bin"},
+        cwd=str(tmp_path),
+        stdin=b"hello stdin",
+        capture=True,
+    )
     assert res.stdout.decode().splitlines() == [str(tmp_path), "bar", "hello stdin"]
 
 
@@ -74,16 +82,18 @@ async def test_spawn_failure_is_127(agent: AgentClient) -> None:
 
 async def test_timeout_kills_process_group(agent: AgentClient) -> None:
     with pytest.raises(CommandTimeout):
-        await agent.exec(["sh", "-c", "sleep 100 & sleep 100"], timeout=0.5,
-                         env={"PATH": "/usr/bin:/bin"})
+        await agent.exec(
+            ["sh", "-c", "sleep 100 & sleep 100"], timeout=0.5, env={"PATH": "/usr/bin:/bin"}
+        )
     # The channel is still usable afterwards.
     await agent.ping()
 
 
 async def test_capture_limit(agent: AgentClient) -> None:
     with pytest.raises(OutputLimitExceeded):
-        await agent.exec(["sh", "-c", "yes"], capture=True, max_capture=1 << 20,
-                         env={"PATH": "/usr/bin:/bin"})
+        await agent.exec(
+            ["sh", "-c", "yes"], capture=True, max_capture=1 << 20, env={"PATH": "/usr/bin:/bin"}
+        )
     await agent.ping()
 
 
@@ -94,8 +104,9 @@ async def test_large_output_streamed(agent: AgentClient) -> None:
         nonlocal total
         total += len(data)
 
-    res = await agent.exec(["head", "-c", str(20 << 20), "/dev/zero"], stdout=sink,
-                           env={"PATH": "/usr/bin:/bin"})
+    res = await agent.exec(
+        ["head", "-c", str(20 << 20), "/dev/zero"], stdout=sink, env={"PATH": "/usr/bin:/bin"}
+    )
     assert res.ok and total == 20 << 20
 
 

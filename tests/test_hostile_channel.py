@@ -21,11 +21,20 @@ from stoker.errors import FrameError, GuestProtocolError, OutputLimitExceeded
 from stoker.protocol import wire
 from stoker.protocol.client import AgentClient, ChannelClosed, ChannelLimits
 
-READY = {"type": "ready", "protocol": 1, "agent": "t", "python": "3.11", "kernel": "k", "pid1": True}
+READY = {
+    "type": "ready",
+    "protocol": 1,
+    "agent": "t",
+    "python": "3.11",
+    "kernel": "k",
+    "pid1": True,
+}
 Guest = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def _pair(guest: Guest, limits: ChannelLimits | None = None) -> tuple[AgentClient, asyncio.Task[None]]:
+async def _pair(
+    guest: Guest, limits: ChannelLimits | None = None
+) -> tuple[AgentClient, asyncio.Task[None]]:
     host_sock, guest_sock = socket.socketpair()
     host_sock.setblocking(False)
     guest_sock.setblocking(False)
@@ -71,7 +80,9 @@ async def test_garbage_instead_of_frames(connect: Callable[..., Awaitable[AgentC
         await client.wait_ready(5)
 
 
-async def test_oversized_frame_refused_before_buffering(connect: Callable[..., Awaitable[AgentClient]]) -> None:
+async def test_oversized_frame_refused_before_buffering(
+    connect: Callable[..., Awaitable[AgentClient]],
+) -> None:
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(wire.HEADER.pack(0xFFFFFFF0, wire.DATA, wire.STDOUT, 0))
         await w.drain()
@@ -93,7 +104,9 @@ async def test_oversized_frame_refused_before_buffering(connect: Callable[..., A
         (json.dumps({**READY, "agent": "x" * 10_000}).encode(), "agent"),
     ],
 )
-async def test_invalid_messages(connect: Callable[..., Awaitable[AgentClient]], message: bytes, match: str) -> None:
+async def test_invalid_messages(
+    connect: Callable[..., Awaitable[AgentClient]], message: bytes, match: str
+) -> None:
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(wire.encode(wire.MSG, 0, message))
         await w.drain()
@@ -183,7 +196,9 @@ async def test_endless_output_capped(connect: Callable[..., Awaitable[AgentClien
         await client.exec(["yes"], capture=True, max_capture=4 << 20)
 
 
-async def test_guest_disconnects_mid_command(connect: Callable[..., Awaitable[AgentClient]]) -> None:
+async def test_guest_disconnects_mid_command(
+    connect: Callable[..., Awaitable[AgentClient]],
+) -> None:
     async def guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(wire.encode_msg(0, READY))
         await w.drain()
@@ -198,7 +213,9 @@ async def test_guest_disconnects_mid_command(connect: Callable[..., Awaitable[Ag
         await client.exec(["true"])
 
 
-async def test_hostile_tar_on_download(connect: Callable[..., Awaitable[AgentClient]], tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_hostile_tar_on_download(
+    connect: Callable[..., Awaitable[AgentClient]], tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     import io
     import tarfile
 
@@ -234,9 +251,18 @@ async def test_hostile_tar_on_download(connect: Callable[..., Awaitable[AgentCli
 # ---------------------------------------------------------------- frame decoder fuzzing
 
 
-@given(st.lists(st.tuples(st.sampled_from(wire.KINDS), st.sampled_from(wire.STREAMS),
-                          st.integers(0, 2**32 - 1), st.binary(max_size=300)), max_size=20),
-       st.integers(1, 64))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(wire.KINDS),
+            st.sampled_from(wire.STREAMS),
+            st.integers(0, 2**32 - 1),
+            st.binary(max_size=300),
+        ),
+        max_size=20,
+    ),
+    st.integers(1, 64),
+)
 @settings(max_examples=300, deadline=None)
 def test_decoder_roundtrip_any_split(frames: list[tuple[int, int, int, bytes]], split: int) -> None:
     frames = [(k, s, c, b"" if k == wire.EOF else p) for k, s, c, p in frames]

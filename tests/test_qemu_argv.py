@@ -42,7 +42,9 @@ def test_golden_argv(case: str) -> None:
     path = GOLDEN / f"qemu-{case}.json"
     if os.environ.get("STOKER_UPDATE_GOLDEN"):
         path.write_text(json.dumps(argv, indent=1) + "\n")
-    assert argv == json.loads(path.read_text()), f"regenerate with STOKER_UPDATE_GOLDEN=1 if intended ({path})"
+    assert argv == json.loads(path.read_text()), (
+        f"regenerate with STOKER_UPDATE_GOLDEN=1 if intended ({path})"
+    )
 
 
 def test_commas_in_paths_are_escaped() -> None:
@@ -54,8 +56,14 @@ def test_kernel_cmdline_is_pure_and_complete() -> None:
     spec = _spec()
     line = spec.kernel_cmdline()
     assert line == spec.kernel_cmdline()
-    for param in ("console=ttyS0", "panic=-1", "stoker.root=/dev/vda", "stoker.scratch=/dev/vdb",
-                  "stoker.rootfstype=erofs", "stoker.python=/usr/bin/python3"):
+    for param in (
+        "console=ttyS0",
+        "panic=-1",
+        "stoker.root=/dev/vda",
+        "stoker.scratch=/dev/vdb",
+        "stoker.rootfstype=erofs",
+        "stoker.python=/usr/bin/python3",
+    ):
         assert param in line.split()
     assert "stoker.probe=1" in _spec(probe=True).kernel_cmdline().split()
 
@@ -64,3 +72,12 @@ def test_no_network_device() -> None:
     argv = qemu_argv(_spec(), QemuFds(3, 4, 5))
     assert argv[argv.index("-nic") + 1] == "none"
     assert not any("virtio-net" in a for a in argv)
+
+
+def test_tsc_rate_from_cpuinfo() -> None:
+    from stoker.backends.qemu import FALLBACK_TSC_KHZ, host_tsc_khz
+
+    assert host_tsc_khz("processor : 0\ncpu MHz\t\t: 2596.132\nflags : fpu tsc\n") == 2596132
+    assert host_tsc_khz("processor : 0\n") == FALLBACK_TSC_KHZ
+    line = _spec(tsc_khz=2596132).kernel_cmdline().split()
+    assert "tsc_early_khz=2596132" in line and "tsc=reliable" in line

@@ -50,7 +50,11 @@ async def test_check_raises_job_failed(vm: VM) -> None:
 
 
 async def test_env_and_cwd(vm: VM) -> None:
-    res = await vm.exec(["sh", "-c", 'pwd; echo "$GREETING"; echo "$PATH"'], env={"GREETING": "hi there"}, cwd="/tmp")
+    res = await vm.exec(
+        ["sh", "-c", 'pwd; echo "$GREETING"; echo "$PATH"'],
+        env={"GREETING": "hi there"},
+        cwd="/tmp",
+    )
     lines = res.stdout.decode().splitlines()
     assert lines[0] == "/tmp" and lines[1] == "hi there" and "/usr/bin" in lines[2]
 
@@ -69,7 +73,9 @@ async def test_stdin(vm: VM) -> None:
 async def test_guest_identity_and_clock(vm: VM) -> None:
     import time
 
-    res = await vm.exec(["python3", "-c", "import socket,time; print(socket.gethostname()); print(time.time())"])
+    res = await vm.exec(
+        ["python3", "-c", "import socket,time; print(socket.gethostname()); print(time.time())"]
+    )
     host, now = res.stdout.decode().split()
     assert host == vm.hostname
     assert abs(float(now) - time.time()) < 30
@@ -109,8 +115,14 @@ async def test_copy_binary_files_in_and_out(vm: VM, tmp_path: Path) -> None:
     (src / "link").symlink_to("blob.bin")
     os.utime(src / "blob.bin", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
     await vm.put(src, "/work/bin")
-    res = await vm.exec(["sh", "-c", "sha256sum blob.bin; stat -c '%a %Y' script.sh blob.bin; readlink link; ./script.sh"],
-                        cwd="/work/bin")
+    res = await vm.exec(
+        [
+            "sh",
+            "-c",
+            "sha256sum blob.bin; stat -c '%a %Y' script.sh blob.bin; readlink link; ./script.sh",
+        ],
+        cwd="/work/bin",
+    )
     lines = res.stdout.decode().splitlines()
     assert lines[0].split()[0] == hashlib.sha256(blob).hexdigest()
     assert lines[1].startswith("751 ")

@@ -135,13 +135,16 @@ def run(
         list[str] | None, typer.Option("--env", "-e", help="K=V (or K to pass the host's value).")
     ] = None,
     artifacts: Annotated[
-        list[str] | None, typer.Option("--artifacts", "-a", help="Glob (relative to SRC) to copy back.")
+        list[str] | None,
+        typer.Option("--artifacts", "-a", help="Glob (relative to SRC) to copy back."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Where artifacts go.")] = Path("stoker-out"),
     accel: Annotated[str, typer.Option(help="auto, kvm or tcg.")] = "auto",
     json_summary: Annotated[
         bool,
-        typer.Option("--json", help="Print a JSON summary on stdout (command output goes to stderr)."),
+        typer.Option(
+            "--json", help="Print a JSON summary on stdout (command output goes to stderr)."
+        ),
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -184,7 +187,9 @@ def run(
     if json_summary:
         sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
     elif summary.artifacts or summary.missing_artifacts:
-        err.print(f"stoker: {len(summary.artifacts)} artifact path(s) copied to {summary.artifact_dir}")
+        err.print(
+            f"stoker: {len(summary.artifacts)} artifact path(s) copied to {summary.artifact_dir}"
+        )
         for pattern in summary.missing_artifacts:
             err.print(f"[yellow]stoker: warning:[/] artifact pattern {pattern!r} matched nothing")
     raise typer.Exit(summary.returncode if summary.returncode is not None else EXIT_INFRA)
@@ -223,13 +228,17 @@ def doctor(
     raise typer.Exit(0 if report.ok else 1)
 
 
-@image_app.command("build", help="Build (or find in the cache) an image. Only 'default' exists so far.")
+@image_app.command(
+    "build", help="Build (or find in the cache) an image. Only 'default' exists so far."
+)
 def image_build(name: Annotated[str, typer.Argument()] = "default") -> None:
     from stoker.images import ImageStore, default_builder
     from stoker.paths import Dirs
 
     if name != "default":
-        raise _fail(UsageError(f"unknown image {name!r}", hint="only 'default' can be built so far"))
+        raise _fail(
+            UsageError(f"unknown image {name!r}", hint="only 'default' can be built so far")
+        )
     try:
         img = ImageStore(Dirs.from_env()).ensure(
             default_builder(), progress=lambda msg: err.print(f"[dim]stoker: {msg}[/]")
@@ -249,7 +258,9 @@ def image_ls() -> None:
     for col in ("name", "digest", "size", "path"):
         table.add_column(col)
     for img in ImageStore(Dirs.from_env()).list():
-        table.add_row(img.name, img.digest[:12], f"{img.rootfs.stat().st_size / 1e6:.1f} MB", str(img.rootfs))
+        table.add_row(
+            img.name, img.digest[:12], f"{img.rootfs.stat().st_size / 1e6:.1f} MB", str(img.rootfs)
+        )
     Console().print(table)
 
 
@@ -262,7 +273,9 @@ def kernel_fetch(
 
     try:
         kernel = provision_kernel(
-            Dirs.from_env(), refresh=refresh, progress=lambda msg: err.print(f"[dim]stoker: {msg}[/]")
+            Dirs.from_env(),
+            refresh=refresh,
+            progress=lambda msg: err.print(f"[dim]stoker: {msg}[/]"),
         )
     except StokerError as exc:
         raise _fail(exc) from None
@@ -277,3 +290,6 @@ def main() -> None:
         _fail(exc)
         sys.exit(EXIT_INFRA)
 
+
+if __name__ == "__main__":
+    main()

@@ -71,7 +71,13 @@ def run_checks(dirs: Dirs | None = None) -> Report:
     if not kvm_ok:
         add(Check("kvm", "warn", f"not usable: {kvm_why}; VMs use TCG emulation (slower)"))
     elif verdict is None:
-        add(Check("kvm", "warn", f"{kvm_why}; not probed yet (the first `stoker run` boots a probe guest)"))
+        add(
+            Check(
+                "kvm",
+                "warn",
+                f"{kvm_why}; not probed yet (the first `stoker run` boots a probe guest)",
+            )
+        )
     elif verdict.usable:
         add(Check("kvm", "ok", verdict.reason))
     else:
@@ -83,12 +89,15 @@ def run_checks(dirs: Dirs | None = None) -> Report:
         add(Check("kernel", "ok", f"{kernel.package} {kernel.version} cached at {kernel.root}"))
     else:
         apt = shutil.which("apt-get")
-        add(Check(
-            "kernel",
-            "warn" if apt else "fail",
-            "not cached yet" + ("; `stoker kernel fetch` downloads it with apt-get" if apt else ""),
-            "" if apt else "stoker needs apt-get to fetch Debian's cloud kernel",
-        ))
+        add(
+            Check(
+                "kernel",
+                "warn" if apt else "fail",
+                "not cached yet"
+                + ("; `stoker kernel fetch` downloads it with apt-get" if apt else ""),
+                "" if apt else "stoker needs apt-get to fetch Debian's cloud kernel",
+            )
+        )
 
     images = ImageStore(dirs).list()
     if images:
@@ -96,17 +105,25 @@ def run_checks(dirs: Dirs | None = None) -> Report:
         add(Check("images", "ok", listing))
     else:
         builders = [shutil.which("mmdebstrap"), shutil.which("mkfs.erofs")]
-        add(Check(
-            "images",
-            "warn" if all(builders) else "fail",
-            "none built yet; `stoker image build` (or the first run) builds the default image",
-            "" if all(builders) else "apt-get install mmdebstrap erofs-utils",
-        ))
+        add(
+            Check(
+                "images",
+                "warn" if all(builders) else "fail",
+                "none built yet; `stoker image build` (or the first run) builds the default image",
+                "" if all(builders) else "apt-get install mmdebstrap erofs-utils",
+            )
+        )
 
     free = _free_bytes(dirs.cache)
     status: Status = "ok" if free > 4e9 else ("warn" if free > 1e9 else "fail")
-    add(Check("disk", status, f"{free / 1e9:.1f} GB free under {dirs.cache}",
-              "" if status != "fail" else "free some disk space (images need ~1 GB)"))
+    add(
+        Check(
+            "disk",
+            status,
+            f"{free / 1e9:.1f} GB free under {dirs.cache}",
+            "" if status != "fail" else "free some disk space (images need ~1 GB)",
+        )
+    )
     return report
 
 

@@ -58,7 +58,8 @@ class RunRequest:
         for pattern in self.artifacts:
             if pattern.startswith("/") or ".." in Path(pattern).parts:
                 raise UsageError(
-                    f"artifact pattern {pattern!r} must be relative to the project and stay inside it"
+                    f"artifact pattern {pattern!r} must be relative to the project "
+                    "and stay inside it"
                 )
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} exists and is not a directory")
@@ -126,7 +127,11 @@ async def run_job(
             t = time.monotonic()
             report = await vm.put(req.src, req.guest_dir)
             summary.timings["copy_in"] = time.monotonic() - t
-            summary.copied_in = {"files": report.files, "bytes": report.bytes, "skipped": report.skipped}
+            summary.copied_in = {
+                "files": report.files,
+                "bytes": report.bytes,
+                "skipped": report.skipped,
+            }
             t = time.monotonic()
             try:
                 result = await vm.exec(
@@ -163,7 +168,11 @@ async def run_job(
                 summary.timings["copy_out"] = time.monotonic() - t
     finally:
         summary.timings.update(
-            {k: v for k, v in vm.timings.as_dict().items() if k in ("prepare", "launch", "agent_ready", "teardown")}
+            {
+                k: v
+                for k, v in vm.timings.as_dict().items()
+                if k in ("prepare", "launch", "agent_ready", "teardown")
+            }
         )
         summary.timings["total"] = time.monotonic() - t0
         summary.timings = {k: round(v, 4) for k, v in summary.timings.items()}

@@ -234,7 +234,10 @@ class VM:
 
     def _make_workdir(self) -> Path:
         runtime = self.dirs.ensure_runtime()
-        return Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=runtime))
+        sweep_stale_workdirs(runtime)
+        workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=runtime))
+        (workdir / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
+        return workdir
 
     def _machine_spec(self, artifacts: BootArtifacts, accel: str, scratch: Path) -> MachineSpec:
         return MachineSpec(
@@ -310,7 +313,8 @@ class VM:
         if self.state is VMState.BOOTING:
             return BootError(
                 f"the VM stopped during boot (VMM exit status {status})",
-                console=console + ("\n" + self._vmm.vmm_log.tail(5) if self._vmm.vmm_log.total else ""),
+                console=console
+                + ("\n" + self._vmm.vmm_log.tail(5) if self._vmm.vmm_log.total else ""),
             )
         return VMMCrashed(
             f"the VMM exited unexpectedly (status {status})",
@@ -375,7 +379,7 @@ class VM:
 
     @require(VMState.READY)
     async def put(self, src: str | os.PathLike[str], dest: str) -> PackReport:
-        """Copy a host file or directory tree to ``dest`` in the guest (modes, links, mtimes kept)."""
+        """Copy a host file or tree to ``dest`` in the guest (modes, links, mtimes kept)."""
         source = Path(src)
         if not source.exists():
             raise UsageError(f"{source} does not exist")
@@ -411,6 +415,39 @@ class VM:
         )
 
 
+OWNER_FILE = "owner"
+
+
+def _process_identity(pid: int) -> str | None:
+    """``pid:starttime``: survives pid reuse, unlike a bare pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def sweep_stale_workdirs(runtime: Path) -> list[Path]:
+    """Remove VM work directories whose owning stoker process is gone.
+
+    Teardown normally removes them; this catches a stoker that was killed with
+    SIGKILL (its QEMU died with it through the parent-death signal).
+    """
+    removed = []
+    for entry in runtime.glob("stoker-*"):
+        owner = entry / OWNER_FILE
+        try:
+            recorded = owner.read_text().strip()
+        except OSError:
+            continue  # not ours, or still being created
+        pid = recorded.split(":", 1)[0]
+        if pid.isdigit() and _process_identity(int(pid)) == recorded:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 def default_guest_env() -> dict[str, str]:
     """The environment every command starts from."""
     return {
@@ -426,11 +463,16 @@ async def _make_scratch_disk(path: Path, size_mb: int) -> None:
     with path.open("wb") as fh:
         fh.truncate(size_mb * 1024 * 1024)
     argv = [
-        "mkfs.ext4", "-q", "-F",
+        "mkfs.ext4",
+        "-q",
+        "-F",
         # A throw-away disk: no journal, no reserved blocks, lazy init (sparse stays sparse).
-        "-O", "^has_journal",
-        "-m", "0",
-        "-E", "lazy_itable_init=1,nodiscard",
+        "-O",
+        "^has_journal",
+        "-m",
+        "0",
+        "-E",
+        "lazy_itable_init=1,nodiscard",
         str(path),
     ]
     try:
@@ -438,10 +480,17 @@ async def _make_scratch_disk(path: Path, size_mb: int) -> None:
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
     except FileNotFoundError as exc:
-        raise LaunchError("mkfs.ext4 is not installed", argv=argv, hint="apt-get install e2fsprogs") from exc
+        raise LaunchError(
+            "mkfs.ext4 is not installed", argv=argv, hint="apt-get install e2fsprogs"
+        ) from exc
     out, _ = await proc.communicate()
     if proc.returncode != 0:
-        raise LaunchError("mkfs.ext4 failed", argv=argv, returncode=proc.returncode, output=out.decode(errors="replace"))
+        raise LaunchError(
+            "mkfs.ext4 failed",
+            argv=argv,
+            returncode=proc.returncode,
+            output=out.decode(errors="replace"),
+        )
 
 
 __all__ = ["VM", "ExecResult", "StokerError", "Timings", "VMState"]

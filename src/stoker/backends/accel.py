@@ -98,7 +98,10 @@ async def probe_kvm(
             return ProbeVerdict(True, f"a guest booted under KVM in {elapsed:.2f}s", elapsed, key)
         if vm.returncode is None:
             return ProbeVerdict(
-                False, f"a guest did not finish booting under KVM within {timeout:.0f}s", elapsed, key
+                False,
+                f"a guest did not finish booting under KVM within {timeout:.0f}s",
+                elapsed,
+                key,
             )
         return ProbeVerdict(
             False,

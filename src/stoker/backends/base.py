@@ -60,7 +60,7 @@ class MachineSpec:
             "i8042.nopnp",
             "no_timer_check",
             "rdinit=/init",
-            f"stoker.root=/dev/vda",
+            "stoker.root=/dev/vda",
             f"stoker.rootfstype={self.rootfs_type}",
             f"stoker.python={self.python}",
         ]

@@ -68,44 +68,64 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
         accel, cpu = ["-accel", "tcg,thread=multi" if spec.cpus > 1 else "tcg"], ["-cpu", "max"]
     argv = [
         binary,
-        "-name", f"{_escape(spec.name)},debug-threads=on",
-        # microvm: no PCI, no firmware tables beyond ACPI, no option ROMs (docs/system/i386/microvm.rst).
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        "-name",
+        f"{_escape(spec.name)},debug-threads=on",
+        # microvm: no PCI, no option ROMs (QEMU docs/system/i386/microvm.rst).
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=on",
         *accel,
         *cpu,
-        "-smp", str(spec.cpus),
-        "-m", f"{spec.memory_mb}M",
+        "-smp",
+        str(spec.cpus),
+        "-m",
+        f"{spec.memory_mb}M",
         "-nodefaults",
         "-no-user-config",
-        "-display", "none",
+        "-display",
+        "none",
         "-no-reboot",
-        "-nic", "none",
+        "-nic",
+        "none",
         # Defence in depth: QEMU's seccomp filter (no spawning, no privilege changes).
-        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        "-kernel", _escape(str(spec.kernel)),
-        "-initrd", _escape(str(spec.initrd)),
-        "-append", spec.kernel_cmdline(),
-        "-chardev", f"socket,id=console,fd={fds.console}",
-        "-serial", "chardev:console",
-        "-chardev", f"socket,id=qmp,fd={fds.qmp}",
-        "-mon", "chardev=qmp,mode=control",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-kernel",
+        _escape(str(spec.kernel)),
+        "-initrd",
+        _escape(str(spec.initrd)),
+        "-append",
+        spec.kernel_cmdline(),
+        "-chardev",
+        f"socket,id=console,fd={fds.console}",
+        "-serial",
+        "chardev:console",
+        "-chardev",
+        f"socket,id=qmp,fd={fds.qmp}",
+        "-mon",
+        "chardev=qmp,mode=control",
     ]
     if not spec.probe:
         argv += [
-            "-chardev", f"socket,id=agent,fd={fds.agent}",
-            "-device", "virtio-serial-device,max_ports=2",
-            "-device", f"virtserialport,chardev=agent,name={wire.PORT_NAME}",
+            "-chardev",
+            f"socket,id=agent,fd={fds.agent}",
+            "-device",
+            "virtio-serial-device,max_ports=2",
+            "-device",
+            f"virtserialport,chardev=agent,name={wire.PORT_NAME}",
             "-drive",
             f"id=root,file={_escape(str(spec.rootfs))},format=raw,if=none,read-only=on",
-            "-device", "virtio-blk-device,drive=root",
-            "-device", "virtio-rng-device",
+            "-device",
+            "virtio-blk-device,drive=root",
+            "-device",
+            "virtio-rng-device",
         ]
         if spec.scratch is not None:
             argv += [
                 "-drive",
                 f"id=scratch,file={_escape(str(spec.scratch))},format=raw,if=none,"
                 "discard=unmap,detect-zeroes=unmap",
-                "-device", "virtio-blk-device,drive=scratch",
+                "-device",
+                "virtio-blk-device,drive=scratch",
             ]
     return argv
 
@@ -218,7 +238,8 @@ class QemuBackend(Backend):
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=[fds.agent, fds.qmp, fds.console],
-                preexec_fn=_PDEATHSIG,  # noqa: PLW1509 - only calls a pre-resolved prctl
+                # Only calls a pre-resolved prctl(): safe between fork and exec.
+                preexec_fn=_PDEATHSIG,
                 cwd=workdir,
             )
         except FileNotFoundError as exc:
@@ -270,33 +291,35 @@ def qemu_version(binary: str = QEMU_BINARY) -> str | None:
     return match.group(1) if match else None
 
 
-def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
-    """The host's TSC frequency in kHz when it is constant (what a TCG guest's TSC runs at)."""
+#: Used when the host does not say its clock rate; booting only needs *a* value.
+FALLBACK_TSC_KHZ = 2_000_000
+
+
+def host_tsc_khz(cpuinfo: str | None = None) -> int:
+    """The host's TSC rate in kHz (what a TCG guest's TSC runs at), best effort.
+
+    Without ``constant_tsc`` the figure is only approximate; a wrong value makes
+    the guest clock run fast or slow, but the guest still boots (and the host
+    sets its wall clock at start).
+    """
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return None
-    flags: set[str] = set()
-    mhz: float | None = None
+            return FALLBACK_TSC_KHZ
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "flags" and not flags:
-            flags = set(value.split())
-        elif key == "cpu MHz" and mhz is None:
+        if key.strip() == "cpu MHz":
             with contextlib.suppress(ValueError):
-                mhz = float(value)
-    if mhz is None or not {"constant_tsc", "nonstop_tsc"} <= flags:
-        return None
-    return round(mhz * 1000)
+                return round(float(value) * 1000)
+    return FALLBACK_TSC_KHZ
 
 
 def kvm_device_status(path: str = "/dev/kvm") -> tuple[bool, str]:
     """Cheap check whether ``/dev/kvm`` is present and answers KVM_GET_API_VERSION."""
     import fcntl
 
-    if not os.path.exists(path):
+    if not Path(path).exists():
         return False, f"{path} does not exist (no hardware virtualisation exposed to this host)"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

@@ -343,6 +343,7 @@ def _write_pointer(dirs: Dirs, meta_package: str, kernel: Kernel) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(kernel.to_json(), fh, indent=2, sort_keys=True)
             fh.write("\n")
+        tmp.chmod(0o644)
         tmp.replace(pointer)
     except BaseException:
         tmp.unlink(missing_ok=True)

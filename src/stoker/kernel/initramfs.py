@@ -104,7 +104,8 @@ def build_initramfs(
 
     applets = _busybox_applets(busybox)
     dirs.initramfs.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".cpio.gz", dir=dirs.initramfs)
+    # The suffix keeps half-written files out of globs for "*.cpio.gz".
+    fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".partial", dir=dirs.initramfs)
     tmp = Path(name)
     try:
         with (
@@ -246,11 +247,12 @@ def _closure(dirs: Dirs, kernel: Kernel, wanted: tuple[str, ...]) -> list[tuple[
         "modules": [str(p.relative_to(kernel.modules_dir)) for p in paths],
     }
     dirs.initramfs.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=dirs.initramfs)
+    fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".partial", dir=dirs.initramfs)
     tmp = Path(name)
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(record, fh, indent=2)
+        tmp.chmod(0o644)
         tmp.replace(sidecar)
     except BaseException:
         tmp.unlink(missing_ok=True)

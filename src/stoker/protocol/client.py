@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import pydantic
 
@@ -453,14 +453,10 @@ class AgentClient:
                     if event.kind == wire.MSG and isinstance(event.msg, m.Exit):
                         return
 
-    async def signal(self, pid_channel: int, signum: int) -> None:
-        """Send ``signum`` to the process group of the command on ``pid_channel``."""
-        await self._signal(pid_channel, signum)
-
     # ------------------------------------------------------------------ files
 
     async def put(self, dest: str, produce: Callable[[BinaryIO], object]) -> None:
-        """Upload a tar stream written by ``produce`` (run in a thread) and unpack it at ``dest``."""
+        """Upload the tar stream ``produce`` writes (in a thread); the guest unpacks it."""
         op = self._open()
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH)
@@ -468,7 +464,7 @@ class AgentClient:
 
         def run() -> None:
             try:
-                produce(sink)
+                produce(cast(BinaryIO, sink))
                 sink.flush()
             finally:
                 sink.finish()
