@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -32,7 +33,7 @@ from stoker.procs import run_checked
 HAVE_MKFS_EROFS = shutil.which("mkfs.erofs") is not None
 needs_mkfs = pytest.mark.skipif(not HAVE_MKFS_EROFS, reason="mkfs.erofs (erofs-utils) missing")
 is_root = os.geteuid() == 0
-DEFAULT_DIGEST = "8774f70e4770303a163124361c64b04595d34ec43fbaa40866836846b93ef795"
+DEFAULT_DIGEST = "b0ee3ea29c3b99d046f83584f68fe847c7d70dac81d476f1b1250546e013b0d5"
 
 
 # --- spec and digest ----------------------------------------------------------------------------
@@ -303,6 +304,19 @@ def test_mmdebstrap_argv_golden() -> None:
     ]
 
 
+def test_mmdebstrap_runs_isolated() -> None:
+    assert deb.isolated_argv(["mmdebstrap", "x"]) == [
+        "unshare",
+        "--mount",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--",
+        "mmdebstrap",
+        "x",
+    ]
+
+
 def test_mmdebstrap_argv_without_packages() -> None:
     argv = deb.mmdebstrap_argv(
         DebianSpec(packages=(), variant="essential", suite="trixie"), Path("t"), Path("m")
@@ -313,10 +327,8 @@ def test_mmdebstrap_argv_without_packages() -> None:
 
 
 def test_mkfs_erofs_argv_golden() -> None:
-    fs_uuid = deb.filesystem_uuid(
-        "8774f70e4770303a163124361c64b04595d34ec43fbaa40866836846b93ef795"
-    )
-    assert fs_uuid == "8774f70e-4770-403a-9631-24361c64b045"
+    fs_uuid = deb.filesystem_uuid(DEFAULT_DIGEST)
+    assert fs_uuid == "b0ee3ea2-9c3b-49d0-86f8-3584f68fe847"
     assert uuid.UUID(fs_uuid).version == 4
     argv = deb.mkfs_erofs_argv(
         DebianSpec(), Path("/o/rootfs.erofs"), Path("/w/tree"), fs_uuid=fs_uuid
@@ -328,7 +340,7 @@ def test_mkfs_erofs_argv_golden() -> None:
         "-C65536",
         "-Eztailpacking",
         "-T1686355200",
-        "-U8774f70e-4770-403a-9631-24361c64b045",
+        "-Ub0ee3ea2-9c3b-49d0-86f8-3584f68fe847",
         "/o/rootfs.erofs",
         "/w/tree",
     ]
@@ -387,9 +399,13 @@ def test_resolve_in_tree(tmp_path: Path) -> None:
     assert deb.resolve_in_tree(tmp_path, "/usr/bin/escape") is None
 
 
+@pytest.mark.skipif(not is_root, reason="prepare_tree chowns (builds run as root)")
 def test_prepare_tree(tmp_path: Path) -> None:
     _fake_tree(tmp_path)
     (tmp_path / "etc/hosts").symlink_to("/etc/outside-the-tree")
+    partial = tmp_path / "var/lib/apt/lists/partial"
+    partial.mkdir(parents=True, mode=0o755)
+    os.chown(partial, 42, 42)
     deb.prepare_tree(tmp_path, DebianSpec())
     for d in ("proc", "sys", "dev", "run", "tmp"):
         assert (tmp_path / d).is_dir()
@@ -399,6 +415,8 @@ def test_prepare_tree(tmp_path: Path) -> None:
     assert not hosts.is_symlink()
     assert "127.0.0.1\tlocalhost" in hosts.read_text()
     assert not (tmp_path / "etc/resolv.conf").exists()
+    st = partial.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o700)
 
 
 def test_prepare_tree_requires_python(tmp_path: Path) -> None:
@@ -734,16 +752,26 @@ def _erofs_has(image: Path, path: str) -> bool:
 @pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap missing")
 @pytest.mark.skipif(not HAVE_MKFS_EROFS, reason="erofs-utils missing")
 def test_real_default_image_is_complete_and_reproducible(tmp_path: Path) -> None:
+    # The second cache sits where the _apt user can reach it (tmp_path is under a
+    # 0700 directory): apt's sandboxing, and so the build, must not depend on it.
+    open_dir = Path(tempfile.mkdtemp(prefix="stoker-repro-", dir="/tmp"))
+    open_dir.chmod(0o755)
     timings: list[float] = []
     images: list[Image] = []
-    for run in ("a", "b"):
-        store = ImageStore(_dirs(tmp_path / run))
-        started = time.monotonic()
-        images.append(store.ensure(default_builder(), progress=print))
-        timings.append(time.monotonic() - started)
-    print(f"default image build times: {', '.join(f'{t:.0f}s' for t in timings)}")
-    first, second = images
+    try:
+        for cache in (tmp_path / "a", open_dir):
+            store = ImageStore(_dirs(cache))
+            started = time.monotonic()
+            images.append(store.ensure(default_builder(), progress=print))
+            timings.append(time.monotonic() - started)
+        print(f"default image build times: {', '.join(f'{t:.0f}s' for t in timings)}")
+        _check_default_image(images[0], tmp_path / "extracted")
+        _check_reproducible(*images)
+    finally:
+        shutil.rmtree(open_dir)
 
+
+def _check_default_image(first: Image, extracted: Path) -> None:
     manifest = first.manifest
     assert manifest["name"] == "default"
     assert manifest["builder"] == "debian"
@@ -768,7 +796,6 @@ def test_real_default_image_is_complete_and_reproducible(tmp_path: Path) -> None
     assert not _erofs_has(first.rootfs, "/usr/share/man/man1")
 
     # The files decode, and the toolchain runs.
-    extracted = tmp_path / "extracted"
     subprocess.run(["fsck.erofs", f"--extract={extracted}", str(first.rootfs)], check=True)
     assert (extracted / "etc/hostname").read_text() == "stoker\n"
     for argv in (
@@ -779,7 +806,9 @@ def test_real_default_image_is_complete_and_reproducible(tmp_path: Path) -> None
     ):
         subprocess.run(["chroot", str(extracted), *argv], check=True, capture_output=True)
 
-    # Reproducibility: an independent build from the same mirror content.
+
+def _check_reproducible(first: Image, second: Image) -> None:
+    """An independent build from the same mirror content is byte-identical."""
     assert first.digest == second.digest
     different = {
         k

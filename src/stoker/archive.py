@@ -18,8 +18,9 @@ Two directions, two trust levels:
 tarfile is still used to read the stream, but header decoding goes through
 :class:`_GuardedTarInfo`, which handles the extension headers (PAX, GNU long
 names) itself instead of tarfile's private ``_proc_*`` methods: those buffer
-unbounded data, parse sparse maps of any length and (before Python 3.11.10)
-use backtracking regular expressions on guest-supplied bytes.
+extension headers of any size, read sparse maps of any length and (in Pythons
+without the CVE-2024-6232 fix, such as 3.11.7) run backtracking regular
+expressions on guest-supplied bytes.
 """
 
 from __future__ import annotations
@@ -126,14 +127,15 @@ def pack_tree(src: Path, out: BinaryIO, *, arcname: str = ".") -> PackReport:
         if stat.S_ISDIR(st.st_mode):
             packer.add_tree(src, st, root)
         else:
-            packer.add_file(str(src), root or src.name)
-    report = PackReport(files=packer.files, bytes=packer.bytes, skipped=packer.skipped)
-    log.debug("packed %s: %d members, %d bytes, %d skipped", src, *_counts(report))
-    return report
-
-
-def _counts(report: PackReport) -> tuple[int, int, int]:
-    return report.files, report.bytes, len(report.skipped)
+            packer.add_file(str(src), root or src.name, follow=True)
+    log.debug(
+        "packed %s: %d members, %d bytes, skipped %s",
+        src,
+        packer.files,
+        packer.bytes,
+        packer.skipped,
+    )
+    return PackReport(files=packer.files, bytes=packer.bytes, skipped=packer.skipped)
 
 
 def _pack_root_name(arcname: str) -> str:
@@ -256,10 +258,11 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
 
 
 class _SourceReader:
-    """Reads exactly ``size`` bytes of a source file for ``TarFile.addfile``.
+    """Gives ``TarFile.addfile`` exactly the bytes it asks for from a source file.
 
     Read failures and files that shrank are the user's problem
-    (:class:`UsageError`), unlike failures writing the stream.
+    (:class:`UsageError`), unlike failures writing the stream, which
+    propagate unchanged.
     """
 
     def __init__(self, fd: int, path: str) -> None:
@@ -267,7 +270,9 @@ class _SourceReader:
         self._path = path
 
     def read(self, n: int = -1, /) -> bytes:
-        chunks: list[bytes] = []
+        if n < 0:
+            raise ValueError("_SourceReader reads sized blocks only")
+        chunks: list[bytes] = [b""]
         got = 0
         while got < n:
             try:
@@ -278,7 +283,7 @@ class _SourceReader:
                 raise UsageError(f"{self._path} shrank while it was being packed")
             chunks.append(data)
             got += len(data)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return chunks[1] if len(chunks) == 2 else b"".join(chunks)
 
 
 class _Packer:
@@ -322,8 +327,8 @@ class _Packer:
                 log.debug("not packing special file %s", entry.path)
                 self.skipped.append(child)
 
-    def add_file(self, path: str, name: str) -> None:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    def add_file(self, path: str, name: str, *, follow: bool = False) -> None:
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
         with _reading(path):
             fd = os.open(path, flags)
         try:
@@ -504,7 +509,7 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
     records: dict[str, bytes] = {}
     pos, end = 0, len(data)
     while pos < end:
-        if not data[pos:].strip(b"\0"):  # NUL padding after the last record
+        if data[pos] == 0 and not data[pos:].strip(b"\0"):  # padding after the last record
             break
         space = data.find(b" ", pos, min(end, pos + 21))
         digits = data[pos:space] if space > pos else b""
@@ -631,8 +636,8 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
         ns = int(sec) * _NS + int((frac or "")[:9].ljust(9, "0"))
         ns = -ns if sign else ns
     elif isinstance(info.mtime, float):
-        if not math.isfinite(info.mtime):
-            raise _refuse(info.name, f"invalid mtime {info.mtime}")
+        if not math.isfinite(info.mtime) or abs(info.mtime) > _MAX_MTIME_NS / _NS:
+            raise _refuse(info.name, f"mtime {info.mtime} is out of range")
         ns = round(info.mtime * _NS)
     else:
         ns = info.mtime * _NS

@@ -42,7 +42,7 @@ kernel_app = typer.Typer(help="Fetch the guest kernel.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 app.add_typer(kernel_app, name="kernel")
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _fail(exc: StokerError) -> typer.Exit:
@@ -90,6 +90,9 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:
+        # qemu.qmp logs a failed negotiation as ERROR; we report those failures ourselves.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
@@ -118,7 +121,6 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 
 @app.command(
-    context_settings={"allow_interspersed_args": False},
     help="Copy SRC into a fresh microVM, run CMD there, stream its output, exit with its status.",
 )
 def run(

@@ -308,8 +308,11 @@ class VM:
         assert self._vmm is not None
         status = self._vmm.returncode
         console = self.console_tail
-        if "Kernel panic" in console:
-            return GuestPanic("the guest kernel panicked", console=console)
+        full = self._vmm.console.text()
+        if "Kernel panic" in full:
+            # Lead with the panic reason; the tail is mostly a stack trace.
+            reason = full[full.rindex("Kernel panic") :].split("\n", 1)[0].strip()
+            return GuestPanic(f"the guest kernel panicked: {reason}", console=console)
         if self.state is VMState.BOOTING:
             return BootError(
                 f"the VM stopped during boot (VMM exit status {status})",

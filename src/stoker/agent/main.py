@@ -539,7 +539,10 @@ class Agent:
                 tarfile.open(fileobj=fh, mode="w|", format=tarfile.PAX_FORMAT) as tar,
             ):
                 for path in matches:
-                    tar.add(path, arcname=os.path.relpath(path, cwd))
+                    rel = os.path.relpath(path, cwd)
+                    if rel.startswith(".."):
+                        continue  # outside cwd: the host would refuse the whole archive
+                    tar.add(path, arcname=rel, filter=_plain_members)
 
         async def run() -> None:
             fut = asyncio.get_event_loop().run_in_executor(None, pack)
@@ -567,6 +570,11 @@ class Agent:
                 await self.chan.msg(channel, {"type": "done", "missing": missing})
 
         self.spawn(run())
+
+
+def _plain_members(info: tarfile.TarInfo) -> Optional[tarfile.TarInfo]:
+    """Leave out FIFOs and device nodes; the host refuses them anyway."""
+    return info if (info.isfile() or info.isdir() or info.issym() or info.islnk()) else None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

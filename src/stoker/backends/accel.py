@@ -24,7 +24,7 @@ from typing import Literal
 
 from stoker.backends.base import Accel, Backend, MachineSpec
 from stoker.backends.qemu import kvm_device_status, qemu_version
-from stoker.errors import AccelError, StokerError
+from stoker.errors import AccelError, LaunchError, StokerError
 from stoker.paths import Dirs
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,11 @@ async def probe_kvm(
     async with AsyncExitStack() as stack:
         try:
             vm = await backend.launch(spec, workdir, stack)
+        except LaunchError as exc:
+            why = _last_line(exc.output) or f"exit status {exc.returncode}"
+            return ProbeVerdict(False, f"QEMU failed under KVM: {why}", 0.0, key)
         except StokerError as exc:
-            return ProbeVerdict(False, f"QEMU could not start with KVM: {exc}", 0.0, key)
+            return ProbeVerdict(False, f"QEMU failed under KVM: {_last_line(str(exc))}", 0.0, key)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await vm.wait()
@@ -106,10 +109,17 @@ async def probe_kvm(
         return ProbeVerdict(
             False,
             f"QEMU exited with status {vm.returncode} before the guest booted under KVM: "
-            + (vm.vmm_log.tail(2) or vm.console.tail(2)).replace("\n", " "),
+            + _last_line(vm.vmm_log.text() or vm.console.text()),
             elapsed,
             key,
         )
+
+
+def _last_line(text: str) -> str:
+    """The most telling line of a failure: QEMU's ``error:`` line if any, else the last."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [""])[0 if errors else -1][:200]
 
 
 def _cache_file(dirs: Dirs) -> Path:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -140,7 +141,15 @@ def remove_tree(path: Path, *, log: Path | None = None) -> None:
             f"refusing to remove {path}: {remaining[0]} is still mounted",
             hint=f"unmount it by hand (umount -l {remaining[0]}) and retry",
         )
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
+    if not path.is_dir() or path.is_symlink():
         path.unlink()
+        return
+    for attempt in range(3):
+        try:
+            shutil.rmtree(path)
+            return
+        except OSError:
+            # A just-killed writer may still be finishing a syscall in there.
+            if attempt == 2:
+                raise
+            time.sleep(0.5)

@@ -5,7 +5,9 @@ line or a small filesystem edit:
 
 1. :func:`mmdebstrap_argv` — a ``minbase`` chroot with the requested packages,
    documentation and translations left out, using the host's apt sources for
-   the requested suite (see :func:`select_sources`).
+   the requested suite (see :func:`select_sources`), run in throw-away mount and
+   PID namespaces (:func:`isolated_argv`) so an interrupted build leaves neither
+   processes nor mounts behind.
 2. :func:`prepare_tree` — mount points, ``/etc/hostname``, ``/etc/hosts``, no
    host ``/etc/resolv.conf``, and a check that python3 is where the manifest
    will say it is.
@@ -39,7 +41,7 @@ from stoker.procs import run_checked
 
 BUILDER_NAME = "debian"
 #: Bump whenever a change here alters the produced filesystem for the same spec.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 #: What a typical build needs, and nothing else; recommends are not installed.
 DEFAULT_PACKAGES: tuple[str, ...] = (
@@ -81,6 +83,7 @@ _DPKG_OPTIONS: tuple[str, ...] = (
     "path-exclude=/usr/share/locale/*",
     "path-include=/usr/share/locale/locale.alias",
 )
+_APT_PARTIAL_DIRS = ("var/cache/apt/archives/partial", "var/lib/apt/lists/partial")
 _APT_OPTIONS: tuple[str, ...] = (
     'APT::Install-Recommends "false"',
     'APT::Install-Suggests "false"',
@@ -409,6 +412,20 @@ def mmdebstrap_argv(spec: DebianSpec, target: Path, mirror_file: Path) -> list[s
     return argv
 
 
+def isolated_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` in private mount and PID namespaces that die with their parent.
+
+    If stoker is interrupted, :func:`~stoker.procs.run_checked` kills the
+    process it started with SIGKILL.  Without this wrapper mmdebstrap would die
+    but leave apt and dpkg running in the half-built tree and ``/proc``, ``/sys``
+    and device nodes mounted inside it.  Here mmdebstrap is PID 1 of its own PID
+    namespace and gets SIGKILL when ``unshare`` dies (``--kill-child``), which
+    takes every process of the namespace with it; the mounts it made live only
+    in the private mount namespace and vanish with it.
+    """
+    return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--", *argv]
+
+
 def filesystem_uuid(digest: str) -> str:
     """A fixed filesystem UUID derived from the image digest (for reproducibility)."""
     return str(uuid.UUID(bytes=bytes.fromhex(digest)[:16], version=4))
@@ -497,6 +514,14 @@ def prepare_tree(tree: Path, spec: DebianSpec) -> None:
     resolv = tree / "etc" / "resolv.conf"
     if resolv.exists() or resolv.is_symlink():
         resolv.unlink()
+    # apt leaves these owned by _apt only when _apt could reach the build
+    # directory (not under a 0700 home), which would make the image depend on
+    # where the cache lives.  apt re-owns them itself when it next runs.
+    for rel in _APT_PARTIAL_DIRS:
+        partial = tree / rel
+        if partial.is_dir() and not partial.is_symlink():
+            os.chown(partial, 0, 0, follow_symlinks=False)
+            partial.chmod(0o700)
     python = resolve_in_tree(tree, spec.python)
     if python is None or not python.is_file():
         raise ProvisionError(
@@ -546,11 +571,12 @@ def check_host() -> None:
             "building a Debian image needs root (mmdebstrap --mode=root)",
             hint="run the first build as root, or copy a built image into the cache",
         )
-    missing = [tool for tool in ("mmdebstrap", "mkfs.erofs") if shutil.which(tool) is None]
+    tools = ("mmdebstrap", "mkfs.erofs", "unshare")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         raise ProvisionError(
             f"missing image build tools: {', '.join(missing)}",
-            hint="apt-get install mmdebstrap erofs-utils",
+            hint="apt-get install mmdebstrap erofs-utils util-linux",
         )
 
 
@@ -599,7 +625,7 @@ class DebianBuilder:
         try:
             log_line(log, "bootstrapping with mmdebstrap")
             run_checked(
-                mmdebstrap_argv(spec, tree, sources_file),
+                isolated_argv(mmdebstrap_argv(spec, tree, sources_file)),
                 env=env,
                 log=log,
                 timeout=3600,
@@ -623,7 +649,7 @@ class DebianBuilder:
         finally:
             try:
                 remove_tree(tree, log=log)
-            except ProvisionError as exc:
+            except (OSError, ProvisionError) as exc:
                 log_line(log, f"could not remove {tree}: {exc}")
                 if succeeded:
                     raise

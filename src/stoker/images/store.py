@@ -319,7 +319,9 @@ class ImageStore:
             _fsync_path(manifest_path)
             _fsync_path(tmp, directory=True)
             self._publish(tmp, self.root / digest)
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, ProvisionError):
+                log_line(log, f"build aborted: {exc!r}")
             _remove_quietly(tmp, log)
             raise
         image = self._load(digest, name)
