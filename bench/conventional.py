@@ -76,7 +76,7 @@ WantedBy=multi-user.target
 """
 # Run inside mmdebstrap after all packages are installed (proc/sys/dev are mounted).
 # An installer writes /etc/fstab before the initrd is built, and initramfs-tools
-# only puts fsck (and the root fs module hints) into the initrd when fstab names
+# only puts fsck into the initrd when fstab names
 # the root, so: write fstab/hostname, then refresh the initrd the kernel
 # package's postinst generated (or create it if that did not happen). For "/"
 # initramfs-tools probes the real root device, which does not exist inside the
@@ -313,6 +313,8 @@ def build_conventional_image(cache: Path) -> ConventionalImage:
             raise RuntimeError(f"{tool} not found on PATH")
 
     cache.mkdir(parents=True, exist_ok=True)
+    if entry.exists():  # an incomplete/corrupt entry (never published by us, but be safe)
+        shutil.rmtree(entry)
     work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=cache))
     try:
         tree = work / "tree"

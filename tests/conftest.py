@@ -44,6 +44,22 @@ def dirs(runtime_dir: Path) -> Dirs:
     return Dirs(cache=Dirs.from_env().cache, runtime=runtime_dir)
 
 
+@pytest.fixture(scope="session")
+def boot_artifacts(dirs: Dirs) -> object:
+    """Kernel, initramfs and default image, fetched/built once before any VM test."""
+    from stoker.artifacts import resolve_artifacts
+
+    return resolve_artifacts(dirs, progress=lambda msg: print(f"[stoker] {msg}"))
+
+
+@pytest.fixture(autouse=True)
+def _vm_prerequisites(request: pytest.FixtureRequest) -> None:
+    # Build the shared artifacts outside any single test's time budget (and
+    # before CLI tests run stoker as a subprocess with a timeout).
+    if request.node.get_closest_marker("vm") is not None:
+        request.getfixturevalue("boot_artifacts")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_vms(runtime_dir: Path) -> Iterator[None]:
     """Fail the session if any QEMU process started by the tests is still alive."""
