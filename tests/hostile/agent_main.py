@@ -31,7 +31,8 @@ def port() -> int:
 
 
 FD = port()
-MODE = open(os.path.join(os.path.dirname(__file__), "mode")).read().strip()
+with open(os.path.join(os.path.dirname(__file__), "mode")) as _fh:
+    MODE = _fh.read().strip()
 
 
 def send(data: bytes) -> None:
@@ -47,8 +48,7 @@ def frames():
         if not data:
             time.sleep(0.05)
             continue
-        for frame in dec.feed(data):
-            yield frame
+        yield from dec.feed(data)
 
 
 def evil_tar() -> bytes:
