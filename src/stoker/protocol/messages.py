@@ -28,6 +28,9 @@ class Ready(_Msg):
     python: ShortStr
     kernel: ShortStr
     pid1: bool
+    #: Guest uptime (s) when the agent became ready, and when it started running.
+    uptime: float = Field(default=0.0, ge=0, le=1e9)
+    started: float = Field(default=0.0, ge=0, le=1e9)
 
 
 class Ok(_Msg):
