@@ -116,7 +116,7 @@ def main() -> None:
         ("stoker: prepare (cache lookups, scratch disk)", f"{med('prepare'):.3f} s"),
         ("stoker: VMM launch (QEMU up, QMP connected)", f"{med('launch'):.3f} s"),
         ("stoker: launch -> agent ready", f"{med('agent_ready') - med('launch'):.3f} s"),
-        ("stoker: copy-in + `true` (command done)", f"{med('copy_in') + med('command'):.3f} s"),
+        ("stoker: copy-in + `true` (command done)", f"{med('seed') + med('command'):.3f} s"),
         ("stoker: teardown", f"{med('teardown'):.3f} s"),
         ("stoker: total, library (`run_job`)", f"{med('total'):.3f} s"),
         ("stoker: total, CLI wall (`stoker run SRC -- true`)", f"{cli:.3f} s"),

@@ -134,7 +134,7 @@ def test_exit_status_and_json_summary(tmp_path: Path) -> None:
         "prepare",
         "launch",
         "agent_ready",
-        "copy_in",
+        "seed",
         "command",
         "copy_out",
         "teardown",
@@ -268,3 +268,33 @@ def test_doctor_json() -> None:
     names = {c["name"] for c in report["checks"]}
     assert {"qemu", "kvm", "busybox-static", "kernel", "images", "disk"} <= names
     assert res.returncode == (0 if report["ok"] else 1)
+
+
+@pytestmark_vm
+def test_stdin_is_forwarded_only_when_asked(tmp_path: Path) -> None:
+    res = stoker(
+        "run",
+        "--accel",
+        "tcg",
+        "--stdin",
+        str(tmp_path),
+        "--",
+        "sh",
+        "-c",
+        "tr a-z A-Z",
+        input="hello vm\n",
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "HELLO VM\n"
+    res = stoker(
+        "run",
+        "--accel",
+        "tcg",
+        str(tmp_path),
+        "--",
+        "sh",
+        "-c",
+        "cat; echo done",
+        input="ignored\n",
+    )
+    assert res.stdout == "done\n"

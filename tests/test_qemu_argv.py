@@ -33,6 +33,7 @@ CASES = {
     "tcg-2cpu": _spec(),
     "kvm-1cpu-noscratch": _spec(accel="kvm", cpus=1, scratch=None),
     "probe": _spec(accel="kvm", cpus=1, memory_mb=256, probe=True, scratch=None),
+    "seed": _spec(seed=Path("/run/stoker/vm/seed.tar"), tsc_khz=2596132),
 }
 
 

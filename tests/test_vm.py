@@ -188,3 +188,34 @@ async def test_destroy_is_idempotent_and_leaves_nothing(dirs: Dirs) -> None:
     await machine.destroy()
     assert not Path(f"/proc/{pid}").exists()
     assert not workdir.exists()
+
+
+async def test_seed_disk_keeps_modes_links_and_mtimes(dirs: Dirs, tmp_path: Path) -> None:
+    src = tmp_path / "project"
+    (src / "sub").mkdir(parents=True)
+    (src / "run.sh").write_text("#!/bin/sh\necho seeded\n")
+    (src / "run.sh").chmod(0o750)
+    (src / "sub" / "data.bin").write_bytes(os.urandom(100_000))
+    (src / "link").symlink_to("sub/data.bin")
+    os.link(src / "run.sh", src / "hard.sh")
+    os.utime(src / "sub" / "data.bin", ns=(1_500_000_000_250_000_000, 1_500_000_000_250_000_000))
+    async with VM(
+        accel="tcg", dirs=dirs, cpus=1, memory="512M", seed=(src, "/work/project")
+    ) as machine:
+        assert machine.seed_report is not None and machine.seed_report.bytes > 100_000
+        res = await machine.exec(
+            [
+                "sh",
+                "-c",
+                "./run.sh; stat -c '%a %h' run.sh; stat -c '%.9Y' sub/data.bin; readlink link; sha256sum sub/data.bin",
+            ],
+            cwd="/work/project",
+        )
+    lines = res.stdout.decode().splitlines()
+    assert lines[0] == "seeded"
+    assert lines[1] == "750 2"
+    assert lines[2] == "1500000000.250000000"
+    assert lines[3] == "sub/data.bin"
+    assert (
+        lines[4].split()[0] == hashlib.sha256((src / "sub" / "data.bin").read_bytes()).hexdigest()
+    )

@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -142,6 +142,9 @@ def run(
     ] = None,
     out: Annotated[Path, typer.Option(help="Where artifacts go.")] = Path("stoker-out"),
     accel: Annotated[str, typer.Option(help="auto, kvm or tcg.")] = "auto",
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help="Forward stoker's standard input to the command.")
+    ] = False,
     json_summary: Annotated[
         bool,
         typer.Option(
@@ -175,6 +178,7 @@ def run(
                 req,
                 stdout=_writer(out_stream),
                 stderr=_writer(sys.stderr.buffer),
+                stdin=_read_stdin() if stdin else None,
                 on_progress=lambda msg: err.print(f"[dim]stoker: {msg}[/]"),
                 on_warning=lambda msg: err.print(f"[yellow]stoker: warning:[/] {msg}"),
             )
@@ -195,6 +199,13 @@ def run(
         for pattern in summary.missing_artifacts:
             err.print(f"[yellow]stoker: warning:[/] artifact pattern {pattern!r} matched nothing")
     raise typer.Exit(summary.returncode if summary.returncode is not None else EXIT_INFRA)
+
+
+async def _read_stdin() -> AsyncIterator[bytes]:
+    """Our stdin, chunk by chunk, read in a thread (it may be a terminal or a pipe)."""
+    fd = sys.stdin.fileno()
+    while chunk := await asyncio.to_thread(os.read, fd, 65536):
+        yield chunk
 
 
 def _writer(stream: Any) -> Callable[[bytes], None]:

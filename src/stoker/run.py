@@ -8,16 +8,17 @@ thin layer over it.
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stoker.archive import ExtractLimits
 from stoker.backends.accel import AccelRequest
-from stoker.errors import UsageError
+from stoker.errors import CommandTimeout, UsageError
 from stoker.paths import Dirs
 from stoker.protocol.client import OutputSink
 from stoker.vm import VM
@@ -96,6 +97,7 @@ async def run_job(
     *,
     stdout: OutputSink,
     stderr: OutputSink,
+    stdin: AsyncIterator[bytes] | None = None,
     dirs: Dirs | None = None,
     on_progress: Callable[[str], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
@@ -105,8 +107,6 @@ async def run_job(
     A command that fails or times out is reported in the summary (``timed_out``
     is set and ``returncode`` is 124 for a timeout, like ``timeout(1)``).
     """
-    from stoker.errors import CommandTimeout
-
     req.validate()
     summary = RunSummary()
     t0 = time.monotonic()
@@ -119,14 +119,16 @@ async def run_job(
         dirs=dirs,
         on_progress=on_progress,
         on_warning=on_warning,
+        # The project travels on a read-only seed disk: several times faster than
+        # streaming it over the agent channel under emulation.
+        seed=(req.src, req.guest_dir),
     )
     summary.vm = vm.name
     try:
         async with vm:
             summary.accel = vm.accel
-            t = time.monotonic()
-            report = await vm.put(req.src, req.guest_dir)
-            summary.timings["copy_in"] = time.monotonic() - t
+            report = vm.seed_report
+            assert report is not None
             summary.copied_in = {
                 "files": report.files,
                 "bytes": report.bytes,
@@ -138,6 +140,7 @@ async def run_job(
                     list(req.argv),
                     env=dict(req.env),
                     cwd=req.guest_dir,
+                    stdin=stdin,
                     stdout=stdout,
                     stderr=stderr,
                     capture=False,
@@ -167,20 +170,12 @@ async def run_job(
                 summary.artifact_dir = str(req.out.resolve())
                 summary.timings["copy_out"] = time.monotonic() - t
     finally:
-        summary.timings.update(
-            {
-                k: v
-                for k, v in vm.timings.as_dict().items()
-                if k in ("prepare", "launch", "agent_ready", "teardown")
-            }
-        )
+        summary.timings.update(vm.timings.as_dict())
         summary.timings["total"] = time.monotonic() - t0
         summary.timings = {k: round(v, 4) for k, v in summary.timings.items()}
     return summary
 
 
 async def _maybe_await(value: object) -> None:
-    import inspect
-
     if inspect.isawaitable(value):
         await value

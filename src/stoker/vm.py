@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import functools
 import logging
@@ -31,7 +32,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -39,7 +40,7 @@ from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, 
 from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
 from stoker.backends.accel import AccelRequest, resolve_accel
 from stoker.backends.base import Backend, LaunchedVM, MachineSpec
-from stoker.backends.qemu import QemuBackend, host_tsc_khz
+from stoker.backends.qemu import SEED_SERIAL, QemuBackend, host_tsc_khz
 from stoker.errors import (
     BootError,
     GuestPanic,
@@ -99,16 +100,17 @@ class Timings:
     prepare: float = 0.0
     launch: float = 0.0
     agent_ready: float = 0.0
+    #: Unpacking the seed disk in the guest (0 without one).
+    seed: float = 0.0
     teardown: float = 0.0
-    marks: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
         return {
             "prepare": round(self.prepare, 4),
             "launch": round(self.launch, 4),
             "agent_ready": round(self.agent_ready, 4),
+            "seed": round(self.seed, 4),
             "teardown": round(self.teardown, 4),
-            **{k: round(v, 4) for k, v in self.marks.items()},
         }
 
 
@@ -131,6 +133,8 @@ class VM:
         on_progress: Callable[[str], None] | None = None,
         on_warning: Callable[[str], None] | None = None,
         agent_files: Mapping[str, bytes] | None = None,
+        seed: tuple[str | os.PathLike[str], str] | None = None,
+        seed_timeout: float = 900.0,
     ) -> None:
         if not 1 <= cpus <= 64:
             raise UsageError(f"cpus must be between 1 and 64, not {cpus}")
@@ -155,6 +159,12 @@ class VM:
         self._on_progress = on_progress
         self._on_warning = on_warning
         self._agent_files = agent_files
+        if seed is not None and not Path(seed[0]).exists():
+            raise UsageError(f"{seed[0]} does not exist")
+        self._seed = (Path(seed[0]), seed[1]) if seed is not None else None
+        self._seed_timeout = seed_timeout
+        #: What was copied in through the seed disk (set once the VM is ready).
+        self.seed_report: PackReport | None = None
         self._stack = AsyncExitStack()
         self._vmm: LaunchedVM | None = None
         self._client: AgentClient | None = None
@@ -193,9 +203,14 @@ class VM:
                 agent=self._agent_files,
             )
             self.workdir = await asyncio.to_thread(self._make_workdir)
-            self._stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+            # Not ignore_errors: a work directory we cannot remove is a leak to report.
+            self._stack.callback(shutil.rmtree, self.workdir)
             scratch = self.workdir / "scratch.img"
             await _make_scratch_disk(scratch, self.disk_mb)
+            seed_tar = None
+            if self._seed is not None:
+                seed_tar = self.workdir / "seed.tar"
+                self.seed_report = await asyncio.to_thread(_pack_to_file, self._seed[0], seed_tar)
             accel, warning = await resolve_accel(
                 self.accel_request,
                 dirs=self.dirs,
@@ -207,7 +222,7 @@ class VM:
             if warning and self._on_warning:
                 self._on_warning(warning)
             self.accel = accel
-            spec = self._machine_spec(artifacts, accel, scratch)
+            spec = dataclasses.replace(self._machine_spec(artifacts, accel, scratch), seed=seed_tar)
             self.timings.prepare = time.monotonic() - t0
             t1 = time.monotonic()
             self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
@@ -226,6 +241,12 @@ class VM:
                 ) from None
             await self._guarded(self._client.init(hostname=self.hostname))
             self.timings.agent_ready = time.monotonic() - t1
+            if self._seed is not None:
+                t2 = time.monotonic()
+                await self._guarded(
+                    self._client.unpack(SEED_SERIAL, self._seed[1], self._seed_timeout)
+                )
+                self.timings.seed = time.monotonic() - t2
             self.state = VMState.READY
             self._log.debug("ready in %.2fs (accel=%s)", self.timings.agent_ready, accel)
         except BaseException:
@@ -459,6 +480,16 @@ def default_guest_env() -> dict[str, str]:
         "LANG": "C.UTF-8",
         "TERM": "dumb",
     }
+
+
+def _pack_to_file(src: Path, out: Path) -> PackReport:
+    """Pack ``src`` into a tar file usable as a disk (size a multiple of 512 bytes)."""
+    with out.open("wb") as fh:
+        report = pack_tree(src, fh)
+        size = fh.tell()
+        if size % 512:
+            fh.write(b"\0" * (512 - size % 512))
+    return report
 
 
 async def _make_scratch_disk(path: Path, size_mb: int) -> None:

@@ -36,6 +36,9 @@ class MachineSpec:
     memory_mb: int = 1024
     #: The writable layer: a throw-away ext4 disk of this size (host file, sparse).
     scratch: Path | None = None
+    #: A tar file attached read-only as a disk (serial ``stoker-seed``): bulk data for
+    #: the guest at boot, much faster than the serial channel under emulation.
+    seed: Path | None = None
     #: Extra kernel command-line parameters (already validated).
     cmdline_extra: tuple[str, ...] = ()
     #: Boot only far enough to prove the accelerator works (see init.sh ``stoker.probe``).

@@ -42,6 +42,8 @@ from stoker.protocol.transport import SocketTransport
 log = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
+#: virtio-blk serial of the seed disk; the agent finds the device by it.
+SEED_SERIAL = "stoker-seed"
 #: How long a QMP ``quit`` may take before we escalate to signals.
 QUIT_GRACE = 2.0
 
@@ -63,70 +65,58 @@ class QemuFds:
 def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> list[str]:
     """Return the QEMU command line for ``spec`` (pure: no I/O, no globals)."""
     if spec.accel == "kvm":
-        accel, cpu = ["-accel", "kvm"], ["-cpu", "host"]
+        accel, cpu = "kvm", "host"
     else:
-        accel, cpu = ["-accel", "tcg,thread=multi" if spec.cpus > 1 else "tcg"], ["-cpu", "max"]
+        accel, cpu = ("tcg,thread=multi" if spec.cpus > 1 else "tcg"), "max"
+    # One option and its value per line:
+    # fmt: off
     argv = [
         binary,
-        "-name",
-        f"{_escape(spec.name)},debug-threads=on",
+        "-name", f"{_escape(spec.name)},debug-threads=on",
         # microvm: no PCI, no option ROMs (QEMU docs/system/i386/microvm.rst).
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on",
-        *accel,
-        *cpu,
-        "-smp",
-        str(spec.cpus),
-        "-m",
-        f"{spec.memory_mb}M",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        "-accel", accel,
+        "-cpu", cpu,
+        "-smp", str(spec.cpus),
+        "-m", f"{spec.memory_mb}M",
         "-nodefaults",
         "-no-user-config",
-        "-display",
-        "none",
+        "-display", "none",
         "-no-reboot",
-        "-nic",
-        "none",
+        "-nic", "none",
         # Defence in depth: QEMU's seccomp filter (no spawning, no privilege changes).
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        "-kernel",
-        _escape(str(spec.kernel)),
-        "-initrd",
-        _escape(str(spec.initrd)),
-        "-append",
-        spec.kernel_cmdline(),
-        "-chardev",
-        f"socket,id=console,fd={fds.console}",
-        "-serial",
-        "chardev:console",
-        "-chardev",
-        f"socket,id=qmp,fd={fds.qmp}",
-        "-mon",
-        "chardev=qmp,mode=control",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-kernel", _escape(str(spec.kernel)),
+        "-initrd", _escape(str(spec.initrd)),
+        "-append", spec.kernel_cmdline(),
+        "-chardev", f"socket,id=console,fd={fds.console}",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,fd={fds.qmp}",
+        "-mon", "chardev=qmp,mode=control",
     ]
-    if not spec.probe:
+    if spec.probe:
+        return argv
+    # Disk order matters: the guest sees root as /dev/vda and scratch as /dev/vdb.
+    argv += [
+        "-chardev", f"socket,id=agent,fd={fds.agent}",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-device", f"virtserialport,chardev=agent,name={wire.PORT_NAME}",
+        "-drive", f"id=root,file={_escape(str(spec.rootfs))},format=raw,if=none,read-only=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-rng-device",
+    ]
+    if spec.scratch is not None:
         argv += [
-            "-chardev",
-            f"socket,id=agent,fd={fds.agent}",
-            "-device",
-            "virtio-serial-device,max_ports=2",
-            "-device",
-            f"virtserialport,chardev=agent,name={wire.PORT_NAME}",
-            "-drive",
-            f"id=root,file={_escape(str(spec.rootfs))},format=raw,if=none,read-only=on",
-            "-device",
-            "virtio-blk-device,drive=root",
-            "-device",
-            "virtio-rng-device",
+            "-drive", f"id=scratch,file={_escape(str(spec.scratch))},format=raw,if=none,"
+                      "discard=unmap,detect-zeroes=unmap",
+            "-device", "virtio-blk-device,drive=scratch",
         ]
-        if spec.scratch is not None:
-            argv += [
-                "-drive",
-                f"id=scratch,file={_escape(str(spec.scratch))},format=raw,if=none,"
-                "discard=unmap,detect-zeroes=unmap",
-                "-device",
-                "virtio-blk-device,drive=scratch",
-            ]
+    if spec.seed is not None:
+        argv += [
+            "-drive", f"id=seed,file={_escape(str(spec.seed))},format=raw,if=none,read-only=on",
+            "-device", f"virtio-blk-device,drive=seed,serial={SEED_SERIAL}",
+        ]
+    # fmt: on
     return argv
 
 

@@ -161,6 +161,24 @@ class AgentClient:
             {"type": "init", "hostname": hostname, "time_ns": time_ns or time.time_ns()}, m.Ok
         )
 
+    async def unpack(self, serial: str, dest: str, timeout: float) -> None:
+        """Have the agent extract the tar on the disk with ``serial`` into ``dest``."""
+        op = self._open()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send_msg(op.channel, {"type": "unpack", "serial": serial, "dest": dest})
+                reply = await self._next_msg(op)
+        except TimeoutError:
+            raise InfrastructureError(
+                f"unpacking into {dest} took longer than {timeout:.0f}s"
+            ) from None
+        finally:
+            self._close(op)
+        if isinstance(reply, m.Error):
+            raise InfrastructureError(f"agent: {reply.message}")
+        if not isinstance(reply, m.Done):
+            raise GuestProtocolError(f"expected 'done' after unpacking, got {reply.type!r}")
+
     async def ping(self) -> None:
         await self._request({"type": "ping"}, m.Pong)
 
