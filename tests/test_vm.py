@@ -207,7 +207,8 @@ async def test_seed_disk_keeps_modes_links_and_mtimes(dirs: Dirs, tmp_path: Path
             [
                 "sh",
                 "-c",
-                "./run.sh; stat -c '%a %h' run.sh; stat -c '%.9Y' sub/data.bin; readlink link; sha256sum sub/data.bin",
+                "./run.sh; stat -c '%a %h' run.sh; stat -c '%.9Y' sub/data.bin;"
+                " readlink link; sha256sum sub/data.bin",
             ],
             cwd="/work/project",
         )
