@@ -47,6 +47,30 @@ def _qemu_children_of(pid: int) -> list[int]:
     return found
 
 
+def _start_long_run(project: Path) -> tuple[subprocess.Popen[str], list[int]]:
+    """`stoker run` of a command that sleeps; returns once the command runs in the VM."""
+    argv = [
+        *STOKER,
+        "run",
+        "--accel",
+        "tcg",
+        str(project),
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 600",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        return proc, _qemu_children_of(proc.pid)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
 # ------------------------------------------------------------------ pure helpers
 
 
@@ -188,26 +212,8 @@ def test_hostile_artifact_symlink_refused(tmp_path: Path) -> None:
 @pytestmark_vm
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_destroys_the_vm(tmp_path: Path, signum: int) -> None:
-    proc = subprocess.Popen(
-        [
-            *STOKER,
-            "run",
-            "--accel",
-            "tcg",
-            str(tmp_path),
-            "--",
-            "sh",
-            "-c",
-            "echo started; sleep 600",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, qemu = _start_long_run(tmp_path)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "started"
-        qemu = _qemu_children_of(proc.pid)
         assert qemu, "no QEMU child found"
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 128 + signum
@@ -220,26 +226,8 @@ def test_signal_destroys_the_vm(tmp_path: Path, signum: int) -> None:
 
 @pytestmark_vm
 def test_kill_9_of_stoker_takes_the_vm_with_it(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [
-            *STOKER,
-            "run",
-            "--accel",
-            "tcg",
-            str(tmp_path),
-            "--",
-            "sh",
-            "-c",
-            "echo started; sleep 600",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, qemu = _start_long_run(tmp_path)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "started"
-        qemu = _qemu_children_of(proc.pid)
         assert qemu
         proc.kill()
         proc.wait()

@@ -204,44 +204,6 @@ class Channel:
         self.send(wire.encode(wire.EOF, channel, b"", stream))
 
 
-class ChunkQueue:
-    """A bounded FIFO of byte chunks read as a file by a worker thread (``None`` ends it)."""
-
-    def __init__(self) -> None:
-        import queue
-
-        self.q: Any = queue.Queue(QUEUE_DEPTH)
-        self.buf = b""
-        self.pos = 0
-        self.eof = False
-
-    def put(self, chunk: Optional[bytes]) -> None:
-        self.q.put(chunk)
-
-    def read(self, n: int = -1) -> bytes:
-        out = bytearray()
-        while n < 0 or len(out) < n:
-            if self.pos >= len(self.buf):
-                if self.eof:
-                    break
-                chunk = self.q.get()
-                if chunk is None:
-                    self.eof = True
-                    break
-                self.buf, self.pos = chunk, 0
-            want = len(self.buf) - self.pos if n < 0 else n - len(out)
-            piece = self.buf[self.pos : self.pos + want]
-            self.pos += len(piece)
-            out += piece
-        return bytes(out)
-
-    def drain(self) -> None:
-        """Consume the rest so the producer never blocks on a full queue."""
-        while not self.eof:
-            if self.q.get() is None:
-                self.eof = True
-
-
 class FrameWriter:
     """A write-only file that sends what it is given as DATA frames of one stream."""
 
@@ -281,8 +243,8 @@ class Agent:
         self.children: Dict[int, List[Any]] = {}
         self.have_children = threading.Condition(self.children_lock)
         self.procs: Dict[int, int] = {}  # channel -> pid
-        self.stdin: Dict[int, ChunkQueue] = {}
-        self.uploads: Dict[int, ChunkQueue] = {}
+        self.stdin: Dict[int, wire.ChunkReader] = {}
+        self.uploads: Dict[int, wire.ChunkReader] = {}
         self.stopping = False
 
     # -- child reaping: we own waitpid(-1) because as PID 1 we inherit every orphan
@@ -428,13 +390,13 @@ class Agent:
             self.have_children.notify()
         self.procs[channel] = proc.pid
         if want_stdin:
-            feed = ChunkQueue()
+            feed = wire.ChunkReader(QUEUE_DEPTH)
             self.stdin[channel] = feed
             spawn_thread(self.feed_stdin, proc.stdin, feed)
         self.chan.msg(channel, {"type": "started", "pid": proc.pid})
         spawn_thread(self.supervise, channel, proc, entry)
 
-    def feed_stdin(self, pipe: Any, feed: ChunkQueue) -> None:
+    def feed_stdin(self, pipe: Any, feed: wire.ChunkReader) -> None:
         fd = pipe.fileno()
         try:
             while True:
@@ -493,11 +455,11 @@ class Agent:
     def on_put(self, channel: int, msg: Dict[str, Any]) -> None:
         dest = str(msg["dest"])
         os.makedirs(dest, exist_ok=True)
-        source = ChunkQueue()
+        source = wire.ChunkReader(QUEUE_DEPTH)
         self.uploads[channel] = source
         spawn_thread(self.extract, channel, dest, source)
 
-    def extract(self, channel: int, dest: str, source: ChunkQueue) -> None:
+    def extract(self, channel: int, dest: str, source: wire.ChunkReader) -> None:
         import tarfile
 
         try:

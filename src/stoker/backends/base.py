@@ -55,6 +55,9 @@ class MachineSpec:
             # Reboot at once on panic; with -no-reboot the VMM then exits and we notice.
             "panic=-1",
             "oops=panic",
+            # Restart by triple fault: microvm has no keyboard controller, and the
+            # default ACPI/KBD retry loop can spin for minutes under TCG.
+            "reboot=t",
             "quiet",
             "loglevel=4",
             # No keyboard controller on microvm: skip probing for it.

@@ -608,44 +608,24 @@ class _ThreadToAsyncWriter:
         self._cancelled.set()
 
 
-class _AsyncToThreadReader:
+class _AsyncToThreadReader(wire.ChunkReader):
     """A read-only file for a worker thread, fed chunk by chunk from the event loop."""
 
     def __init__(self) -> None:
-        self._q: queue.Queue[bytes | None] = queue.Queue(QUEUE_DEPTH)
-        self._chunk = b""
-        self._pos = 0
-        self._eof = False
+        super().__init__(QUEUE_DEPTH)
         self.closed_by_reader = False
 
     def feed(self, chunk: bytes | None) -> None:
         with contextlib.suppress(queue.Full):
-            self._q.put_nowait(chunk)
+            self.q.put_nowait(chunk)
 
     async def afeed(self, chunk: bytes) -> None:
         try:
-            self._q.put_nowait(chunk)
+            self.q.put_nowait(chunk)
         except queue.Full:
             while not self.closed_by_reader:
                 try:
-                    await asyncio.to_thread(self._q.put, chunk, True, 0.5)
+                    await asyncio.to_thread(self.q.put, chunk, True, 0.5)
                     return
                 except queue.Full:
                     continue
-
-    def read(self, n: int = -1) -> bytes:
-        out = bytearray()
-        while n < 0 or len(out) < n:
-            if self._pos >= len(self._chunk):
-                if self._eof:
-                    break
-                chunk = self._q.get()
-                if chunk is None:
-                    self._eof = True
-                    break
-                self._chunk, self._pos = chunk, 0
-            want = len(self._chunk) - self._pos if n < 0 else n - len(out)
-            piece = self._chunk[self._pos : self._pos + want]
-            self._pos += len(piece)
-            out += piece
-        return bytes(out)

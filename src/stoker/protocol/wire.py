@@ -28,6 +28,7 @@ The protocol is versioned by :data:`PROTOCOL_VERSION`, announced in the guest's
 from __future__ import annotations
 
 import json
+import queue
 import struct
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -143,3 +144,43 @@ class Decoder:
     def pending(self) -> int:
         """Bytes buffered that do not yet form a complete frame."""
         return len(self._buf)
+
+
+class ChunkReader:
+    """A read-only file over a bounded queue of byte chunks; ``None`` marks the end.
+
+    One side (the thread reading the channel) puts chunks; a worker thread reads
+    them as a file (e.g. tarfile in stream mode).  The bound is the back-pressure.
+    """
+
+    def __init__(self, depth: int = 64) -> None:
+        self.q: "queue.Queue[Optional[bytes]]" = queue.Queue(depth)
+        self._chunk = b""
+        self._pos = 0
+        self.eof = False
+
+    def put(self, chunk: Optional[bytes]) -> None:
+        self.q.put(chunk)
+
+    def read(self, n: int = -1) -> bytes:
+        out = bytearray()
+        while n < 0 or len(out) < n:
+            if self._pos >= len(self._chunk):
+                if self.eof:
+                    break
+                chunk = self.q.get()
+                if chunk is None:
+                    self.eof = True
+                    break
+                self._chunk, self._pos = chunk, 0
+            want = len(self._chunk) - self._pos if n < 0 else n - len(out)
+            piece = self._chunk[self._pos : self._pos + want]
+            self._pos += len(piece)
+            out += piece
+        return bytes(out)
+
+    def drain(self) -> None:
+        """Consume the rest so the producer never blocks on a full queue."""
+        while not self.eof:
+            if self.q.get() is None:
+                self.eof = True
