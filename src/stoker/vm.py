@@ -332,8 +332,11 @@ class VM:
         full = self._vmm.console.text()
         if "Kernel panic" in full:
             # Lead with the panic reason; the tail is mostly a stack trace.
-            reason = full[full.rindex("Kernel panic") :].split("\n", 1)[0].strip()
-            return GuestPanic(f"the guest kernel panicked: {reason}", console=console)
+            panic = full[full.rindex("Kernel panic") :]
+            reason = panic.split("\n", 1)[0].strip()
+            # Show the panic and its trace rather than whatever scrolled last.
+            trace = "\n".join(panic.replace("\r", "").split("\n")[:40])
+            return GuestPanic(f"the guest kernel panicked: {reason}", console=trace)
         if self.state is VMState.BOOTING:
             return BootError(
                 f"the VM stopped during boot (VMM exit status {status})",
