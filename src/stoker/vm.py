@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import enum
 import functools
 import logging
@@ -222,7 +221,7 @@ class VM:
             if warning and self._on_warning:
                 self._on_warning(warning)
             self.accel = accel
-            spec = dataclasses.replace(self._machine_spec(artifacts, accel, scratch), seed=seed_tar)
+            spec = self._machine_spec(artifacts, accel, scratch, seed_tar)
             self.timings.prepare = time.monotonic() - t0
             t1 = time.monotonic()
             self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
@@ -260,7 +259,9 @@ class VM:
         (workdir / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
         return workdir
 
-    def _machine_spec(self, artifacts: BootArtifacts, accel: str, scratch: Path) -> MachineSpec:
+    def _machine_spec(
+        self, artifacts: BootArtifacts, accel: str, scratch: Path, seed: Path | None
+    ) -> MachineSpec:
         return MachineSpec(
             name=self.name,
             kernel=artifacts.kernel.vmlinuz,
@@ -272,6 +273,7 @@ class VM:
             cpus=self.cpus,
             memory_mb=self.memory_mb,
             scratch=scratch,
+            seed=seed,
             tsc_khz=host_tsc_khz() if accel == "tcg" else None,
         )
 

@@ -58,24 +58,30 @@ class HybridVsockTransport(Transport):
         self.port = port
 
     async def connect(self, timeout: float) -> StreamPair:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(
-                str(self.uds_path), limit=STREAM_LIMIT
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._handshake()
+        except TimeoutError:
+            raise InfrastructureError(
+                f"vsock handshake on {self.uds_path} port {self.port} timed out after {timeout:g}s"
+            ) from None
+
+    async def _handshake(self) -> StreamPair:
+        reader, writer = await asyncio.open_unix_connection(str(self.uds_path), limit=STREAM_LIMIT)
+        try:
+            writer.write(f"CONNECT {self.port}\n".encode())
+            await writer.drain()
+            # The reply is one short line; bound it so a confused peer cannot feed us.
+            line = await reader.readuntil(b"\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
+            writer.close()
+            raise InfrastructureError(
+                f"vsock handshake on {self.uds_path} port {self.port} failed: {exc}"
+            ) from exc
+        parts = line.decode("ascii", "replace").split()
+        if len(parts) != 2 or parts[0] != "OK" or not parts[1].isdigit() or len(line) > 32:
+            writer.close()
+            raise GuestProtocolError(
+                f"vsock handshake on {self.uds_path}: unexpected reply {line[:32]!r}"
             )
-            try:
-                writer.write(f"CONNECT {self.port}\n".encode())
-                await writer.drain()
-                # The reply is one short line; bound it so a confused peer cannot feed us.
-                line = await reader.readuntil(b"\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
-                writer.close()
-                raise InfrastructureError(
-                    f"vsock handshake on {self.uds_path} port {self.port} failed: {exc}"
-                ) from exc
-            parts = line.decode("ascii", "replace").split()
-            if len(parts) != 2 or parts[0] != "OK" or not parts[1].isdigit() or len(line) > 32:
-                writer.close()
-                raise GuestProtocolError(
-                    f"vsock handshake on {self.uds_path}: unexpected reply {line[:32]!r}"
-                )
-            return reader, writer
+        return reader, writer
