@@ -234,8 +234,10 @@ class VM:
             try:
                 await self._guarded(self._client.wait_ready(self.boot_timeout))
             except TimeoutError:
+                state = await self._vmm.diagnostics()
                 raise BootError(
-                    f"the guest agent did not come up within {self.boot_timeout:.0f}s",
+                    f"the guest agent did not come up within {self.boot_timeout:.0f}s"
+                    + (f" ({state})" if state else ""),
                     console=self.console_tail,
                 ) from None
             await self._guarded(self._client.init(hostname=self.hostname))

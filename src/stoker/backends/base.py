@@ -134,6 +134,10 @@ class LaunchedVM(ABC):
     def returncode(self) -> int | None:
         """The VMM's exit status once it exited, else None."""
 
+    async def diagnostics(self) -> str:
+        """A short description of the VM's state for error messages (best effort)."""
+        return ""
+
     @abstractmethod
     async def kill(self) -> None:
         """Stop the VMM for good: graceful first, then SIGKILL; idempotent; verified."""

@@ -158,6 +158,24 @@ class QemuVM(LaunchedVM):
         assert self.proc is not None
         return await self.proc.wait()
 
+    async def diagnostics(self) -> str:
+        """Run state and the boot CPU's instruction pointer, via QMP (bounded, best effort)."""
+        if self.qmp is None or self.returncode is not None:
+            return ""
+        facts = []
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                status = await self.qmp.execute("query-status")
+                if isinstance(status, dict):
+                    facts.append(f"VM status: {status.get('status')}")
+                regs = await self.qmp.execute(
+                    "human-monitor-command", {"command-line": "info registers"}
+                )
+                rip = next((w for w in str(regs).split() if w.startswith("RIP=")), None)
+                if rip:
+                    facts.append(f"CPU 0 {rip}")
+        return ", ".join(facts)
+
     async def kill(self) -> None:
         """QMP ``quit``, then SIGTERM, then SIGKILL; always reaps; verifies the pid is gone."""
         if self._killed:
