@@ -57,22 +57,23 @@ def cli_wall(src: Path, accel: str) -> float:
     return time.monotonic() - t0
 
 
-async def rss_and_copy(accel: str, tree: Path) -> tuple[float, float, float]:
-    """(QEMU peak RSS MiB after a 100 MB copy-in, copy-in MB/s, tree MB)."""
-    size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
-    async with VM(accel=accel) as vm:  # type: ignore[arg-type]
+async def rss_and_copy(accel: str, tree: Path) -> tuple[float, float, float, float]:
+    """(QEMU peak RSS MiB, seed-disk copy-in MB/s, channel copy-in MB/s, tree MB)."""
+    size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file()) / 1e6
+    async with VM(accel=accel, seed=(tree, "/work/seeded")) as vm:  # type: ignore[arg-type]
+        seed_mbps = size / vm.timings.seed
         t0 = time.monotonic()
-        await vm.put(tree, "/work/tree")
-        elapsed = time.monotonic() - t0
-        res = await vm.exec(["du", "-sm", "/work/tree"])
-        assert res.ok
+        await vm.put(tree, "/work/streamed")
+        put_mbps = size / (time.monotonic() - t0)
+        res = await vm.exec(["du", "-sm", "/work/seeded", "/work/streamed"])
+        assert res.ok, res
         pid = vm.vmm_pid
         assert pid is not None
         status = Path(f"/proc/{pid}/status").read_text()
         hwm_kb = next(
             int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")
         )
-    return hwm_kb / 1024, size / 1e6 / elapsed, size / 1e6
+    return hwm_kb / 1024, seed_mbps, put_mbps, size
 
 
 def make_tree(root: Path, total_mb: int = 100) -> Path:
@@ -103,7 +104,7 @@ def main() -> None:
         runs = [asyncio.run(stoker_once(src, args.accel)) for _ in range(args.runs)]
         walls = [cli_wall(src, args.accel) for _ in range(args.runs)]
         tree = make_tree(Path(tmp))
-        rss_mb, copy_mbps, tree_mb = asyncio.run(rss_and_copy(args.accel, tree))
+        rss_mb, seed_mbps, put_mbps, tree_mb = asyncio.run(rss_and_copy(args.accel, tree))
 
     conv = [boot_conventional(conv_image) for _ in range(args.conventional_runs)]
 
@@ -116,18 +117,23 @@ def main() -> None:
         ("stoker: prepare (cache lookups, scratch disk)", f"{med('prepare'):.3f} s"),
         ("stoker: VMM launch (QEMU up, QMP connected)", f"{med('launch'):.3f} s"),
         ("stoker: launch -> agent ready", f"{med('agent_ready') - med('launch'):.3f} s"),
-        ("stoker: copy-in + `true` (command done)", f"{med('seed') + med('command'):.3f} s"),
+        ("stoker: agent ready -> copy-in + `true` done", f"{med('seed') + med('command'):.3f} s"),
         ("stoker: teardown", f"{med('teardown'):.3f} s"),
         ("stoker: total, library (`run_job`)", f"{med('total'):.3f} s"),
         ("stoker: total, CLI wall (`stoker run SRC -- true`)", f"{cli:.3f} s"),
-        ("QEMU peak RSS (1 GiB guest, after 100 MB copy-in)", f"{rss_mb:.0f} MiB"),
-        (f"copy-in throughput ({tree_mb:.0f} MB tree, 100 files)", f"{copy_mbps:.1f} MB/s"),
+        ("QEMU peak RSS (1 GiB guest, after 2 x 100 MB copy-in)", f"{rss_mb:.0f} MiB"),
+        (
+            f"copy-in, seed disk as `stoker run` does ({tree_mb:.0f} MB, 100 files)",
+            f"{seed_mbps:.1f} MB/s",
+        ),
+        (f"copy-in, `vm.put` over the agent channel ({tree_mb:.0f} MB)", f"{put_mbps:.1f} MB/s"),
         ("conventional VM (q35 + SeaBIOS + initramfs-tools + systemd)", f"{conv_med:.3f} s"),
         ("**speed-up (conventional / stoker CLI wall)**", f"**{conv_med / cli:.1f}x**"),
+        ("target: >= 10x faster than conventional", "met" if conv_med / cli >= 10 else "NOT met"),
+        ("target: CLI wall < 2.5 s", "met" if cli < 2.5 else "NOT met"),
     ]
-    accel = runs[0] and args.accel
     print(
-        f"\nAccelerator: {accel}; medians of {args.runs} stoker runs and "
+        f"\nAccelerator: {args.accel}; medians of {args.runs} stoker runs and "
         f"{args.conventional_runs} conventional boots; {os.cpu_count()} host CPUs.\n"
     )
     print("| measurement | value |")
