@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
   qemu-system-x86   # the VMM (-M microvm)
+  qemu-utils        # qemu-img (the benchmark's copy-on-write overlays)
   mmdebstrap        # builds the default Debian image
   erofs-utils       # packs it as a compressed read-only erofs
   e2fsprogs         # mkfs.ext4 for each VM's throw-away writable layer
   busybox-static    # the initramfs' only userland
   cpio kmod         # inspecting initramfs / modules when debugging
+  zstd              # zstd-compressed kernel modules (trixie kernels) and OCI layers
   ca-certificates
 )
 
