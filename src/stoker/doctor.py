@@ -101,7 +101,9 @@ def run_checks(dirs: Dirs | None = None) -> Report:
 
     images = ImageStore(dirs).list()
     if images:
-        listing = ", ".join(f"{i.name} ({i.rootfs.stat().st_size / 1e6:.0f} MB)" for i in images)
+        listing = ", ".join(
+            f"{i.name}@{i.digest[:12]} ({i.rootfs.stat().st_size / 1e6:.0f} MB)" for i in images
+        )
         add(Check("images", "ok", listing))
     else:
         builders = [shutil.which("mmdebstrap"), shutil.which("mkfs.erofs")]
