@@ -286,3 +286,18 @@ def test_stdin_is_forwarded_only_when_asked(tmp_path: Path) -> None:
         input="ignored\n",
     )
     assert res.stdout == "done\n"
+
+
+def test_guest_text_cannot_drive_the_terminal_or_break_markup() -> None:
+    from stoker.cli import _safe
+
+    hostile = "[/dev/vda] \x1b]52;c;cGF3bmVk\x07 [bold]fake[/bold] \x9b2J ok\nnext\tline"
+    out = _safe(hostile)
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    assert "\n" in out and "\t" in out
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(out)  # must not raise MarkupError
+    shown = console.export_text()
+    assert "[/dev/vda]" in shown and "[bold]fake[/bold]" in shown

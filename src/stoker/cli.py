@@ -20,6 +20,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stoker.errors import InfrastructureError, StokerError, UsageError
@@ -45,11 +46,24 @@ app.add_typer(kernel_app, name="kernel")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _safe(text: object) -> str:
+    """Text for the terminal: no control characters, no rich markup.
+
+    Error messages carry guest console output and agent messages; a hostile
+    guest must not be able to send escape sequences to the user's terminal or
+    break (or fake) our output with markup.
+    """
+    return escape(_CONTROL.sub("\ufffd", str(text)))
+
+
 def _fail(exc: StokerError) -> typer.Exit:
     kind = "error" if isinstance(exc, UsageError) else "infrastructure error"
-    err.print(f"[bold red]stoker: {kind}:[/] {exc}", markup=True, highlight=False)
+    err.print(f"[bold red]stoker: {kind}:[/] {_safe(exc)}")
     if exc.hint:
-        err.print(f"[yellow]hint:[/] {exc.hint}")
+        err.print(f"[yellow]hint:[/] {_safe(exc.hint)}")
     return typer.Exit(EXIT_USAGE if isinstance(exc, UsageError) else EXIT_INFRA)
 
 
@@ -179,8 +193,8 @@ def run(
                 stdout=_writer(out_stream),
                 stderr=_writer(sys.stderr.buffer),
                 stdin=_read_stdin() if stdin else None,
-                on_progress=lambda msg: err.print(f"[dim]stoker: {msg}[/]"),
-                on_warning=lambda msg: err.print(f"[yellow]stoker: warning:[/] {msg}"),
+                on_progress=lambda msg: err.print(f"[dim]stoker: {_safe(msg)}[/]"),
+                on_warning=lambda msg: err.print(f"[yellow]stoker: warning:[/] {_safe(msg)}"),
             )
         )
     except _Interrupted as exc:
@@ -197,7 +211,10 @@ def run(
             f"stoker: {len(summary.artifacts)} artifact path(s) copied to {summary.artifact_dir}"
         )
         for pattern in summary.missing_artifacts:
-            err.print(f"[yellow]stoker: warning:[/] artifact pattern {pattern!r} matched nothing")
+            err.print(
+                f"[yellow]stoker: warning:[/] artifact pattern {_safe(repr(pattern))} "
+                "matched nothing"
+            )
     raise typer.Exit(summary.returncode if summary.returncode is not None else EXIT_INFRA)
 
 
