@@ -574,10 +574,15 @@ def test_name_points_at_newest_spec(tmp_path: Path) -> None:
 
 
 @needs_mkfs
-def test_get_without_pointer_falls_back_to_manifests(tmp_path: Path) -> None:
+def test_only_the_pointer_names_an_image(tmp_path: Path) -> None:
     store = ImageStore(_dirs(tmp_path))
-    image = store.ensure(FakeImageBuilder(tmp_path / "marks"))
-    (store.root / "names/fake.json").unlink()
+    builder = FakeImageBuilder(tmp_path / "marks")
+    image = store.ensure(builder)
+    (store.root / "names/fake.json").unlink()  # as `stoker image rm` or a killed publish
+    assert store.get("fake") is None
+    builds = builder.builds()
+    assert store.ensure(builder) == image  # re-pointed from the published data
+    assert builder.builds() == builds
     assert store.get("fake") == image
 
 

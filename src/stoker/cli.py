@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from stoker.errors import InfrastructureError, StokerError, UsageError
+
+if TYPE_CHECKING:
+    from stoker.images import ImageStore
 
 EXIT_TIMEOUT = 124
 EXIT_INFRA = 125
@@ -279,19 +282,89 @@ def image_build(name: Annotated[str, typer.Argument()] = "default") -> None:
     typer.echo(f"{img.name} {img.digest[:12]} {img.rootfs} ({size / 1e6:.1f} MB)")
 
 
-@image_app.command("ls", help="List built images.")
-def image_ls() -> None:
+def _image_store() -> ImageStore:
     from stoker.images import ImageStore
     from stoker.paths import Dirs
 
+    return ImageStore(Dirs.from_env())
+
+
+@image_app.command("ls", help="List the images in the store; <none>: no name points at it.")
+def image_ls(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead.")] = False,
+) -> None:
+    store = _image_store()
+    pointers = store.pointers()
+    rows: list[dict[str, object]] = []
+    for img in store.list():
+        named = pointers.get(img.name) == img.digest
+        rows.append(
+            {
+                "name": img.name if named else None,
+                "digest": img.digest,
+                "size": img.rootfs.stat().st_size,
+                "built_at": img.manifest.get("built_at"),
+                "path": str(img.rootfs),
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
     table = Table()
-    for col in ("name", "digest", "size", "path"):
+    for col in ("name", "digest", "size", "built_at"):
         table.add_column(col)
-    for img in ImageStore(Dirs.from_env()).list():
+    for row in rows:
+        size = row["size"]
+        assert isinstance(size, int)
         table.add_row(
-            img.name, img.digest[:12], f"{img.rootfs.stat().st_size / 1e6:.1f} MB", str(img.rootfs)
+            str(row["name"] or "<none>"),
+            str(row["digest"])[:12],
+            f"{size / 1e6:.1f} MB",
+            str(row["built_at"] or "?"),
         )
     Console().print(table)
+
+
+@image_app.command("inspect", help="Print an image's manifest as JSON (by name or digest).")
+def image_inspect(name: Annotated[str, typer.Argument(help="A name, digest or prefix.")]) -> None:
+    try:
+        img = _image_store().inspect(name)
+    except StokerError as exc:
+        raise _fail(exc) from None
+    document = {**img.manifest, "path": str(img.rootfs), "size": img.rootfs.stat().st_size}
+    typer.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+@image_app.command("rm", help="Remove an image's name; `stoker image gc` frees the data.")
+def image_rm(name: Annotated[str, typer.Argument()]) -> None:
+    store = _image_store()
+    try:
+        digest = store.pointers().get(name)
+        removed = store.remove(name)
+    except StokerError as exc:
+        raise _fail(exc) from None
+    for path in removed:
+        typer.echo(f"removed {path}")
+    if digest is not None and digest not in store.pointers().values():
+        err.print(f"stoker: image {digest[:12]} is now unnamed; `stoker image gc` deletes it")
+
+
+@image_app.command("gc", help="Delete store entries no name points to, and stale builds.")
+def image_gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would go.")] = False,
+) -> None:
+    try:
+        report = _image_store().gc(dry_run=dry_run)
+    except StokerError as exc:
+        raise _fail(exc) from None
+    verb = "would free" if dry_run else "freed"
+    typer.echo(f"{verb} {report.freed_bytes / 1e6:.1f} MB")
+    for digest in report.removed_digests:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {digest}")
+    for path in report.removed_tmp:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    for digest in report.busy_digests:
+        err.print(f"stoker: kept {digest[:12]}: a build holds its lock")
 
 
 @kernel_app.command("fetch", help="Download and unpack Debian's cloud kernel into the cache.")

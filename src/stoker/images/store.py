@@ -13,11 +13,21 @@ readers see either nothing or a complete image.  Concurrent :meth:`ImageStore.en
 calls for the same digest (threads or processes) serialise on the lock; the
 loser finds the image published and returns it.  Lock files are never deleted
 (deleting them would race with other lockers).
+
+:meth:`ImageStore.gc` deletes entries no name points to.  It only ever *tries*
+a digest's lock (never waits), so it cannot deadlock with builds, and skips
+whatever is locked: an image being built, or being pointed at by a build, is
+never touched.  To close the race with the lock-free cache hit in
+:meth:`ImageStore.ensure` (load, then point), gc moves an entry aside *before*
+looking at the name pointers a last time, and ensure re-checks the entry
+*after* writing its pointer: one of the two always sees the other.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import difflib
 import errno
 import fcntl
 import json
@@ -27,6 +37,7 @@ import secrets
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,6 +51,7 @@ MANIFEST_NAME = "manifest.json"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"[0-9a-f]{16,128}")
+_PREFIX_RE = re.compile(r"[0-9a-f]{8,128}")
 
 Progress = Callable[[str], None]
 
@@ -124,6 +136,39 @@ def _remove_quietly(path: Path, log: Path) -> None:
         log_line(log, f"could not remove {path}: {exc}")
 
 
+def _tree_bytes(path: Path) -> int:
+    """Apparent size of the regular files under ``path``; symlinks are not followed."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(OSError):
+            return path.lstat().st_size
+        return 0
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for parent, _dirs, files in os.walk(path, followlinks=False):
+        for file in files:
+            with contextlib.suppress(OSError):
+                st = (Path(parent) / file).lstat()
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_size
+    return total
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What :meth:`ImageStore.gc` removed (or, with ``dry_run``, would remove)."""
+
+    #: Store entries (``<digest>/``) no name pointed to.
+    removed_digests: tuple[str, ...]
+    #: Leftovers of killed builds under ``.tmp/``.
+    removed_tmp: tuple[Path, ...]
+    #: Bytes of the regular files in everything listed above.
+    freed_bytes: int
+    #: Unreferenced entries left alone because a build held their lock.
+    busy_digests: tuple[str, ...]
+    dry_run: bool
+
+
 class ImageStore:
     """Published images under ``dirs.images``; builds them on demand."""
 
@@ -179,21 +224,11 @@ class ImageStore:
     def get(self, name: str) -> Image | None:
         """The newest published image called ``name``, without building anything."""
         _check_name(name)
+        # Only the name pointer counts: `stoker image rm` removes exactly that.  A
+        # build killed between publishing and pointing is re-pointed by the next
+        # ensure() from the published data, without rebuilding.
         digest = self._pointer(name)
-        if digest is not None:
-            image = self._load(digest, name)
-            if image is not None:
-                return image
-        # No usable pointer (e.g. killed between publishing and pointing):
-        # fall back to the newest manifest carrying that name.
-        candidates = [
-            image
-            for digest in self._digests()
-            if (image := self._load(digest)) is not None and image.manifest.get("name") == name
-        ]
-        if not candidates:
-            return None
-        return max(candidates, key=lambda image: str(image.manifest.get("built_at", "")))
+        return None if digest is None else self._load(digest, name)
 
     def list(self) -> list[Image]:
         """Every published image, once per name pointing at it, sorted by name."""
@@ -213,6 +248,136 @@ class ImageStore:
                     images.append(image)
         return sorted(images, key=lambda i: (i.name, str(i.manifest.get("built_at", ""))))
 
+    def pointers(self) -> dict[str, str]:
+        """Every name with a valid pointer, mapped to the digest it points at."""
+        names_dir = self.root / "names"
+        if not names_dir.is_dir():
+            return {}
+        found: dict[str, str] = {}
+        for path in sorted(names_dir.glob("*.json")):
+            if _NAME_RE.fullmatch(path.stem) and (digest := self._pointer(path.stem)) is not None:
+                found[path.stem] = digest
+        return found
+
+    def inspect(self, name_or_digest: str) -> Image:
+        """The image called ``name_or_digest``, or with that digest or unique digest prefix.
+
+        Names win over digests.  A prefix needs at least 8 hex digits.  Raises
+        :class:`UsageError` naming close candidates when nothing (or more than
+        one image) matches.
+        """
+        wanted = name_or_digest
+        if _NAME_RE.fullmatch(wanted):
+            image = self.get(wanted)
+            if image is not None:
+                return image
+        complete = [d for d in self._digests() if self._load(d) is not None]
+        if _PREFIX_RE.fullmatch(wanted):
+            matches = [d for d in complete if d.startswith(wanted)]
+            if len(matches) == 1:
+                image = self._load(matches[0], self._name_of(matches[0]))
+                if image is not None:
+                    return image
+            if len(matches) > 1:
+                raise UsageError(
+                    f"image digest prefix {wanted!r} is ambiguous",
+                    hint="it matches " + ", ".join(d[:16] for d in matches) + "; give more digits",
+                )
+        candidates = sorted(self.pointers()) + [d[:12] for d in complete]
+        close = difflib.get_close_matches(wanted, candidates, n=5, cutoff=0.5)
+        close += [c for c in candidates if c.startswith(wanted[:4]) and c not in close][:5]
+        hint = "see `stoker image ls`; a digest prefix needs at least 8 hex digits"
+        if close:
+            hint = f"did you mean {', '.join(close)}? ({hint})"
+        raise UsageError(f"no image {wanted!r} in {self.root}", hint=hint)
+
+    def _name_of(self, digest: str) -> str | None:
+        """The first name pointing at ``digest`` (None: the manifest's name)."""
+        names = [name for name, d in self.pointers().items() if d == digest]
+        return names[0] if names else None
+
+    # --- removing -------------------------------------------------------------------------------
+
+    def remove(self, name: str) -> builtins.list[Path]:
+        """Drop the name ``name``; returns the files removed.
+
+        The image itself stays until :meth:`gc` (another name may point at it).
+        """
+        _check_name(name)
+        pointer = self.root / "names" / f"{name}.json"
+        try:
+            pointer.unlink()
+        except FileNotFoundError:
+            known = sorted(self.pointers())
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "see `stoker image ls`"
+            raise UsageError(f"no image named {name!r} in {self.root}", hint=hint) from None
+        with contextlib.suppress(OSError):
+            _fsync_path(pointer.parent, directory=True)
+        return [pointer]
+
+    def gc(self, *, dry_run: bool = False) -> GcReport:
+        """Delete store entries no name points to, and leftovers of killed builds.
+
+        Entries whose digest lock is held (a build in progress) are skipped, as
+        are symlinks and anything not named like a digest.  With ``dry_run``
+        nothing is deleted; the report says what would be.
+        """
+        removed: list[str] = []
+        busy: list[str] = []
+        tmp_removed: list[Path] = []
+        freed = 0
+        locks = self.root / ".locks"
+        try:
+            entries = sorted(os.scandir(self.root), key=lambda e: e.name)
+        except OSError:
+            entries = []
+        if entries:
+            locks.mkdir(exist_ok=True)
+        for entry in entries:
+            digest = entry.name
+            if not (_DIGEST_RE.fullmatch(digest) and entry.is_dir(follow_symlinks=False)):
+                continue
+            if digest in self.pointers().values():
+                continue
+            with _try_lock(locks / f"{digest}.lock") as got:
+                if not got:
+                    busy.append(digest)
+                    continue
+                size = self._collect(digest, dry_run=dry_run)
+                if size is not None:
+                    removed.append(digest)
+                    freed += size
+        for stale in self._stale_tmp(own_digest=None):
+            freed += _tree_bytes(stale)
+            tmp_removed.append(stale)
+            if not dry_run:
+                remove_tree(stale)
+        return GcReport(
+            removed_digests=tuple(removed),
+            removed_tmp=tuple(tmp_removed),
+            freed_bytes=freed,
+            busy_digests=tuple(busy),
+            dry_run=dry_run,
+        )
+
+    def _collect(self, digest: str, *, dry_run: bool) -> int | None:
+        """Delete the unreferenced entry ``digest`` (we hold its lock); its size, or None."""
+        entry = self.root / digest
+        if dry_run:
+            return None if digest in self.pointers().values() else _tree_bytes(entry)
+        aside = self.root / ".tmp" / f"{digest}-gc-{secrets.token_hex(4)}"
+        aside.parent.mkdir(exist_ok=True)
+        entry.rename(aside)
+        # A lock-free cache hit in ensure() may have pointed a name at it meanwhile:
+        # looking only now (after the move) means that ensure() sees the entry gone.
+        if digest in self.pointers().values():
+            aside.rename(entry)
+            return None
+        size = _tree_bytes(aside)
+        remove_tree(aside)
+        return size
+
     # --- building -------------------------------------------------------------------------------
 
     def log_path(self, name: str, digest: str) -> Path:
@@ -230,11 +395,13 @@ class ImageStore:
         _check_name(name)
         digest = builder.spec_digest()
         _check_digest(digest)
-        image = self._load(digest, name)
-        if image is not None:
+        if self._load(digest, name) is not None:
             with contextlib.suppress(OSError):  # a read-only cache still serves images
                 self._point(name, digest)
-            return image
+            # Checked again after pointing: gc may have moved the entry away in between.
+            image = self._load(digest, name)
+            if image is not None:
+                return image
 
         say = progress or (lambda _msg: None)
         locks = self.root / ".locks"
@@ -255,22 +422,36 @@ class ImageStore:
         names.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(names / f"{name}.json", {"name": name, "digest": digest})
 
-    def _clean_tmp(self, *, own_digest: str, log: Path) -> None:
-        """Remove leftovers of killed builds whose lock nobody holds."""
+    def _stale_tmp(self, *, own_digest: str | None) -> Iterator[Path]:
+        """Leftovers of killed builds under ``.tmp``, each yielded while its lock is held.
+
+        With ``own_digest`` (a build holding that lock), entries of that digest
+        and entries not named like a build directory are stale too; without it
+        (gc), only entries ``<digest>-...`` whose lock is free are.
+        """
         tmp_root = self.root / ".tmp"
         if not tmp_root.is_dir():
             return
         for entry in sorted(tmp_root.iterdir()):
             digest = entry.name.split("-", 1)[0]
-            if digest == own_digest or not _DIGEST_RE.fullmatch(digest):
+            if own_digest is not None and (
+                digest == own_digest or not _DIGEST_RE.fullmatch(digest)
+            ):
                 # ours (we hold that lock) or not a build directory at all
-                log_line(log, f"removing stale {entry}")
-                _remove_quietly(entry, log)
+                yield entry
                 continue
+            if not _DIGEST_RE.fullmatch(digest):
+                continue
+            (self.root / ".locks").mkdir(exist_ok=True)
             with _try_lock(self.root / ".locks" / f"{digest}.lock") as got:
                 if got:
-                    log_line(log, f"removing stale {entry}")
-                    _remove_quietly(entry, log)
+                    yield entry
+
+    def _clean_tmp(self, *, own_digest: str, log: Path) -> None:
+        """Remove leftovers of killed builds whose lock nobody holds."""
+        for entry in self._stale_tmp(own_digest=own_digest):
+            log_line(log, f"removing stale {entry}")
+            _remove_quietly(entry, log)
 
     def _build(self, builder: ImageBuilder, name: str, digest: str, say: Progress) -> Image:
         log = self.log_path(name, digest)
