@@ -341,16 +341,13 @@ class VM:
             # Show the panic and its trace rather than whatever scrolled last.
             trace = "\n".join(panic.replace("\r", "").split("\n")[:40])
             return GuestPanic(f"the guest kernel panicked: {reason}", console=trace)
+        if self._vmm.vmm_log.total:
+            console += "\n" + self._vmm.vmm_log.tail(5)
         if self.state is VMState.BOOTING:
             return BootError(
-                f"the VM stopped during boot (VMM exit status {status})",
-                console=console
-                + ("\n" + self._vmm.vmm_log.tail(5) if self._vmm.vmm_log.total else ""),
+                f"the VM stopped during boot (VMM exit status {status})", console=console
             )
-        return VMMCrashed(
-            f"the VMM exited unexpectedly (status {status})",
-            console=console + ("\n" + self._vmm.vmm_log.tail(5) if self._vmm.vmm_log.total else ""),
-        )
+        return VMMCrashed(f"the VMM exited unexpectedly (status {status})", console=console)
 
     def _agent(self) -> AgentClient:
         assert self._client is not None

@@ -163,21 +163,9 @@ class AgentClient:
 
     async def unpack(self, serial: str, dest: str, timeout: float) -> None:
         """Have the agent extract the tar on the disk with ``serial`` into ``dest``."""
-        op = self._open()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._send_msg(op.channel, {"type": "unpack", "serial": serial, "dest": dest})
-                reply = await self._next_msg(op)
-        except TimeoutError:
-            raise InfrastructureError(
-                f"unpacking into {dest} took longer than {timeout:.0f}s"
-            ) from None
-        finally:
-            self._close(op)
-        if isinstance(reply, m.Error):
-            raise InfrastructureError(f"agent: {reply.message}")
-        if not isinstance(reply, m.Done):
-            raise GuestProtocolError(f"expected 'done' after unpacking, got {reply.type!r}")
+        await self._request(
+            {"type": "unpack", "serial": serial, "dest": dest}, m.Done, timeout=timeout
+        )
 
     async def ping(self) -> None:
         await self._request({"type": "ping"}, m.Pong)
@@ -308,16 +296,19 @@ class AgentClient:
     def _close(self, op: _Op) -> None:
         self._ops.pop(op.channel, None)
 
-    async def _request(self, message: dict[str, Any], reply: type[T]) -> T:
+    async def _request(
+        self, message: dict[str, Any], reply: type[T], *, timeout: float | None = None
+    ) -> T:
+        """Send one control request and wait (bounded) for its single reply."""
+        limit = self.limits.request_timeout if timeout is None else timeout
         op = self._open()
         try:
-            async with asyncio.timeout(self.limits.request_timeout):
+            async with asyncio.timeout(limit):
                 await self._send_msg(op.channel, message)
                 msg = await self._next_msg(op)
         except TimeoutError:
             raise InfrastructureError(
-                f"the guest agent did not answer {message['type']!r} "
-                f"within {self.limits.request_timeout:.0f}s"
+                f"the guest agent did not answer {message['type']!r} within {limit:.0f}s"
             ) from None
         finally:
             self._close(op)
