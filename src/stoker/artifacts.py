@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stoker.agent.bundle import agent_files
-from stoker.errors import UsageError
+from stoker.errors import ProvisionError, UsageError
 from stoker.images import Image, ImageStore, default_builder
+from stoker.images.catalog import shipped_specs
 from stoker.kernel import Kernel, build_initramfs, provision_kernel
 from stoker.paths import Dirs
 
@@ -45,15 +46,33 @@ def resolve_artifacts(
     found = store.get(image)
     if found is None:
         if image != DEFAULT_IMAGE:
-            known = sorted({i.name for i in store.list()})
+            known = sorted(store.pointers())
+            shipped = sorted(set(shipped_specs()) - {DEFAULT_IMAGE})
+            build = (
+                f"build it with `stoker image build {image}`"
+                if image in shipped
+                else "build one with `stoker image build SPEC`"
+            )
             raise UsageError(
-                f"unknown image {image!r}",
-                hint=f"built images: {', '.join(known) or 'none'}; "
-                f"the default image is {DEFAULT_IMAGE!r}",
+                f"no image called {image!r} has been built",
+                hint=f"{build}; built images: {', '.join(known) or 'none'}",
             )
         if progress:
             progress("building the default image (first run only; takes a few minutes)")
-        found = store.ensure(default_builder(), progress=progress)
+        found = store.ensure(default_builder(dirs, progress=progress), progress=progress)
     kernel = provision_kernel(dirs, progress=progress)
+    _check_kernel(found)
     initramfs = build_initramfs(dirs, kernel, agent_files=agent_files() if agent is None else agent)
     return BootArtifacts(kernel=kernel, initrd=initramfs.path, image=found)
+
+
+def _check_kernel(image: Image) -> None:
+    """Refuse images made for a kernel this runtime does not boot yet."""
+    kernel = image.manifest.get("kernel")
+    kind = kernel.get("kind") if isinstance(kernel, dict) else "debian-cloud"
+    if kind not in (None, "debian-cloud"):
+        raise ProvisionError(
+            f"image {image.name!r} is made for kernel {kind!r}; "
+            "this runtime boots only the Debian cloud kernel so far",
+            hint="rebuild the image with kernel = \"debian-cloud\"",
+        )

@@ -143,10 +143,19 @@ def parse_env(items: list[str]) -> dict[str, str]:
 def run(
     src: Annotated[Path, typer.Argument(help="Project directory to copy into the VM.")],
     command: Annotated[list[str], typer.Argument(help="Command to run (after --).")],
-    image: Annotated[str, typer.Option(help="Image to boot.")] = "default",
-    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 2,
-    memory: Annotated[str, typer.Option(help="Guest memory, e.g. 1G.")] = "1G",
-    disk: Annotated[str, typer.Option(help="Size of the writable layer, e.g. 4G.")] = "4G",
+    image: Annotated[
+        str, typer.Option(help="Image to boot: a name from `stoker image ls`.")
+    ] = "default",
+    cpus: Annotated[
+        int | None, typer.Option(help="Virtual CPUs [default: the image's, else 2].")
+    ] = None,
+    memory: Annotated[
+        str | None, typer.Option(help="Guest memory, e.g. 2G [default: the image's, else 1G].")
+    ] = None,
+    disk: Annotated[
+        str | None,
+        typer.Option(help="Size of the writable layer, e.g. 8G [default: the image's, else 4G]."),
+    ] = None,
     timeout: Annotated[
         str | None, typer.Option(help="Kill the command after this long (30s, 10m, 1h).")
     ] = None,
@@ -261,25 +270,116 @@ def doctor(
     raise typer.Exit(0 if report.ok else 1)
 
 
+class _BuildProgress:
+    """Rich progress for image builds: a spinner with the current step, a bar per download."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        )
+        self._step = self._progress.add_task("starting", total=None)
+        self._downloads: dict[str, Any] = {}
+
+    def __enter__(self) -> _BuildProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def say(self, message: str) -> None:
+        self._progress.console.print(f"[dim]stoker: {_safe(message)}[/]")
+        self._progress.update(self._step, description=_safe(message))
+
+    def download(self, name: str, done: int, total: int | None) -> None:
+        task = self._downloads.get(name)
+        if task is None:
+            task = self._progress.add_task(f"artifact {_safe(name)}", total=total)
+            self._downloads[name] = task
+        self._progress.update(task, completed=done, total=total)
+
+
 @image_app.command(
-    "build", help="Build (or find in the cache) an image. Only 'default' exists so far."
+    "build",
+    help="Build images from a spec file, or a shipped spec by name (default, python, "
+    "github-runner, gitlab-runner). Already-built specs return at once.",
 )
-def image_build(name: Annotated[str, typer.Argument()] = "default") -> None:
-    from stoker.images import ImageStore, default_builder
+def image_build(
+    spec: Annotated[
+        str, typer.Argument(help="A spec file (.toml) or the name of a shipped spec.")
+    ] = "default",
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Build only these images of a multi-image spec file."),
+    ] = None,
+    artifact: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--artifact",
+            help="NAME=PATH: take artifact NAME from a local file (its SHA-256 is still checked).",
+        ),
+    ] = None,
+) -> None:
+    from stoker.images import ImageStore, builder_for
+    from stoker.images.catalog import load_specs
+    from stoker.images.fetch import parse_overrides
     from stoker.paths import Dirs
 
-    if name != "default":
-        raise _fail(
-            UsageError(f"unknown image {name!r}", hint="only 'default' can be built so far")
-        )
+    dirs = Dirs.from_env()
     try:
-        img = ImageStore(Dirs.from_env()).ensure(
-            default_builder(), progress=lambda msg: err.print(f"[dim]stoker: {msg}[/]")
-        )
+        specs = load_specs(spec)
+        overrides = parse_overrides(artifact or [])
+        wanted = list(only or specs)
+        unknown = [name for name in wanted if name not in specs]
+        if unknown:
+            raise UsageError(
+                f"--only {unknown[0]}: {spec} has no image of that name",
+                hint=f"its images: {', '.join(specs)}",
+            )
+        all_artifacts = {a.name for name in wanted for a in specs[name].artifacts}
+        stray = sorted(set(overrides) - all_artifacts)
+        if stray:
+            raise UsageError(
+                f"--artifact {stray[0]}: no image being built has an artifact of that name",
+                hint=f"artifacts: {', '.join(sorted(all_artifacts)) or 'none'}",
+            )
+        store = ImageStore(dirs)
+        with _BuildProgress() as progress:
+            for name in wanted:
+                image_spec = specs[name]
+                builder = builder_for(
+                    image_spec,
+                    dirs=dirs,
+                    overrides={
+                        k: v
+                        for k, v in overrides.items()
+                        if k in {a.name for a in image_spec.artifacts}
+                    },
+                    progress=progress.say,
+                    download_progress=progress.download,
+                )
+                img = store.ensure(builder, progress=progress.say)
+                size = img.rootfs.stat().st_size
+                typer.echo(f"{img.name} {img.digest[:12]} {img.rootfs} ({size / 1e6:.1f} MB)")
     except StokerError as exc:
         raise _fail(exc) from None
-    size = img.rootfs.stat().st_size
-    typer.echo(f"{img.name} {img.digest[:12]} {img.rootfs} ({size / 1e6:.1f} MB)")
 
 
 def _image_store() -> ImageStore:

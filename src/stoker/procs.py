@@ -22,14 +22,18 @@ def run_checked(
     timeout: float | None = None,
     log: Path | None = None,
     hint: str | None = None,
+    inherit_env: bool = True,
 ) -> str:
     """Run ``argv`` to completion and return its combined output.
 
     Output goes to ``log`` as well when given (appended), so long builds leave a
-    full log behind.  Raises :class:`LaunchError` when the program is missing,
-    exits non-zero or exceeds ``timeout``.
+    full log behind.  ``env`` is added to this process's environment, or with
+    ``inherit_env=False`` is the whole environment.  Raises :class:`LaunchError`
+    when the program is missing, exits non-zero or exceeds ``timeout``.
     """
-    full_env = None if env is None else {**os.environ, **env}
+    full_env: dict[str, str] | None = dict(env or {})
+    if inherit_env:
+        full_env = None if env is None else {**os.environ, **env}
     try:
         proc = subprocess.run(
             list(argv),

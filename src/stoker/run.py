@@ -34,9 +34,10 @@ class RunRequest:
     src: Path
     argv: tuple[str, ...]
     image: str = "default"
-    cpus: int = 2
-    memory: str = "1G"
-    disk: str = "4G"
+    #: None: the image's defaults (its spec's ``[defaults]``), else 2 / 1G / 4G.
+    cpus: int | None = None
+    memory: str | None = None
+    disk: str | None = None
     timeout: float | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     artifacts: tuple[str, ...] = ()

@@ -62,6 +62,11 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 DEFAULT_BOOT_TIMEOUT = 120.0
+#: VM shape when neither the caller nor the image says otherwise.
+DEFAULT_CPUS = 2
+DEFAULT_MEMORY_MB = 1024
+DEFAULT_DISK_MB = 4096
+MAX_CPUS = 64
 
 
 class VMState(enum.Enum):
@@ -120,9 +125,9 @@ class VM:
         self,
         image: str = DEFAULT_IMAGE,
         *,
-        cpus: int = 2,
-        memory: str | int = "1G",
-        disk: str | int = "4G",
+        cpus: int | None = None,
+        memory: str | int | None = None,
+        disk: str | int | None = None,
         accel: AccelRequest = "auto",
         backend: Backend | None = None,
         dirs: Dirs | None = None,
@@ -135,14 +140,24 @@ class VM:
         seed: tuple[str | os.PathLike[str], str] | None = None,
         seed_timeout: float = 900.0,
     ) -> None:
-        if not 1 <= cpus <= 64:
-            raise UsageError(f"cpus must be between 1 and 64, not {cpus}")
-        self.memory_mb = parse_size_mb(memory, what="memory", minimum=128)
-        self.disk_mb = parse_size_mb(disk, what="disk", minimum=64)
+        # None: the image's [defaults] decide (see _apply_image_defaults).
+        if cpus is not None and not 1 <= cpus <= MAX_CPUS:
+            raise UsageError(f"cpus must be between 1 and {MAX_CPUS}, not {cpus}")
+        self._requested = (
+            cpus,
+            None if memory is None else parse_size_mb(memory, what="memory", minimum=128),
+            None if disk is None else parse_size_mb(disk, what="disk", minimum=64),
+        )
+        self.cpus, self.memory_mb, self.disk_mb = (
+            cpus or DEFAULT_CPUS,
+            self._requested[1] or DEFAULT_MEMORY_MB,
+            self._requested[2] or DEFAULT_DISK_MB,
+        )
+        #: Environment of every command, from the image (``env`` of its spec).
+        self.image_env: dict[str, str] = {}
         if accel not in ("auto", "kvm", "tcg"):
             raise UsageError(f"accel must be auto, kvm or tcg, not {accel!r}")
         self.image = image
-        self.cpus = cpus
         self.accel_request: AccelRequest = accel
         self.backend = backend or QemuBackend()
         self.dirs = dirs or Dirs.from_env()
@@ -201,6 +216,7 @@ class VM:
                 progress=self._on_progress,
                 agent=self._agent_files,
             )
+            self._apply_image_defaults(artifacts)
             self.workdir = await asyncio.to_thread(self._make_workdir)
             # Not ignore_errors: a work directory we cannot remove is a leak to report.
             self._stack.callback(shutil.rmtree, self.workdir)
@@ -253,6 +269,31 @@ class VM:
         except BaseException:
             await self.destroy()
             raise
+
+    def _apply_image_defaults(self, artifacts: BootArtifacts) -> None:
+        """Fill in what the caller left unset from the image's defaults and env."""
+        manifest = artifacts.image.manifest
+        defaults = manifest.get("defaults")
+        defaults = defaults if isinstance(defaults, dict) else {}
+
+        def pick(requested: int | None, key: str, fallback: int, low: int, high: int) -> int:
+            if requested is not None:
+                return requested
+            value = defaults.get(key)
+            # The manifest is ours, but a hand-edited one must not crash the VM.
+            if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+                return value
+            return fallback
+
+        cpus, memory, disk = self._requested
+        self.cpus = pick(cpus, "cpus", DEFAULT_CPUS, 1, MAX_CPUS)
+        self.memory_mb = pick(memory, "memory", DEFAULT_MEMORY_MB, 128, 1 << 24)
+        self.disk_mb = pick(disk, "disk", DEFAULT_DISK_MB, 64, 1 << 24)
+        env = manifest.get("env")
+        if isinstance(env, dict):
+            self.image_env = {
+                k: v for k, v in env.items() if isinstance(k, str) and isinstance(v, str)
+            }
 
     def _make_workdir(self) -> Path:
         runtime = self.dirs.ensure_runtime()
@@ -378,7 +419,7 @@ class VM:
         ``LANG`` are added where missing).  With ``check=True`` a command that
         does not exit 0 raises :class:`~stoker.errors.JobFailed`.
         """
-        full_env = {**default_guest_env(), **(env or {})}
+        full_env = {**default_guest_env(), **self.image_env, **(env or {})}
         result = await self._guarded(
             self._agent().exec(
                 argv,

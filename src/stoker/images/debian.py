@@ -1,21 +1,14 @@
-"""Debian root filesystems built with mmdebstrap and packed as erofs.
+"""Debian (and Ubuntu) root trees bootstrapped with mmdebstrap.
 
-The pipeline is three plain steps, each a pure function turned into a command
-line or a small filesystem edit:
+:func:`bootstrap` runs :func:`mmdebstrap_argv`: a ``minbase`` chroot with the
+requested packages, documentation and translations left out, using the host's
+apt sources for the requested suite (see :func:`select_sources`), in throw-away
+mount and PID namespaces (:func:`isolated_argv`) so an interrupted build leaves
+neither processes nor mounts behind.  The rest of an image build (users, files,
+run steps, packing) is the same for every base: :mod:`stoker.images.builder`.
 
-1. :func:`mmdebstrap_argv` — a ``minbase`` chroot with the requested packages,
-   documentation and translations left out, using the host's apt sources for
-   the requested suite (see :func:`select_sources`), run in throw-away mount and
-   PID namespaces (:func:`isolated_argv`) so an interrupted build leaves neither
-   processes nor mounts behind.
-2. :func:`prepare_tree` — mount points, ``/etc/hostname``, ``/etc/hosts``, no
-   host ``/etc/resolv.conf``, and a check that python3 is where the manifest
-   will say it is.
-3. :func:`mkfs_erofs_argv` — a compressed erofs with fixed timestamps and a UUID
-   derived from the digest.
-
-With ``SOURCE_DATE_EPOCH`` fixed (it is part of the spec) two builds against the
-same mirror content produce byte-identical erofs files.
+With ``SOURCE_DATE_EPOCH`` fixed two builds against the same mirror content
+produce identical trees.
 
 mmdebstrap runs in ``root`` mode, so building requires root.  Its ``unshare``
 mode would work unprivileged but leaves a directory owned by subordinate ids,
@@ -28,15 +21,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
-import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from stoker.errors import LaunchError, ProvisionError, UsageError
-from stoker.images.base import canonical_digest, log_line, remove_tree
+from stoker.images.base import log_line
 from stoker.procs import run_checked
 
 BUILDER_NAME = "debian"
@@ -59,18 +49,15 @@ DEFAULT_PACKAGES: tuple[str, ...] = (
 #: Debian 12 "bookworm" release date, 2023-06-10T00:00:00Z.
 BOOKWORM_RELEASE_EPOCH = 1686355200
 
-HOSTNAME = "stoker"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 
 _VARIANTS = frozenset(
     {"extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important"}
 )
-_COMPRESSORS = frozenset({"lz4", "lz4hc", "lzma", "deflate", "zstd"})
 _SUITE_RE = re.compile(r"[a-z][a-z0-9.-]{0,63}")
 # Debian policy 5.6.1 package names, optionally with :arch and =version.
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?(=[A-Za-z0-9.+~:-]+)?")
-_COMPRESSION_RE = re.compile(r"(?P<algo>[a-z0-9]+)(,(?P<level>[0-9]{1,2}))?")
 # Suites that have no -updates / -security companions.
 _ROLLING_SUITES = frozenset({"sid", "unstable", "experimental", "rc-buggy"})
 
@@ -83,7 +70,6 @@ _DPKG_OPTIONS: tuple[str, ...] = (
     "path-exclude=/usr/share/locale/*",
     "path-include=/usr/share/locale/locale.alias",
 )
-_APT_PARTIAL_DIRS = ("var/cache/apt/archives/partial", "var/lib/apt/lists/partial")
 _APT_OPTIONS: tuple[str, ...] = (
     'APT::Install-Recommends "false"',
     'APT::Install-Suggests "false"',
@@ -92,19 +78,13 @@ _APT_OPTIONS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class DebianSpec:
-    """What goes into a Debian image.  Validated on creation (raises UsageError)."""
+    """What mmdebstrap installs.  Validated on creation (raises UsageError)."""
 
     suite: str = "bookworm"
     variant: str = "minbase"
     packages: tuple[str, ...] = DEFAULT_PACKAGES
-    #: erofs compressor, optionally with a level: ``"lz4hc"``, ``"lz4hc,12"``, ``"none"``.
-    compression: str = "lz4hc"
-    #: Physical cluster size for compressed files; bigger compresses better.
-    pcluster_size: int = 65536
-    #: Timestamp given to every file, and to mmdebstrap for reproducibility.
+    #: Given to mmdebstrap (and dpkg, apt) for reproducibility.
     source_date_epoch: int = BOOKWORM_RELEASE_EPOCH
-    #: Where python3 must be inside the image (the guest agent runs with it).
-    python: str = "/usr/bin/python3"
 
     def __post_init__(self) -> None:
         if not _SUITE_RE.fullmatch(self.suite):
@@ -119,19 +99,8 @@ class DebianSpec:
         for pkg in self.packages:
             if not _PACKAGE_RE.fullmatch(pkg):
                 raise UsageError(f"invalid Debian package name {pkg!r}")
-        if self.compression != "none":
-            match = _COMPRESSION_RE.fullmatch(self.compression)
-            if match is None or match["algo"] not in _COMPRESSORS:
-                raise UsageError(
-                    f"invalid erofs compression {self.compression!r}",
-                    hint="use lz4, lz4hc, lz4hc,<level> or none",
-                )
-        if self.pcluster_size < 4096 or self.pcluster_size % 4096:
-            raise UsageError(f"pcluster_size must be a multiple of 4096, not {self.pcluster_size}")
         if self.source_date_epoch < 0:
             raise UsageError("source_date_epoch must not be negative")
-        if not self.python.startswith("/") or ".." in PurePosixPath(self.python).parts:
-            raise UsageError(f"python must be an absolute path, not {self.python!r}")
         # Normalise: package order and duplicates do not change the result.
         object.__setattr__(self, "packages", tuple(sorted(set(self.packages))))
 
@@ -141,10 +110,7 @@ class DebianSpec:
             "suite": self.suite,
             "variant": self.variant,
             "packages": list(self.packages),
-            "compression": self.compression,
-            "pcluster_size": self.pcluster_size,
             "source_date_epoch": self.source_date_epoch,
-            "python": self.python,
         }
 
 
@@ -426,185 +392,77 @@ def isolated_argv(argv: Sequence[str]) -> list[str]:
     return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--", *argv]
 
 
-def filesystem_uuid(digest: str) -> str:
-    """A fixed filesystem UUID derived from the image digest (for reproducibility)."""
-    return str(uuid.UUID(bytes=bytes.fromhex(digest)[:16], version=4))
+UBUNTU_MIRROR = "http://archive.ubuntu.com/ubuntu"
+UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")
+UBUNTU_SUITES = frozenset({"noble", "jammy", "focal"})
 
 
-def mkfs_erofs_argv(spec: DebianSpec, output: Path, tree: Path, *, fs_uuid: str) -> list[str]:
-    """The mkfs.erofs command packing ``tree`` into ``output`` reproducibly."""
-    argv = ["mkfs.erofs", "--quiet"]
-    if spec.compression != "none":
-        argv += [
-            f"-z{spec.compression}",
-            f"-C{spec.pcluster_size}",
-            # pack file tails into the inode's metadata block (Linux >= 5.17)
-            "-Eztailpacking",
-        ]
-    argv += [
-        f"-T{spec.source_date_epoch}",
-        f"-U{fs_uuid}",
-        str(output),
-        str(tree),
-    ]
-    return argv
+def ubuntu_sources(suite: str, keyring: Path = UBUNTU_KEYRING) -> list[SourceEntry]:
+    """archive.ubuntu.com entries for ``suite``, signed by the Ubuntu archive keyring."""
+    options = (("Signed-By", str(keyring)),)
+    suites = (suite, f"{suite}-updates", f"{suite}-security")
+    return [SourceEntry(("deb",), (UBUNTU_MIRROR,), suites, ("main", "universe"), options)]
 
 
-# --- the tree ----------------------------------------------------------------------------------
+def check_ubuntu_host(keyring: Path = UBUNTU_KEYRING, *, probe_timeout: float = 10.0) -> None:
+    """Fail early and clearly when this host cannot bootstrap Ubuntu."""
+    import urllib.error
+    import urllib.request
 
-
-def resolve_in_tree(tree: Path, path: str) -> Path | None:
-    """Host path of ``path`` inside ``tree``, following symlinks as if chrooted.
-
-    Absolute symlinks are re-rooted at ``tree``; returns None when it does not
-    exist or symlinks loop.
-    """
-    parts = list(PurePosixPath(path).parts[1:])
-    current = PurePosixPath("/")
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            current = current.parent
-            continue
-        candidate = current / part
-        host = tree / candidate.relative_to("/")
-        if host.is_symlink():
-            hops += 1
-            if hops > 40:
-                return None
-            target = PurePosixPath(host.readlink())
-            if target.is_absolute():
-                current = PurePosixPath("/")
-                parts = list(target.parts[1:]) + parts
-            else:
-                parts = list(target.parts) + parts
-            continue
-        if not host.exists():
-            return None
-        current = candidate
-    return tree / current.relative_to("/")
-
-
-def _write_file(path: Path, text: str) -> None:
-    # Never write through a symlink: it could point outside the tree.
-    if path.is_symlink():
-        path.unlink()
-    path.write_text(text)
-    path.chmod(0o644)
-
-
-def prepare_tree(tree: Path, spec: DebianSpec) -> None:
-    """Make a freshly bootstrapped tree fit to boot as a read-only stoker root."""
-    for name in ("proc", "sys", "dev", "run", "tmp"):
-        (tree / name).mkdir(mode=0o755, exist_ok=True)
-    (tree / "tmp").chmod(0o1777)
-    if (tree / "var" / "tmp").is_dir():
-        (tree / "var" / "tmp").chmod(0o1777)
-    _write_file(tree / "etc" / "hostname", f"{HOSTNAME}\n")
-    _write_file(
-        tree / "etc" / "hosts",
-        f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n"
-        "::1\tlocalhost ip6-localhost ip6-loopback\n"
-        "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
-    )
-    # mmdebstrap copies the host's resolv.conf; the VM sets up its own.
-    resolv = tree / "etc" / "resolv.conf"
-    if resolv.exists() or resolv.is_symlink():
-        resolv.unlink()
-    # apt leaves these owned by _apt only when _apt could reach the build
-    # directory (not under a 0700 home), which would make the image depend on
-    # where the cache lives.  apt re-owns them itself when it next runs.
-    for rel in _APT_PARTIAL_DIRS:
-        partial = tree / rel
-        if partial.is_dir() and not partial.is_symlink():
-            os.chown(partial, 0, 0, follow_symlinks=False)
-            partial.chmod(0o700)
-    python = resolve_in_tree(tree, spec.python)
-    if python is None or not python.is_file():
+    if not keyring.is_file():
         raise ProvisionError(
-            f"the image has no python3 at {spec.python}",
-            hint="add python3 to the image's packages or set its python path",
+            f"building an Ubuntu image needs the Ubuntu archive keyring ({keyring})",
+            hint="apt-get install ubuntu-keyring",
         )
-    if not python.stat().st_mode & stat.S_IXUSR:
-        raise ProvisionError(f"{spec.python} in the image is not executable")
-
-
-def installed_packages(dpkg_status: str) -> list[str]:
-    """``"name version"`` for every installed package in a dpkg status file, sorted."""
-    result: list[str] = []
-    for stanza in dpkg_status.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in stanza.splitlines():
-            if line[:1] in (" ", "\t"):
-                continue
-            key, sep, value = line.partition(":")
-            if sep:
-                fields[key.strip().lower()] = value.strip()
-        if fields.get("status", "").endswith(" installed") and "package" in fields:
-            result.append(f"{fields['package']} {fields.get('version', '')}".strip())
-    return sorted(result)
-
-
-def tree_size(tree: Path) -> int:
-    """Sum of the sizes of the regular files under ``tree`` (hard links once)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for root, _dirs, files in os.walk(tree):
-        for name in files:
-            st = (Path(root) / name).lstat()
-            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
-
-
-# --- the builder -------------------------------------------------------------------------------
+    url = f"{UBUNTU_MIRROR}/dists/"
+    try:
+        with urllib.request.urlopen(url, timeout=probe_timeout):  # noqa: S310 - fixed http URL
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        raise ProvisionError(
+            f"this host cannot reach the Ubuntu archive {UBUNTU_MIRROR}: "
+            f"{getattr(exc, 'reason', exc)}",
+            hint="use a debian:* base, or make the archive reachable (proxy, mirror)",
+        ) from None
 
 
 def check_host() -> None:
-    """Fail early, with a hint, when this host cannot build Debian images."""
+    """Fail early, with a hint, when this host cannot bootstrap Debian trees."""
     if os.geteuid() != 0:
         raise ProvisionError(
             "building a Debian image needs root (mmdebstrap --mode=root)",
             hint="run the first build as root, or copy a built image into the cache",
         )
-    tools = ("mmdebstrap", "mkfs.erofs", "unshare")
+    tools = ("mmdebstrap", "unshare")
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         raise ProvisionError(
             f"missing image build tools: {', '.join(missing)}",
-            hint="apt-get install mmdebstrap erofs-utils util-linux",
+            hint="apt-get install mmdebstrap util-linux",
         )
 
 
-class DebianBuilder:
-    """Builds a :class:`DebianSpec` into an erofs image named ``name``."""
+def bootstrap(
+    spec: DebianSpec,
+    tree: Path,
+    workdir: Path,
+    log: Path,
+    *,
+    distribution: str = "debian",
+    etc_apt: Path = Path("/etc/apt"),
+) -> str:
+    """Bootstrap ``spec`` into the new directory ``tree`` with mmdebstrap.
 
-    def __init__(self, spec: DebianSpec, name: str, *, etc_apt: Path = Path("/etc/apt")) -> None:
-        self.spec = spec
-        self.name = name
-        self._etc_apt = etc_apt
-
-    def __repr__(self) -> str:
-        return f"DebianBuilder({self.spec!r}, {self.name!r})"
-
-    def spec_digest(self) -> str:
-        return canonical_digest(
-            {
-                "builder": BUILDER_NAME,
-                "builder_version": BUILDER_VERSION,
-                "spec": self.spec.to_json(),
-            }
-        )
-
-    def build(self, workdir: Path, rootfs_out: Path, log: Path) -> dict[str, object]:
-        check_host()
-        spec = self.spec
-        started = time.monotonic()
-        entries, from_host = select_sources(spec.suite, self._etc_apt)
+    ``distribution`` is ``"debian"`` (the host's apt sources for the suite,
+    else deb.debian.org) or ``"ubuntu"`` (archive.ubuntu.com).  Returns the
+    apt sources used (for the manifest).
+    """
+    check_host()
+    if distribution == "ubuntu":
+        check_ubuntu_host()
+        entries = ubuntu_sources(spec.suite)
+    else:
+        entries, from_host = select_sources(spec.suite, etc_apt)
         if from_host:
             log_line(log, f"using the host's apt sources for {spec.suite}")
         else:
@@ -612,56 +470,20 @@ class DebianBuilder:
                 log,
                 f"no host apt source matches suite {spec.suite!r}; falling back to {DEBIAN_MIRROR}",
             )
-        sources_text = render_deb822(entries)
-        log_line(log, "apt sources:\n" + sources_text)
-        sources_file = workdir / "mirror.sources"
-        sources_file.write_text(sources_text)
-        env: Mapping[str, str] = {
-            "SOURCE_DATE_EPOCH": str(spec.source_date_epoch),
-            **host_proxy_env(log),
-        }
-        tree = workdir / "tree"
-        succeeded = False
-        try:
-            log_line(log, "bootstrapping with mmdebstrap")
-            run_checked(
-                isolated_argv(mmdebstrap_argv(spec, tree, sources_file)),
-                env=env,
-                log=log,
-                timeout=3600,
-                hint="check the network and the apt sources in the log",
-            )
-            prepare_tree(tree, spec)
-            packages = installed_packages(
-                (tree / "var" / "lib" / "dpkg" / "status").read_text(errors="replace")
-            )
-            uncompressed = tree_size(tree)
-            log_line(log, f"packing {len(packages)} packages, {uncompressed} bytes, as erofs")
-            run_checked(
-                mkfs_erofs_argv(
-                    spec, rootfs_out, tree, fs_uuid=filesystem_uuid(self.spec_digest())
-                ),
-                log=log,
-                timeout=3600,
-                hint="apt-get install erofs-utils",
-            )
-            succeeded = True
-        finally:
-            try:
-                remove_tree(tree, log=log)
-            except (OSError, ProvisionError) as exc:
-                log_line(log, f"could not remove {tree}: {exc}")
-                if succeeded:
-                    raise
-        log_line(log, f"built in {time.monotonic() - started:.1f}s")
-        return {
-            "builder": BUILDER_NAME,
-            "builder_version": BUILDER_VERSION,
-            "spec": spec.to_json(),
-            "fstype": "erofs",
-            "python": spec.python,
-            "packages": packages,
-            "uncompressed_size": uncompressed,
-            "source_date_epoch": spec.source_date_epoch,
-            "apt_sources": sources_text,
-        }
+    sources_text = render_deb822(entries)
+    log_line(log, "apt sources:\n" + sources_text)
+    sources_file = workdir / "mirror.sources"
+    sources_file.write_text(sources_text)
+    env: Mapping[str, str] = {
+        "SOURCE_DATE_EPOCH": str(spec.source_date_epoch),
+        **host_proxy_env(log),
+    }
+    log_line(log, "bootstrapping with mmdebstrap")
+    run_checked(
+        isolated_argv(mmdebstrap_argv(spec, tree, sources_file)),
+        env=env,
+        log=log,
+        timeout=3600,
+        hint="check the network and the apt sources in the log",
+    )
+    return sources_text

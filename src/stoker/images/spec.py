@@ -61,6 +61,12 @@ Keys of an image (all but ``base`` are optional):
     ``"debian-cloud"`` (default: the provisioned Debian cloud kernel),
     ``"stoker-microvm"`` (a kernel built by stoker) or a path to a kernel image
     (relative to the spec file).
+``format``
+    The root filesystem: ``"erofs"`` (default), ``"squashfs"`` or ``"ext4"``.
+``compression``
+    ``"lz4hc"`` (erofs default, optionally ``"lz4hc,12"``), ``"lz4"``, ``"lzma"``,
+    ``"none"``; ``"zstd"`` (squashfs default), ``"xz"``, ``"gzip"``, ``"lzo"``,
+    ``"lz4"``; ext4 is uncompressed.
 ``[defaults]``
     ``cpus`` (default 2), ``memory`` (default ``"1G"``), ``disk`` (the writable
     layer, default ``"4G"``) for VMs made from the image.  Sizes are strings with
@@ -109,7 +115,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -129,6 +135,7 @@ from stoker.errors import UsageError
 from stoker.images.base import canonical_digest
 from stoker.images.debian import _PACKAGE_RE as DEBIAN_PACKAGE_RE
 from stoker.images.debian import DEFAULT_PACKAGES, DebianSpec
+from stoker.images.pack import COMPRESSORS
 from stoker.units import parse_size_mb
 
 #: Bump when the digest document changes shape (every image is rebuilt then).
@@ -466,6 +473,10 @@ class ImageSpec(_Model):
     defaults: VMDefaults = Field(default_factory=VMDefaults)
     agent: AgentOptions = Field(default_factory=AgentOptions)
     artifacts: Items[Artifact] = ()
+    #: Root filesystem format: ``"erofs"``, ``"squashfs"`` or ``"ext4"``.
+    format: Literal["erofs", "squashfs", "ext4"] = "erofs"
+    #: Compressor; ``None``: the format's default (lz4hc for erofs, zstd for squashfs).
+    compression: str | None = None
 
     @field_validator("base")
     @classmethod
@@ -507,6 +518,28 @@ class ImageSpec(_Model):
                     raise ValueError(f"flake directory {flake!r} does not exist ({path})")
                 return f"nixos:{path}#{attr}"
         return value
+
+    @model_validator(mode="after")
+    def _check_packages_base(self) -> ImageSpec:
+        if self.packages and self.base_kind in ("oci", "nixos"):
+            raise ValueError(
+                f"packages are installed with apt on debian:/ubuntu: bases; for an "
+                f"{self.base_kind} base, put them into the {self.base_kind} image instead"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_compression(self) -> ImageSpec:
+        if self.compression is not None:
+            algo, _, level = self.compression.partition(",")
+            allowed = COMPRESSORS[self.format]
+            if algo not in allowed or (level and not (self.format == "erofs" and level.isdigit())):
+                raise ValueError(
+                    f"compression {self.compression!r} does not fit format {self.format!r}; "
+                    f"expected one of: {', '.join(allowed)}"
+                    + (" (erofs takes a level as 'lz4hc,12')" if self.format == "erofs" else "")
+                )
+        return self
 
     @field_validator("kernel")
     @classmethod
@@ -1101,12 +1134,8 @@ def to_debian_spec(spec: ImageSpec) -> DebianSpec:
     the packages and the python path are mapped: files, users, artifacts, env,
     run steps and the size limit are the builder's to apply.
     """
-    if spec.base_kind != "debian":
-        raise UsageError(f"image {spec.name!r}: base {spec.base!r} is not a Debian base")
+    if spec.base_kind not in ("debian", "ubuntu"):
+        raise UsageError(f"image {spec.name!r}: base {spec.base!r} is not a Debian or Ubuntu base")
     pinned = {_bare_package(p) for p in spec.packages}
     defaults = tuple(p for p in DEFAULT_PACKAGES if p not in pinned)
-    return DebianSpec(
-        suite=spec.base_ref,
-        packages=(*defaults, *spec.packages),
-        python=spec.agent.python,
-    )
+    return DebianSpec(suite=spec.base_ref, packages=(*defaults, *spec.packages))

@@ -2,7 +2,7 @@
 
 Layout under ``dirs.images``::
 
-    <digest>/rootfs.erofs        the filesystem (read-only once published)
+    <digest>/rootfs.<fstype>     the filesystem, e.g. rootfs.erofs (read-only once published)
     <digest>/manifest.json       written last; its presence marks the entry complete
     names/<name>.json            {"name": ..., "digest": ...}: the newest image of a name
     .locks/<digest>.lock         fcntl lock held while <digest> is being built
@@ -43,10 +43,11 @@ from pathlib import Path
 
 from stoker.errors import ProvisionError, StokerError, UsageError
 from stoker.images.base import Image, ImageBuilder, log_line, remove_tree
-from stoker.images.debian import DebianBuilder, DebianSpec
+from stoker.images.pack import FORMATS, rootfs_filename
 from stoker.paths import Dirs
 
-ROOTFS_NAME = "rootfs.erofs"
+#: What a builder writes to; renamed to ``rootfs.<fstype>`` when published.
+ROOTFS_NAME = "rootfs.img"
 MANIFEST_NAME = "manifest.json"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -54,11 +55,6 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{16,128}")
 _PREFIX_RE = re.compile(r"[0-9a-f]{8,128}")
 
 Progress = Callable[[str], None]
-
-
-def default_builder() -> ImageBuilder:
-    """The builder of the embedded default image, ``"default"``."""
-    return DebianBuilder(DebianSpec(), "default")
 
 
 def _check_name(name: str) -> None:
@@ -187,10 +183,12 @@ class ImageStore:
             return None
         if not isinstance(manifest, dict):
             return None
-        rootfs = entry / ROOTFS_NAME
         fstype = manifest.get("fstype")
         python = manifest.get("python")
-        if not (isinstance(fstype, str) and isinstance(python, str) and rootfs.is_file()):
+        if fstype not in FORMATS or not isinstance(python, str):
+            return None
+        rootfs = entry / rootfs_filename(fstype)
+        if not rootfs.is_file():
             return None
         manifest_name = manifest.get("name")
         if name is None:
@@ -483,6 +481,12 @@ class ImageStore:
                 )
             if not isinstance(extras.get("python"), str):
                 raise ProvisionError(f"image builder for {name!r} did not report python's path")
+            fstype = extras.get("fstype", "erofs")
+            if fstype not in FORMATS:
+                raise ProvisionError(f"image builder for {name!r} reported fstype {fstype!r}")
+            published = tmp / rootfs_filename(fstype)
+            rootfs.rename(published)
+            rootfs = published
             manifest: dict[str, object] = {
                 "fstype": "erofs",
                 **extras,
