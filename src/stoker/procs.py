@@ -6,12 +6,32 @@ Command lines are lists, never shell strings.  A failure raises
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from stoker.errors import LaunchError
+
+
+def _pdeathsig_hook() -> Callable[[], None]:
+    """A preexec function that makes the child die with its parent (Linux prctl)."""
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+    return hook
+
+
+#: ``preexec_fn`` for helpers that must not outlive stoker, even after ``kill -9``:
+#: the kernel sends them SIGKILL when the thread that started them dies.  It only
+#: calls a pre-resolved ``prctl()``, which is safe between fork and exec.
+DIE_WITH_PARENT = _pdeathsig_hook()
 
 
 def run_checked(
@@ -44,6 +64,7 @@ def run_checked(
             stderr=subprocess.STDOUT,
             timeout=timeout,
             check=False,
+            preexec_fn=DIE_WITH_PARENT,
         )
     except FileNotFoundError as exc:
         raise LaunchError(f"{argv[0]} is not installed", argv=argv, hint=hint) from exc

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import re
@@ -30,12 +28,12 @@ import subprocess
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from qemu.qmp import QMPClient
 
 from stoker.backends.base import Backend, ConsoleBuffer, LaunchedVM, MachineSpec
 from stoker.errors import InfrastructureError, LaunchError
+from stoker.procs import DIE_WITH_PARENT
 from stoker.protocol import wire
 from stoker.protocol.transport import SocketTransport
 
@@ -120,18 +118,6 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
     return argv
 
 
-def _pdeathsig_hook() -> Any:
-    """A preexec function that makes the child die with its parent (Linux prctl)."""
-    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-    return hook
-
-
-_PDEATHSIG = _pdeathsig_hook()
 
 
 @dataclass
@@ -247,7 +233,7 @@ class QemuBackend(Backend):
                 stderr=subprocess.PIPE,
                 pass_fds=[fds.agent, fds.qmp, fds.console],
                 # Only calls a pre-resolved prctl(): safe between fork and exec.
-                preexec_fn=_PDEATHSIG,
+                preexec_fn=DIE_WITH_PARENT,
                 cwd=workdir,
             )
         except FileNotFoundError as exc:

@@ -81,9 +81,7 @@ class KernelRef:
         return doc
 
 
-def resolve_kernel(
-    spec: ImageSpec, dirs: Dirs, *, progress: Say | None = None
-) -> KernelRef:
+def resolve_kernel(spec: ImageSpec, dirs: Dirs, *, progress: Say | None = None) -> KernelRef:
     """Find (provisioning it if needed) the kernel ``spec`` names.
 
     Raises :class:`ProvisionError` for ``stoker-microvm`` until stoker can

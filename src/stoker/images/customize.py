@@ -30,7 +30,7 @@ from stoker.errors import LaunchError, ProvisionError, StokerError
 from stoker.images.base import log_line
 from stoker.images.fetch import FetchedArtifact
 from stoker.images.spec import FileSpec, ImageSpec, UserSpec
-from stoker.images.tree import guest_parent, resolve_in_tree, write_guest_file
+from stoker.images.tree import make_guest_dirs, resolve_in_tree, write_guest_file
 from stoker.procs import run_checked
 
 Say = Callable[[str], None]
@@ -163,10 +163,7 @@ def apply_artifacts(tree: Path, fetched: Sequence[FetchedArtifact], *, log: Path
             log_line(log, f"artifact {art.name} -> {art.dest}")
             write_guest_file(tree, art.dest, item.path, mode=0o644)
             continue
-        guest_parent(tree, art.dest + "/.")
-        dest = resolve_in_tree(tree, art.dest)
-        if dest is None or not dest.is_dir():
-            raise ProvisionError(f"artifact {art.name!r}: {art.dest} is not a directory")
+        dest = make_guest_dirs(tree, art.dest)
         log_line(log, f"artifact {art.name}: unpacking into {art.dest}")
         try:
             with _decompressed(item.path) as stream:

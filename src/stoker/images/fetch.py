@@ -130,9 +130,7 @@ def fetch_artifact(
             try:
                 with local.open("rb") as fh:
                     total = local.stat().st_size
-                    got = _copy_hashing(
-                        fh, tmp, name=artifact.name, total=total, progress=progress
-                    )
+                    got = _copy_hashing(fh, tmp, name=artifact.name, total=total, progress=progress)
             except OSError as exc:
                 raise UsageError(
                     f"artifact {artifact.name!r}: cannot read {local}: {exc}"
@@ -163,9 +161,7 @@ def _download(artifact: Artifact, dest: Path, progress: DownloadProgress | None)
         with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:  # noqa: S310
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            return _copy_hashing(
-                response, dest, name=artifact.name, total=total, progress=progress
-            )
+            return _copy_hashing(response, dest, name=artifact.name, total=total, progress=progress)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ProvisionError(

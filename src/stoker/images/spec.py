@@ -520,15 +520,6 @@ class ImageSpec(_Model):
         return value
 
     @model_validator(mode="after")
-    def _check_packages_base(self) -> ImageSpec:
-        if self.packages and self.base_kind in ("oci", "nixos"):
-            raise ValueError(
-                f"packages are installed with apt on debian:/ubuntu: bases; for an "
-                f"{self.base_kind} base, put them into the {self.base_kind} image instead"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _check_compression(self) -> ImageSpec:
         if self.compression is not None:
             algo, _, level = self.compression.partition(",")
@@ -558,7 +549,13 @@ class ImageSpec(_Model):
 
     @field_validator("packages")
     @classmethod
-    def _normalise_packages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _normalise_packages(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        kind = str(info.data.get("base", "")).partition(":")[0]
+        if value and kind in ("oci", "nixos"):
+            raise ValueError(
+                f"packages are installed with apt on debian: and ubuntu: bases; for an "
+                f"{kind} base, put them into the {kind} image instead"
+            )
         # Order and duplicates do not change what apt installs.
         return tuple(sorted(set(value)))
 
@@ -981,7 +978,8 @@ def parse_spec_text(text: str, *, origin: Path) -> dict[str, ImageSpec]:
         )
         raise UsageError(
             message,
-            hint="the spec format is described in stoker.images.spec; examples are in images/",
+            hint="the format is described in stoker.images.spec; "
+            "examples: src/stoker/images/specs/",
         )
     return specs
 

@@ -90,6 +90,12 @@ def guest_parent(tree: Path, path: str, *, mode: int = 0o755) -> Path:
     return parent
 
 
+def make_guest_dirs(tree: Path, path: str, *, mode: int = 0o755) -> Path:
+    """Create the guest directory ``path`` (and its parents) if missing; its host path."""
+    # guest_parent creates every component above the last one: give it a leaf.
+    return guest_parent(tree, str(PurePosixPath(path) / "leaf"), mode=mode)
+
+
 def write_guest_file(tree: Path, path: str, data: bytes | Path, *, mode: int = 0o644) -> Path:
     """Write ``data`` (bytes, or a host file to copy) to the guest path ``path``.
 
