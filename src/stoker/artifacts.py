@@ -74,5 +74,5 @@ def _check_kernel(image: Image) -> None:
         raise ProvisionError(
             f"image {image.name!r} is made for kernel {kind!r}; "
             "this runtime boots only the Debian cloud kernel so far",
-            hint="rebuild the image with kernel = \"debian-cloud\"",
+            hint='rebuild the image with kernel = "debian-cloud"',
         )
