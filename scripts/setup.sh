@@ -10,7 +10,9 @@ PACKAGES=(
   qemu-utils        # qemu-img (the benchmark's copy-on-write overlays)
   mmdebstrap        # builds the default Debian image
   erofs-utils       # packs it as a compressed read-only erofs
-  e2fsprogs         # mkfs.ext4 for each VM's throw-away writable layer
+  e2fsprogs         # mkfs.ext4 for each VM's throw-away writable layer (and ext4 images)
+  squashfs-tools    # images packed as squashfs (format = "squashfs")
+  passwd            # useradd --root for the users of image specs
   busybox-static    # the initramfs' only userland
   cpio kmod         # inspecting initramfs / modules when debugging
   zstd              # zstd-compressed kernel modules (trixie kernels) and OCI layers

@@ -102,7 +102,10 @@ def test_parse_env(monkeypatch: pytest.MonkeyPatch) -> None:
         (["run", str(EXAMPLE), "--env", "1BAD=x", "--", "true"], "invalid environment variable"),
         (["run", str(EXAMPLE), "--artifacts", "../x", "--", "true"], "stay inside"),
         (["run", str(EXAMPLE), "--accel", "warp", "--", "true"], "--accel"),
-        (["run", str(EXAMPLE), "--image", "no-such-image", "--", "true"], "unknown image"),
+        (
+            ["run", str(EXAMPLE), "--image", "no-such-image", "--", "true"],
+            "no image called 'no-such-image' has been built",
+        ),
     ],
 )
 def test_bad_input_is_a_usage_error(args: list[str], message: str) -> None:

@@ -31,7 +31,7 @@ from stoker.images import ImageStore, SpecBuilder
 from stoker.images.builder import KernelRef
 from stoker.images.spec import load_spec_file
 from stoker.paths import Dirs
-from test_oci import M, layer_tar, oci_layout
+from test_oci import M, oci_layout
 
 IS_ROOT = os.geteuid() == 0
 pytestmark = [
@@ -157,7 +157,10 @@ def kitchen_sink(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     (tmp_path / "motd").write_text("welcome\n")
     tool = tmp_path / "tool.tar.gz"
     tool.write_bytes(
-        tarball({"bin/tool.sh": b"#!/bin/sh\necho tool\n", "README": b"r\n"}, executable=("bin/tool.sh",))
+        tarball(
+            {"bin/tool.sh": b"#!/bin/sh\necho tool\n", "README": b"r\n"},
+            executable=("bin/tool.sh",),
+        )
     )
     blob = tmp_path / "blob.bin"
     blob.write_bytes(os.urandom(4096))
@@ -382,14 +385,16 @@ def test_users_need_account_files(tmp_path: Path) -> None:
 def test_packages_on_an_oci_base_are_refused_before_any_work(tmp_path: Path) -> None:
     busybox_base(tmp_path / "base")
     spec = write_spec(tmp_path, 'packages = ["curl"]\n')
-    with pytest.raises(UsageError, match=r"spec.toml:5: .*image.t.packages: packages are installed with apt"):
+    with pytest.raises(
+        UsageError, match=r"spec.toml:5: .*image.t.packages: packages are installed with apt"
+    ):
         load_spec_file(spec)
 
 
 def test_interrupted_build_leaves_nothing_and_the_next_succeeds(tmp_path: Path) -> None:
     busybox_base(tmp_path / "base")
     marker = tmp_path / "step-started"
-    spec = write_spec(tmp_path, f'run = ["echo started > /etc/s", "sleep 300"]\n')
+    spec = write_spec(tmp_path, 'run = ["echo started > /etc/s", "sleep 300"]\n')
     cache = tmp_path / "cache"
     code = (
         "import sys\n"

@@ -68,6 +68,13 @@ def resolve_artifacts(
 
 def _check_kernel(image: Image) -> None:
     """Refuse images made for a kernel this runtime does not boot yet."""
+    boot = image.manifest.get("boot")
+    if isinstance(boot, dict) and boot.get("kind") == "nixos":
+        raise ProvisionError(
+            f"image {image.name!r} is a NixOS image: it boots its own kernel and initrd "
+            "with systemd, which this runtime cannot start yet",
+            hint="see the README's NixOS section; use a debian: or oci: base meanwhile",
+        )
     kernel = image.manifest.get("kernel")
     kind = kernel.get("kind") if isinstance(kernel, dict) else "debian-cloud"
     if kind not in (None, "debian-cloud"):

@@ -9,7 +9,9 @@ from typing import Literal
 
 from stoker.backends.accel import cached_verdict
 from stoker.backends.qemu import QEMU_BINARY, kvm_device_status, qemu_version
+from stoker.errors import LaunchError
 from stoker.paths import Dirs
+from stoker.procs import run_checked
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -44,6 +46,24 @@ def _tool(name: str, binary: str, package: str, *, needed_for: str, required: bo
         f"{binary} not found ({needed_for})",
         f"apt-get install {package}",
     )
+
+
+def nix_check(path: str | None = None) -> Check:
+    """Nix on ``path`` (default: ``$PATH``): only the nixos image builder needs it."""
+    nix = shutil.which("nix", path=path)
+    if nix is None:
+        return Check(
+            "nix",
+            "warn",
+            'nix not found; the nixos image builder (base = "nixos:...") needs Nix on the host',
+            "install Nix: https://nixos.org/download",
+        )
+    try:
+        version = run_checked([nix, "--version"], timeout=30).strip()
+    except LaunchError as exc:
+        first = str(exc).splitlines()[0]
+        return Check("nix", "warn", f"{nix} is there but does not run: {first}")
+    return Check("nix", "ok", f"{version} ({nix})" if version else nix)
 
 
 def run_checks(dirs: Dirs | None = None) -> Report:
@@ -115,6 +135,8 @@ def run_checks(dirs: Dirs | None = None) -> Report:
                 "" if all(builders) else "apt-get install mmdebstrap erofs-utils",
             )
         )
+
+    add(nix_check())
 
     free = _free_bytes(dirs.cache)
     status: Status = "ok" if free > 4e9 else ("warn" if free > 1e9 else "fail")

@@ -118,8 +118,6 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
     return argv
 
 
-
-
 @dataclass
 class QemuVM(LaunchedVM):
     """A running QEMU process."""

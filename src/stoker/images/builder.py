@@ -303,16 +303,22 @@ def builder_for(
     Cheap on a warm cache (hashes the spec's files and reads the kernel record),
     so building an image that is already stored returns in well under a second.
     """
-    kernel = resolve_kernel(spec, dirs, progress=progress)
     if spec.base_kind == "nixos":
-        from stoker.images.nixos import NixosBuilder, check_nixos_spec, nixos_base_digest
+        from stoker.images.nixos import (
+            NixosBuilder,
+            check_nixos_spec,
+            nixos_base_digest,
+            nixos_builder_version,
+        )
 
         check_nixos_spec(spec)
+        # The configuration brings its own kernel: it is covered by the base digest.
         inputs = collect_input_digests(
-            spec, kernel=kernel.digest, base=nixos_base_digest(spec.base_ref)
+            spec, kernel="nixos-configuration", base=nixos_base_digest(spec.base_ref)
         )
-        digest = spec_digest(spec, input_digests=inputs, builder_version=BUILDER_VERSION)
+        digest = spec_digest(spec, input_digests=inputs, builder_version=nixos_builder_version())
         return NixosBuilder(spec, name=spec.name, digest=digest, environ=environ)
+    kernel = resolve_kernel(spec, dirs, progress=progress)
     return SpecBuilder(
         spec,
         kernel=kernel,

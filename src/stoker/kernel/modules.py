@@ -30,6 +30,8 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_console",
     "virtio_rng",
     "erofs",
+    # for images packed as squashfs (ext4, the third format, is built in)
+    "squashfs",
     "overlay",
     "vmw_vsock_virtio_transport",
 )

@@ -1,0 +1,318 @@
+"""Images from the shipped specs and from OCI bases, built for real and booted.
+
+The runner images are built from the shipped ``github-runner`` and
+``gitlab-runner`` specs with stand-ins for the remote artifacts (this machine
+cannot reach GitHub or GitLab): a tarball and a binary made here, with their
+own checksums written into a copy of the spec.  Everything else (packages,
+users, run steps, env) is the shipped spec's.  They go into the shared cache
+under ``test-*`` names, so a second run finds them built.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from stoker.artifacts import BootArtifacts
+from stoker.ci import github, gitlab
+from stoker.images import ImageStore, SpecBuilder
+from stoker.images.builder import resolve_kernel
+from stoker.images.catalog import SPECS_DIR
+from stoker.images.spec import load_spec_file
+from stoker.paths import Dirs
+from stoker.vm import VM
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.timeout(1800),
+    pytest.mark.skipif(os.geteuid() != 0, reason="image builds run as root"),
+    pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap missing"),
+]
+
+STOKER = [sys.executable, "-m", "stoker.cli"]
+JITCONFIG = "eyJydW5uZXIiOiAic3RhbmQtaW4ifQ=="  # base64 of {"runner": "stand-in"}
+
+
+def _stand_in_runner_tarball(path: Path) -> Path:
+    """What the shipped spec unpacks into /opt/actions-runner, played by shell scripts."""
+    run_sh = b"""#!/bin/bash
+# stand-in for actions/runner's run.sh, made by the test
+echo "stand-in actions runner"
+echo "args: $*"
+echo "user: $(id -un) home: $HOME cwd: $PWD"
+ls /usr/lib/x86_64-linux-gnu/libicuuc.so.* >/dev/null && echo "libicu: present"
+test -e "$PWD/.runner" && echo "registered in the image!" || echo "registration: none in the image"
+echo "log to stdout: $ACTIONS_RUNNER_PRINT_LOG_TO_STDOUT"
+"""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data, mode in (
+            ("run.sh", run_sh, 0o755),
+            ("config.sh", b"#!/bin/bash\necho stand-in config\n", 0o755),
+            ("bin/Runner.Listener", b"stand-in\n", 0o755),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tf.addfile(info, io.BytesIO(data))
+    path.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
+    return path
+
+
+STAND_IN_GITLAB_RUNNER = b"""#!/bin/bash
+# stand-in for the gitlab-runner binary, made by the test
+case "$1" in
+--version) echo "Version: stand-in"; exit 0 ;;
+run-single)
+    echo "stand-in gitlab-runner: $*"
+    echo "user: $(id -un) cwd: $PWD"
+    echo "token from env: ${CI_SERVER_TOKEN:+set}"
+    ;;
+*) echo "unexpected: $*" >&2; exit 2 ;;
+esac
+"""
+
+
+def _spec_copy(tmp_path: Path, shipped: str, name: str, artifact: Path) -> Path:
+    """The shipped spec, renamed, with the stand-in's checksum in place of the real one."""
+    text = (SPECS_DIR / f"{shipped}.toml").read_text()
+    text = re.sub(r'(?m)^name = ".*"$', f'name = "{name}"', text, count=1)
+    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    text, count = re.subn(r'(?m)^sha256 = "[0-9a-f]{64}"$', f'sha256 = "{digest}"', text)
+    assert count == 1
+    spec = tmp_path / f"{name}.toml"
+    spec.write_text(text)
+    return spec
+
+
+def _build_cli(spec: Path, artifact: str, path: Path, dirs: Dirs) -> str:
+    env = {**os.environ, "STOKER_CACHE_DIR": str(dirs.cache)}
+    proc = subprocess.run(
+        [*STOKER, "image", "build", str(spec), "--artifact", f"{artifact}={path}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1500,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _erofs_extract(rootfs: Path, dest: Path) -> Path:
+    subprocess.run(["fsck.erofs", f"--extract={dest}", str(rootfs)], check=True)
+    return dest
+
+
+async def test_github_runner_image(
+    dirs: Dirs, boot_artifacts: BootArtifacts, tmp_path: Path
+) -> None:
+    tarball = _stand_in_runner_tarball(tmp_path / "actions-runner.tar.gz")
+    spec = _spec_copy(tmp_path, "github-runner", "test-github-runner", tarball)
+    out = _build_cli(spec, "actions-runner", tarball, dirs)
+    assert out.startswith("test-github-runner ")
+    image = ImageStore(dirs).get("test-github-runner")
+    assert image is not None
+    manifest = image.manifest
+    names = {p.split()[0] for p in manifest["packages"]}  # type: ignore[union-attr]
+    assert {"libicu72", "libssl3", "libkrb5-3", "git", "curl"} <= names
+    assert "docker.io" not in names and "docker-ce" not in names
+    assert manifest["defaults"] == {"cpus": 2, "memory": 4096, "disk": 16384}
+
+    # Layout, without booting: runner unpacked and owned by the runner user.
+    root = _erofs_extract(image.rootfs, tmp_path / "x")
+    runner = root / "opt/actions-runner"
+    uid = int(
+        next(
+            line.split(":")[2]
+            for line in (root / "etc/passwd").read_text().splitlines()
+            if line.startswith("runner:")
+        )
+    )
+    assert (runner / "run.sh").stat().st_uid == uid == 1001
+    assert not (runner / ".runner").exists() and not (runner / ".credentials").exists()
+
+    # Booted: the entry point starts with the configuration passed at run time.
+    async with VM("test-github-runner", memory="1G", disk="1G", dirs=dirs) as vm:
+        assert vm.cpus == 2  # from the image's defaults
+        result = await github.run_jit_runner(vm, JITCONFIG, timeout=120)
+    text = result.stdout.decode()
+    assert result.exit_code == 0, (text, result.stderr)
+    assert f"args: --jitconfig {JITCONFIG}" in text
+    assert "user: runner home: /home/runner cwd: /opt/actions-runner" in text
+    assert "libicu: present" in text
+    assert "registration: none in the image" in text
+    assert "log to stdout: 1" in text  # the spec's env reaches the runner
+
+
+async def test_gitlab_runner_image(
+    dirs: Dirs, boot_artifacts: BootArtifacts, tmp_path: Path
+) -> None:
+    binary = tmp_path / "gitlab-runner-linux-amd64"
+    binary.write_bytes(STAND_IN_GITLAB_RUNNER)
+    spec = _spec_copy(tmp_path, "gitlab-runner", "test-gitlab-runner", binary)
+    _build_cli(spec, "gitlab-runner", binary, dirs)
+    async with VM("test-gitlab-runner", memory="1G", disk="1G", dirs=dirs) as vm:
+        result = await gitlab.run_single_job(
+            vm, "https://gitlab.example.com", "glrt-secret-token", timeout=120
+        )
+        ps = await vm.exec(["ps", "-eo", "args"])
+    text = result.stdout.decode()
+    assert result.exit_code == 0, (text, result.stderr)
+    assert (
+        "stand-in gitlab-runner: run-single --url https://gitlab.example.com --executor shell "
+        "--max-builds 1 --wait-timeout 600 --builds-dir /home/gitlab-runner/builds"
+    ) in text
+    assert "user: gitlab-runner cwd: /home/gitlab-runner" in text
+    assert "token from env: set" in text
+    assert b"glrt-secret-token" not in ps.stdout
+
+
+def test_runner_image_checksum_refusal_publishes_nothing(dirs: Dirs, tmp_path: Path) -> None:
+    tarball = _stand_in_runner_tarball(tmp_path / "actions-runner.tar.gz")
+    # The shipped spec as it is: its pinned checksum does not match the stand-in.
+    spec = tmp_path / "github-runner.toml"
+    spec.write_text(
+        (SPECS_DIR / "github-runner.toml")
+        .read_text()
+        .replace('name = "github-runner"', 'name = "test-refused-runner"')
+    )
+    started = time.monotonic()
+    proc = subprocess.run(
+        [*STOKER, "image", "build", str(spec), "--artifact", f"actions-runner={tarball}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STOKER_CACHE_DIR": str(dirs.cache)},
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 125
+    assert "SHA-256 mismatch" in proc.stderr and str(tarball) in proc.stderr
+    assert time.monotonic() - started < 60  # refused before mmdebstrap
+    assert ImageStore(dirs).get("test-refused-runner") is None
+
+
+def test_runner_image_is_reproducible(dirs: Dirs, tmp_path: Path) -> None:
+    """The same spec (users, artifacts, env, run steps) built twice: the same bytes."""
+    tarball = _stand_in_runner_tarball(tmp_path / "actions-runner.tar.gz")
+    spec_file = _spec_copy(tmp_path, "github-runner", "test-github-runner", tarball)
+    spec = load_spec_file(spec_file)["test-github-runner"]
+    kernel = resolve_kernel(spec, dirs)
+    # The second store sits where the _apt user can reach it (pytest's tmp_path
+    # is under a 0700 directory): apt's sandboxing must not change the result.
+    open_dir = Path(tempfile.mkdtemp(prefix="stoker-repro-", dir="/tmp"))
+    open_dir.chmod(0o755)
+    try:
+        images = []
+        for cache in (tmp_path / "a", open_dir):
+            private = Dirs(cache=cache, runtime=tmp_path / "run")
+            builder = SpecBuilder(
+                spec, kernel=kernel, dirs=private, overrides={"actions-runner": tarball}
+            )
+            images.append(ImageStore(private).ensure(builder, progress=print))
+        first, second = images
+        assert first.digest == second.digest
+        different = {
+            k for k in ("packages", "uncompressed_size") if first.manifest[k] != second.manifest[k]
+        }
+        if different:
+            pytest.skip(f"the mirror changed between the two builds ({different})")
+        assert first.rootfs.read_bytes() == second.rootfs.read_bytes()
+    finally:
+        shutil.rmtree(open_dir)
+
+
+def _oci_layout_of_tree(tree: Path, layout: Path) -> Path:
+    """A one-layer OCI image layout of ``tree`` (GNU tar, sorted, numeric owners)."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    layer = layout / "layer.tar"
+    # fmt: off
+    subprocess.run(
+        ["tar", "-C", str(tree), "--sort=name", "--numeric-owner", "--xattrs",
+         "-cf", str(layer), "."],
+        check=True,
+    )
+    # fmt: on
+    with layer.open("rb") as fh:
+        layer_digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    size = layer.stat().st_size
+    layer.rename(blobs / layer_digest)
+
+    def blob(doc: dict[str, object], media_type: str) -> dict[str, object]:
+        data = json.dumps(doc).encode()
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    config = blob(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["PATH=/usr/bin:/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
+        },
+        "application/vnd.oci.image.config.v1+json",
+    )
+    manifest = blob(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config,
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": f"sha256:{layer_digest}",
+                    "size": size,
+                }
+            ],
+        },
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest]}))
+    return layout
+
+
+async def test_oci_image_boots(dirs: Dirs, boot_artifacts: BootArtifacts, tmp_path: Path) -> None:
+    """A container image (here: the default image's tree as one layer) becomes a VM image."""
+    tree = _erofs_extract(boot_artifacts.image.rootfs, tmp_path / "tree")
+    _oci_layout_of_tree(tree, tmp_path / "layout")
+    shutil.rmtree(tree)
+    spec = tmp_path / "oci.toml"
+    spec.write_text(
+        'name = "test-oci"\nbase = "oci:layout"\nformat = "squashfs"\n'
+        'run = ["echo from-oci > /etc/oci-marker"]\n'
+        "[env]\nFROM_IMAGE = 'yes'\n"
+        "[defaults]\ncpus = 1\nmemory = '768M'\n"
+    )
+    proc = subprocess.run(
+        [*STOKER, "image", "build", str(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STOKER_CACHE_DIR": str(dirs.cache)},
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    image = ImageStore(dirs).get("test-oci")
+    assert image is not None and image.fstype == "squashfs"
+    async with VM("test-oci", dirs=dirs) as vm:
+        assert (vm.cpus, vm.memory_mb) == (1, 768)
+        result = await vm.exec(
+            ["sh", "-c", "cat /etc/oci-marker; echo $FROM_IMAGE; nproc; grep ' / ' /proc/mounts"]
+        )
+    lines = result.stdout.decode().splitlines()
+    assert lines[:3] == ["from-oci", "yes", "1"], result
