@@ -852,3 +852,24 @@ def _check_default_image(first: Image, extracted: Path) -> None:
         ["/usr/bin/git", "--version"],
     ):
         subprocess.run(["chroot", str(extracted), *argv], check=True, capture_output=True)
+
+
+def test_ubuntu_needs_the_archive_keyring(tmp_path: Path) -> None:
+    with pytest.raises(ProvisionError, match="Ubuntu archive keyring") as info:
+        deb.check_ubuntu_host(tmp_path / "missing.gpg")
+    assert info.value.hint == "apt-get install ubuntu-keyring"
+
+
+def test_ubuntu_needs_the_archive_reachable(tmp_path: Path) -> None:
+    keyring = tmp_path / "ubuntu-archive-keyring.gpg"
+    keyring.write_bytes(b"key")
+    with pytest.raises(ProvisionError, match="cannot reach the Ubuntu archive"):
+        deb.check_ubuntu_host(keyring, mirror="http://127.0.0.1:9/ubuntu", probe_timeout=5)
+
+
+def test_ubuntu_sources() -> None:
+    (entry,) = deb.ubuntu_sources("noble")
+    assert entry.uris == ("http://archive.ubuntu.com/ubuntu",)
+    assert entry.suites == ("noble", "noble-updates", "noble-security")
+    assert entry.components == ("main", "universe")
+    assert entry.option("Signed-By") == str(deb.UBUNTU_KEYRING)

@@ -404,8 +404,14 @@ def ubuntu_sources(suite: str, keyring: Path = UBUNTU_KEYRING) -> list[SourceEnt
     return [SourceEntry(("deb",), (UBUNTU_MIRROR,), suites, ("main", "universe"), options)]
 
 
-def check_ubuntu_host(keyring: Path = UBUNTU_KEYRING, *, probe_timeout: float = 10.0) -> None:
-    """Fail early and clearly when this host cannot bootstrap Ubuntu."""
+def check_ubuntu_host(
+    keyring: Path = UBUNTU_KEYRING, *, mirror: str = UBUNTU_MIRROR, probe_timeout: float = 10.0
+) -> None:
+    """Fail early and clearly when this host cannot bootstrap Ubuntu.
+
+    Needs the archive keyring (to verify what apt downloads) and the archive
+    itself within reach.
+    """
     import urllib.error
     import urllib.request
 
@@ -414,13 +420,13 @@ def check_ubuntu_host(keyring: Path = UBUNTU_KEYRING, *, probe_timeout: float = 
             f"building an Ubuntu image needs the Ubuntu archive keyring ({keyring})",
             hint="apt-get install ubuntu-keyring",
         )
-    url = f"{UBUNTU_MIRROR}/dists/"
+    url = f"{mirror}/dists/"
     try:
         with urllib.request.urlopen(url, timeout=probe_timeout):  # noqa: S310 - fixed http URL
             pass
     except (urllib.error.URLError, OSError) as exc:
         raise ProvisionError(
-            f"this host cannot reach the Ubuntu archive {UBUNTU_MIRROR}: "
+            f"this host cannot reach the Ubuntu archive {mirror}: "
             f"{getattr(exc, 'reason', exc)}",
             hint="use a debian:* base, or make the archive reachable (proxy, mirror)",
         ) from None
