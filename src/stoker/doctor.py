@@ -136,6 +136,18 @@ def run_checks(dirs: Dirs | None = None) -> Report:
             )
         )
 
+    add(
+        _tool(
+            "squashfs-tools",
+            "mksquashfs",
+            "squashfs-tools",
+            needed_for='images with format = "squashfs"',
+            required=False,
+        )
+    )
+    add(
+        _tool("useradd", "useradd", "passwd", needed_for="[[users]] in image specs", required=False)
+    )
     add(nix_check())
 
     free = _free_bytes(dirs.cache)

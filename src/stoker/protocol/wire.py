@@ -36,6 +36,9 @@ PROTOCOL_VERSION = 1
 
 #: Name of the virtio-serial port the agent listens on.
 PORT_NAME = "org.stoker.agent"
+#: The vsock port the agent listens on when the VMM offers vsock instead of
+#: virtio-serial (Firecracker, Cloud Hypervisor: kernel parameter stoker.transport=vsock).
+VSOCK_PORT = 1024
 
 HEADER = struct.Struct(">IBBI")
 HEADER_SIZE = HEADER.size  # 10
