@@ -140,3 +140,35 @@ async def test_put_and_get_roundtrip(agent: AgentClient, tmp_path: Path) -> None
     names, missing = await agent.get(["dir/*.bin", "nope/*"], str(dest), consume)
     assert names == ["dir/blob.bin"]
     assert missing == ["nope/*"]
+
+
+async def test_listening_agent_serves_a_new_connection_after_a_reset(tmp_path: Path) -> None:
+    """vsock mode: after a snapshot restore the host connects again and is greeted anew."""
+    path = tmp_path / "agent.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-B", "-m", "stoker.agent", "--listen", str(path)],
+        env={"PYTHONPATH": str(SRC), "PATH": os.environ["PATH"]},
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            if path.exists():
+                break
+            await asyncio.sleep(0.05)
+        for round_ in range(2):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            client = AgentClient(reader, writer)
+            try:
+                ready = await client.wait_ready(10)
+                assert ready.protocol == 1
+                res = await client.exec(
+                    ["echo", f"round {round_}"], capture=True, env={"PATH": os.environ["PATH"]}
+                )
+                assert res.stdout == f"round {round_}\n".encode()
+            finally:
+                # Dropping the connection is what a VMM reset looks like to the agent.
+                await client.aclose()
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

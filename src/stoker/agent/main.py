@@ -159,18 +159,44 @@ def power_off() -> None:
 
 
 class Channel:
-    """Frames over one blocking file descriptor (virtio-serial port or socket)."""
+    """Frames over one blocking file descriptor (virtio-serial port or socket).
 
-    def __init__(self, fd: int) -> None:
+    With a ``listener`` (vsock), a connection that ends is replaced by the next
+    one the host makes: after a snapshot restore, the VMM resets vsock
+    connections and the host connects again.  ``on_connect`` runs after each
+    replacement (the agent announces itself again).
+    """
+
+    def __init__(self, fd: int, listener: Optional[socket.socket] = None) -> None:
         self.fd = fd
         os.set_blocking(fd, True)
         self.decoder = wire.Decoder()
         self.lock = threading.Lock()
+        self.listener = listener
+        self.on_connect: Optional[Callable[[], None]] = None
+
+    def _reconnect(self) -> None:
+        assert self.listener is not None
+        conn, _ = self.listener.accept()
+        with self.lock:
+            old, self.fd = self.fd, conn.detach()
+            os.set_blocking(self.fd, True)
+            self.decoder = wire.Decoder()
+        with contextlib.suppress(OSError):
+            os.close(old)
+        if self.on_connect is not None:
+            self.on_connect()
 
     def read_frames(self) -> List[wire.Frame]:
         while True:
-            data = os.read(self.fd, READ_SIZE)
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except ConnectionResetError:
+                data = b""
             if not data:
+                if self.listener is not None:
+                    self._reconnect()
+                    continue
                 # virtio-serial reads 0 while the host side is disconnected; wait for it.
                 time.sleep(0.05)
                 continue
@@ -269,6 +295,14 @@ class Agent:
 
     def serve(self) -> None:
         spawn_thread(self.reaper)
+        self.chan.on_connect = self.announce
+        self.announce()
+        while not self.stopping:
+            for kind, stream, channel, payload in self.chan.read_frames():
+                self.dispatch(kind, stream, channel, payload)
+
+    def announce(self) -> None:
+        """Tell the host who we are (on every new connection)."""
         self.chan.msg(
             0,
             {
@@ -282,9 +316,6 @@ class Agent:
                 "started": STARTED,
             },
         )
-        while not self.stopping:
-            for kind, stream, channel, payload in self.chan.read_frames():
-                self.dispatch(kind, stream, channel, payload)
 
     def dispatch(self, kind: int, stream: int, channel: int, payload: bytes) -> None:
         if kind == wire.MSG:
@@ -574,13 +605,33 @@ def _plain_members(info: Any) -> Any:
     return info if (info.isfile() or info.isdir() or info.issym() or info.islnk()) else None
 
 
+def wants_vsock() -> bool:
+    """Whether the kernel command line asks for the vsock transport (Firecracker, CH)."""
+    try:
+        with open("/proc/cmdline") as fh:
+            return "stoker.transport=vsock" in fh.read().split()
+    except OSError:
+        return False
+
+
+def listen(family: int, address: Any) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(address)
+    sock.listen(1)
+    return sock
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     fd: Optional[int] = None
+    listener: Optional[socket.socket] = None
     if args[:1] == ["--fd"] and len(args) == 2 and args[1].isdigit():
         fd = int(args[1])
+    elif args[:1] == ["--listen"] and len(args) == 2:
+        # A Unix socket standing in for vsock: how host-side tests drive reconnects.
+        listener = listen(socket.AF_UNIX, args[1])
     elif args:
-        log("usage: python3 -m stoker.agent [--fd N]")
+        log("usage: python3 -m stoker.agent [--fd N | --listen PATH]")
         return 2
     pid1 = os.getpid() == 1
     if pid1:
@@ -589,9 +640,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         except OSError as exc:
             log("system setup failed: %s" % exc)
     try:
-        if fd is None:
+        if listener is None and fd is None and wants_vsock():
+            listener = listen(socket.AF_VSOCK, (socket.VMADDR_CID_ANY, wire.VSOCK_PORT))
+        if listener is not None:
+            conn, _ = listener.accept()
+            fd = conn.detach()
+        elif fd is None:
             fd = os.open(find_port(), os.O_RDWR | os.O_CLOEXEC)
-        Agent(Channel(fd), pid1).serve()
+        Agent(Channel(fd, listener), pid1).serve()
     except Exception as exc:
         log("fatal: %s: %s" % (type(exc).__name__, exc))
         if pid1:
