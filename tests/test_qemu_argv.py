@@ -34,6 +34,18 @@ CASES = {
     "kvm-1cpu-noscratch": _spec(accel="kvm", cpus=1, scratch=None),
     "probe": _spec(accel="kvm", cpus=1, memory_mb=256, probe=True, scratch=None),
     "seed": _spec(seed=Path("/run/stoker/vm/seed.tar"), tsc_khz=2596132),
+    "snapshot-template": _spec(
+        memory_file=Path("/cache/snapshots/.tmp/k/memory"),
+        memory_shared=True,
+        scratch=Path("/cache/snapshots/.tmp/k/scratch.img"),
+    ),
+    "snapshot-clone": _spec(
+        memory_file=Path("/cache/snapshots/k/memory"),
+        memory_shared=False,
+        incoming=True,
+        scratch=Path("/run/stoker/vm/scratch.qcow2"),
+        scratch_format="qcow2",
+    ),
 }
 
 
@@ -82,3 +94,18 @@ def test_tsc_rate_from_cpuinfo() -> None:
     assert host_tsc_khz("processor : 0\n") == FALLBACK_TSC_KHZ
     line = _spec(tsc_khz=2596132).kernel_cmdline().split()
     assert "tsc_early_khz=2596132" in line and "tsc=reliable" in line
+
+
+def test_template_and_clone_have_the_same_devices() -> None:
+    """A restore needs the template's device layout: only backing files may differ."""
+
+    def devices(argv: list[str]) -> list[str]:
+        return [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+
+    template = qemu_argv(CASES["snapshot-template"], QemuFds(3, 4, 5))
+    clone = qemu_argv(CASES["snapshot-clone"], QemuFds(3, 4, 5))
+    assert devices(template) == devices(clone)
+    assert template[template.index("-M") + 1] == clone[clone.index("-M") + 1]
+    assert "share=on" in template[template.index("-object") + 1]
+    assert "share=off" in clone[clone.index("-object") + 1]
+    assert clone[-2:] == ["-incoming", "defer"] and "-incoming" not in template

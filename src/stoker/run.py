@@ -21,7 +21,7 @@ from stoker.backends.accel import AccelRequest
 from stoker.errors import CommandTimeout, UsageError
 from stoker.paths import Dirs
 from stoker.protocol.client import OutputSink
-from stoker.vm import VM
+from stoker.vm import VM, SnapshotMode
 
 GUEST_WORK_ROOT = "/work"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -44,6 +44,9 @@ class RunRequest:
     out: Path = Path("stoker-out")
     accel: AccelRequest = "auto"
     max_artifact_bytes: int = 1 << 30
+    #: ``auto``: restore from a matching snapshot if one exists, else boot;
+    #: ``create``: make the snapshot first if needed; ``never``: always boot.
+    snapshot: SnapshotMode = "auto"
 
     def validate(self) -> None:
         if not self.argv:
@@ -83,6 +86,8 @@ class RunSummary:
     spawn_error: str | None = None
     accel: str | None = None
     vm: str | None = None
+    #: Key digest of the snapshot the VM was restored from (None: it booted).
+    snapshot: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     copied_in: dict[str, Any] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
@@ -123,11 +128,14 @@ async def run_job(
         # The project travels on a read-only seed disk: several times faster than
         # streaming it over the agent channel under emulation.
         seed=(req.src, req.guest_dir),
+        snapshot=req.snapshot,
     )
     summary.vm = vm.name
     try:
         async with vm:
             summary.accel = vm.accel
+            if vm.restored_from is not None:
+                summary.snapshot = vm.restored_from.path.name
             report = vm.seed_report
             assert report is not None
             summary.copied_in = {

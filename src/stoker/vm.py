@@ -31,9 +31,9 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, safe_extract
 from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
@@ -54,6 +54,15 @@ from stoker.errors import (
 )
 from stoker.paths import Dirs
 from stoker.protocol.client import AgentClient, ChannelClosed, ChannelLimits, ExecResult, OutputSink
+from stoker.snapshots import (
+    MEMORY_FILE,
+    SCRATCH_FILE,
+    Snapshot,
+    SnapshotKey,
+    SnapshotStore,
+    check_restorable,
+    new_machine_id,
+)
 from stoker.units import parse_size_mb
 
 log = logging.getLogger(__name__)
@@ -62,6 +71,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 DEFAULT_BOOT_TIMEOUT = 120.0
+SnapshotMode = Literal["never", "auto", "create"]
 #: VM shape when neither the caller nor the image says otherwise.
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY_MB = 1024
@@ -139,6 +149,8 @@ class VM:
         agent_files: Mapping[str, bytes] | None = None,
         seed: tuple[str | os.PathLike[str], str] | None = None,
         seed_timeout: float = 900.0,
+        snapshot: SnapshotMode = "never",
+        template_dir: Path | None = None,
     ) -> None:
         # None: the image's [defaults] decide (see _apply_image_defaults).
         if cpus is not None and not 1 <= cpus <= MAX_CPUS:
@@ -177,6 +189,15 @@ class VM:
             raise UsageError(f"{seed[0]} does not exist")
         self._seed = (Path(seed[0]), seed[1]) if seed is not None else None
         self._seed_timeout = seed_timeout
+        if snapshot not in ("never", "auto", "create"):
+            raise UsageError(f"snapshot must be never, auto or create, not {snapshot!r}")
+        #: ``never``: always boot; ``auto``: restore when a matching snapshot
+        #: exists; ``create``: make the snapshot first if there is none.
+        self.snapshot_mode: SnapshotMode = snapshot
+        # Set only on the template VM a snapshot is made from (see _make_template).
+        self._template_dir = template_dir
+        #: The snapshot this VM was restored from (None: it booted).
+        self.restored_from: Snapshot | None = None
         #: What was copied in through the seed disk (set once the VM is ready).
         self.seed_report: PackReport | None = None
         self._stack = AsyncExitStack()
@@ -205,7 +226,7 @@ class VM:
 
     @require(VMState.CREATED)
     async def start(self) -> None:
-        """Boot the VM and wait for its agent; on any failure everything is torn down."""
+        """Boot (or restore) the VM and wait for its agent; on failure everything is torn down."""
         self.state = VMState.BOOTING
         t0 = time.monotonic()
         try:
@@ -220,12 +241,6 @@ class VM:
             self.workdir = await asyncio.to_thread(self._make_workdir)
             # Not ignore_errors: a work directory we cannot remove is a leak to report.
             self._stack.callback(shutil.rmtree, self.workdir)
-            scratch = self.workdir / "scratch.img"
-            await _make_scratch_disk(scratch, self.disk_mb)
-            seed_tar = None
-            if self._seed is not None:
-                seed_tar = self.workdir / "seed.tar"
-                self.seed_report = await asyncio.to_thread(_pack_to_file, self._seed[0], seed_tar)
             accel, warning = await resolve_accel(
                 self.accel_request,
                 dirs=self.dirs,
@@ -237,38 +252,160 @@ class VM:
             if warning and self._on_warning:
                 self._on_warning(warning)
             self.accel = accel
-            spec = self._machine_spec(artifacts, accel, scratch, seed_tar)
-            self.timings.prepare = time.monotonic() - t0
-            t1 = time.monotonic()
-            self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
-            self._vmm_exit = asyncio.get_running_loop().create_task(self._vmm.wait())
-            self._stack.push_async_callback(self._cancel_exit_watch)
-            self.timings.launch = time.monotonic() - t1
-            reader, writer = await self._guarded(self._vmm.transport.connect(self.boot_timeout))
-            self._client = AgentClient(reader, writer, limits=self.limits, name=self.name)
-            self._stack.push_async_callback(self._client.aclose)
-            try:
-                await self._guarded(self._client.wait_ready(self.boot_timeout))
-            except TimeoutError:
-                state = await self._vmm.diagnostics()
-                raise BootError(
-                    f"the guest agent did not come up within {self.boot_timeout:.0f}s"
-                    + (f" ({state})" if state else ""),
-                    console=self.console_tail,
-                ) from None
-            await self._guarded(self._client.init(hostname=self.hostname))
-            self.timings.agent_ready = time.monotonic() - t1
-            if self._seed is not None:
-                t2 = time.monotonic()
-                await self._guarded(
-                    self._client.unpack(SEED_SERIAL, self._seed[1], self._seed_timeout)
-                )
-                self.timings.seed = time.monotonic() - t2
+            snapshot = await self._find_snapshot(artifacts, accel)
+            if snapshot is not None:
+                await self._restore(artifacts, accel, snapshot, t0)
+            else:
+                await self._boot(artifacts, accel, t0)
             self.state = VMState.READY
             self._log.debug("ready in %.2fs (accel=%s)", self.timings.agent_ready, accel)
+            if snapshot is not None and self._seed is not None:
+                # A clone has the template's devices: no seed disk, so copy over the channel.
+                t2 = time.monotonic()
+                self.seed_report = await self.put(self._seed[0], self._seed[1])
+                self.timings.seed = time.monotonic() - t2
         except BaseException:
             await self.destroy()
             raise
+
+    async def _boot(self, artifacts: BootArtifacts, accel: str, t0: float) -> None:
+        assert self.workdir is not None
+        template = self._template_dir
+        scratch = (template / SCRATCH_FILE) if template else self.workdir / "scratch.img"
+        await _make_scratch_disk(scratch, self.disk_mb)
+        seed_tar = None
+        if self._seed is not None:
+            seed_tar = self.workdir / "seed.tar"
+            self.seed_report = await asyncio.to_thread(_pack_to_file, self._seed[0], seed_tar)
+        spec = self._machine_spec(artifacts, accel, scratch, seed_tar)
+        if template is not None:
+            # A template runs its guest in a shared file: that file becomes the snapshot's RAM.
+            spec = replace(spec, memory_file=template / MEMORY_FILE, memory_shared=True)
+        self.timings.prepare = time.monotonic() - t0
+        t1 = time.monotonic()
+        await self._launch(spec)
+        self.timings.launch = time.monotonic() - t1
+        assert self._vmm is not None
+        reader, writer = await self._guarded(self._vmm.transport.connect(self.boot_timeout))
+        self._client = AgentClient(reader, writer, limits=self.limits, name=self.name)
+        self._stack.push_async_callback(self._client.aclose)
+        try:
+            await self._guarded(self._client.wait_ready(self.boot_timeout))
+        except TimeoutError:
+            state = await self._vmm.diagnostics()
+            raise BootError(
+                f"the guest agent did not come up within {self.boot_timeout:.0f}s"
+                + (f" ({state})" if state else ""),
+                console=self.console_tail,
+            ) from None
+        await self._guarded(self._client.init(hostname=self.hostname))
+        self.timings.agent_ready = time.monotonic() - t1
+        if self._seed is not None:
+            t2 = time.monotonic()
+            await self._guarded(self._client.unpack(SEED_SERIAL, self._seed[1], self._seed_timeout))
+            self.timings.seed = time.monotonic() - t2
+
+    async def _restore(
+        self, artifacts: BootArtifacts, accel: str, snapshot: Snapshot, t0: float
+    ) -> None:
+        assert self.workdir is not None
+        check_restorable(snapshot)
+        overlay = self.workdir / "scratch.qcow2"
+        await _make_overlay(overlay, snapshot.scratch)
+        spec = replace(
+            self._machine_spec(artifacts, accel, overlay, None),
+            scratch_format="qcow2",
+            memory_file=snapshot.memory,
+            memory_shared=False,
+            incoming=True,
+        )
+        self.timings.prepare = time.monotonic() - t0
+        t1 = time.monotonic()
+        await self._launch(spec)
+        self.timings.launch = time.monotonic() - t1
+        assert self._vmm is not None
+        await self._guarded(self._vmm.load_state(snapshot.path, self.boot_timeout))
+        reader, writer = await self._guarded(self._vmm.transport.connect(self.boot_timeout))
+        self._client = AgentClient(reader, writer, limits=self.limits, name=self.name)
+        self._stack.push_async_callback(self._client.aclose)
+        # The guest announced itself to the template long ago; what makes this
+        # clone itself is a new identity, a reseeded RNG and the current time.
+        try:
+            async with asyncio.timeout(self.boot_timeout):
+                await self._guarded(
+                    self._client.init(
+                        hostname=self.hostname,
+                        entropy=os.urandom(64),
+                        machine_id=new_machine_id(),
+                    )
+                )
+        except TimeoutError:
+            raise BootError(
+                f"the restored guest did not answer within {self.boot_timeout:.0f}s",
+                console=self.console_tail,
+            ) from None
+        self.timings.agent_ready = time.monotonic() - t1
+        self.restored_from = snapshot
+
+    async def _launch(self, spec: MachineSpec) -> None:
+        assert self.workdir is not None
+        self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
+        self._vmm_exit = asyncio.get_running_loop().create_task(self._vmm.wait())
+        self._stack.push_async_callback(self._cancel_exit_watch)
+
+    def snapshot_key(self, artifacts: BootArtifacts, accel: str) -> SnapshotKey:
+        """What a snapshot of this VM is valid for (image, shape, kernel, backend, accel)."""
+        return SnapshotKey(
+            image_digest=artifacts.image.digest,
+            cpus=self.cpus,
+            memory_mb=self.memory_mb,
+            disk_mb=self.disk_mb,
+            backend=self.backend.name,
+            backend_version=self.backend.describe().get("version", "unknown"),
+            kernel=f"{artifacts.kernel.package}={artifacts.kernel.version}",
+            initrd=artifacts.initrd.name,
+            accel=accel,
+        )
+
+    async def _find_snapshot(self, artifacts: BootArtifacts, accel: str) -> Snapshot | None:
+        """The snapshot to restore from, per the ``snapshot`` mode (None: boot)."""
+        if self.snapshot_mode == "never" or self._template_dir is not None:
+            return None
+        key = self.snapshot_key(artifacts, accel)
+        store = SnapshotStore(self.dirs)
+        found = store.get(key)
+        if found is not None or self.snapshot_mode == "auto":
+            return found
+        return await store.ensure(
+            key, functools.partial(self._make_template, key), progress=self._on_progress
+        )
+
+    async def _make_template(self, key: SnapshotKey, directory: Path) -> dict[str, object]:
+        """Boot a template VM like this one into ``directory`` and save it there."""
+        template = VM(
+            self.image,
+            cpus=key.cpus,
+            memory=key.memory_mb,
+            disk=key.disk_mb,
+            accel=key.accel,  # type: ignore[arg-type]
+            backend=self.backend,
+            dirs=self.dirs,
+            boot_timeout=self.boot_timeout,
+            agent_files=self._agent_files,
+            hostname="stoker-template",
+            template_dir=directory,
+        )
+        async with template:
+            # Everything the guest wrote is on the disk before its state is saved.
+            await template.exec(["sync"], timeout=60, check=True)
+            t = time.monotonic()
+            assert template._vmm is not None
+            await template._guarded(template._vmm.save_state(directory, self.boot_timeout))
+            save_seconds = time.monotonic() - t
+        return {
+            "template_boot_seconds": round(template.timings.agent_ready, 3),
+            "save_seconds": round(save_seconds, 3),
+        }
 
     def _apply_image_defaults(self, artifacts: BootArtifacts) -> None:
         """Fill in what the caller left unset from the image's defaults and env."""
@@ -535,6 +672,24 @@ def _pack_to_file(src: Path, out: Path) -> PackReport:
         if size % 512:
             fh.write(b"\0" * (512 - size % 512))
     return report
+
+
+async def _make_overlay(path: Path, backing: Path) -> None:
+    """A qcow2 file recording a clone's writes on top of the template's disk."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(path)]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+    except FileNotFoundError as exc:
+        raise LaunchError(
+            "qemu-img is not installed", argv=argv, hint="apt-get install qemu-utils"
+        ) from exc
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise LaunchError(
+            "qemu-img failed", argv=argv, returncode=proc.returncode, output=out.decode()
+        )
 
 
 async def _make_scratch_disk(path: Path, size_mb: int) -> None:

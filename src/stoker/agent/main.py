@@ -136,6 +136,33 @@ def set_hostname(name: str) -> None:
         pass
 
 
+# linux/random.h
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+
+def reseed_random(seed: bytes) -> None:
+    """Mix ``seed`` into the kernel's pool, credit it, and reseed the CRNG now.
+
+    Without the explicit reseed a restored clone would keep generating from
+    the template's CRNG key until the next scheduled reseed.
+    """
+    with open("/dev/urandom", "wb", buffering=0) as fh:
+        fcntl.ioctl(fh, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+        fcntl.ioctl(fh, RNDRESEEDCRNG)
+
+
+def set_machine_id(machine_id: str) -> None:
+    """A fresh /etc/machine-id (32 lower-case hex digits), where the image has one."""
+    if len(machine_id) != 32 or any(c not in "0123456789abcdef" for c in machine_id):
+        raise ValueError("machine id must be 32 hex digits")
+    try:
+        with open("/etc/machine-id", "w") as fh:
+            fh.write(machine_id + "\n")
+    except OSError:
+        pass
+
+
 def find_port() -> str:
     """Return the device path of our virtio-serial port (there is no udev in the guest)."""
     base = "/sys/class/virtio-ports"
@@ -347,11 +374,17 @@ class Agent:
         self.chan.msg(channel, {"type": "pong"})
 
     def on_init(self, channel: int, msg: Dict[str, Any]) -> None:
+        # Sent after boot, and again after every snapshot restore: clones of one
+        # template must not share their random state, identity or a stale clock.
         if self.pid1:
             if "time_ns" in msg:
                 time.clock_settime_ns(time.CLOCK_REALTIME, int(msg["time_ns"]))
             if msg.get("hostname"):
                 set_hostname(str(msg["hostname"]))
+            if msg.get("entropy"):
+                reseed_random(bytes.fromhex(str(msg["entropy"])))
+            if msg.get("machine_id"):
+                set_machine_id(str(msg["machine_id"]))
         self.chan.msg(channel, {"type": "ok"})
 
     def on_shutdown(self, channel: int, msg: Dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from stoker.errors import InfrastructureError
 from stoker.protocol.transport import Transport
 
 Accel = Literal["kvm", "tcg"]
@@ -47,6 +48,16 @@ class MachineSpec:
     #: guest TSC runs at the host's rate, and calibrating it against the emulated
     #: PIT fails on a loaded host, leaving the guest without a clocksource (it hangs).
     tsc_khz: int | None = None
+    #: Guest RAM backed by this file (snapshots).  A template maps it shared, so
+    #: its memory ends up in the file; clones map it private (copy-on-write), so
+    #: they share the template's pages until they write to them.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    #: Start paused, waiting for a saved state to be loaded (snapshot restore).
+    incoming: bool = False
+    #: Format of the scratch disk file: ``"raw"``, or ``"qcow2"`` for a clone's
+    #: copy-on-write overlay on the template's disk.
+    scratch_format: str = "raw"
 
     def kernel_cmdline(self) -> str:
         """The guest kernel command line (a pure function of the spec)."""
@@ -141,6 +152,19 @@ class LaunchedVM(ABC):
     @abstractmethod
     async def kill(self) -> None:
         """Stop the VMM for good: graceful first, then SIGKILL; idempotent; verified."""
+
+    async def save_state(self, directory: Path, timeout: float) -> None:
+        """Pause the guest and write its device state into ``directory`` (snapshots).
+
+        Guest memory is written by the backend's own means (for QEMU: the
+        :attr:`MachineSpec.memory_file` the template was started with).  The
+        VM stays paused; the caller destroys it.
+        """
+        raise InfrastructureError(f"the {type(self).__name__} backend cannot save snapshots")
+
+    async def load_state(self, directory: Path, timeout: float) -> None:
+        """Load what :meth:`save_state` wrote and resume the guest (snapshot restore)."""
+        raise InfrastructureError(f"the {type(self).__name__} backend cannot restore snapshots")
 
 
 class Backend(ABC):

@@ -32,7 +32,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from stoker.backends.base import Backend, ConsoleBuffer, LaunchedVM, MachineSpec
-from stoker.errors import InfrastructureError, LaunchError
+from stoker.errors import InfrastructureError, LaunchError, VMError
 from stoker.procs import DIE_WITH_PARENT
 from stoker.protocol import wire
 from stoker.protocol.transport import SocketTransport
@@ -44,6 +44,11 @@ QEMU_BINARY = "qemu-system-x86_64"
 SEED_SERIAL = "stoker-seed"
 #: How long a QMP ``quit`` may take before we escalate to signals.
 QUIT_GRACE = 2.0
+#: The device-state file of a QEMU snapshot (RAM is the separate memory file).
+STATE_FILE = "state"
+_MIGRATION_FD = "stoker-migration"
+# Leave shared-file RAM out of the migration stream: the memory file is the RAM.
+_MIGRATION_CAPS = [{"capability": "x-ignore-shared", "state": True}]
 
 
 def _escape(value: str) -> str:
@@ -66,17 +71,27 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
         accel, cpu = "kvm", "host"
     else:
         accel, cpu = ("tcg,thread=multi" if spec.cpus > 1 else "tcg"), "max"
+    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+    memory = ["-m", f"{spec.memory_mb}M"]
+    if spec.memory_file is not None:
+        machine += ",memory-backend=mem"
+        share = "on" if spec.memory_shared else "off"
+        memory += [
+            "-object",
+            f"memory-backend-file,id=mem,size={spec.memory_mb}M,"
+            f"mem-path={_escape(str(spec.memory_file))},share={share}",
+        ]
     # One option and its value per line:
     # fmt: off
     argv = [
         binary,
         "-name", f"{_escape(spec.name)},debug-threads=on",
         # microvm: no PCI, no option ROMs (QEMU docs/system/i386/microvm.rst).
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        "-M", machine,
         "-accel", accel,
         "-cpu", cpu,
         "-smp", str(spec.cpus),
-        "-m", f"{spec.memory_mb}M",
+        *memory,
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
@@ -105,8 +120,8 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
     ]
     if spec.scratch is not None:
         argv += [
-            "-drive", f"id=scratch,file={_escape(str(spec.scratch))},format=raw,if=none,"
-                      "discard=unmap,detect-zeroes=unmap",
+            "-drive", f"id=scratch,file={_escape(str(spec.scratch))},"
+                      f"format={spec.scratch_format},if=none,discard=unmap,detect-zeroes=unmap",
             "-device", "virtio-blk-device,drive=scratch",
         ]
     if spec.seed is not None:
@@ -114,6 +129,9 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
             "-drive", f"id=seed,file={_escape(str(spec.seed))},format=raw,if=none,read-only=on",
             "-device", f"virtio-blk-device,drive=seed,serial={SEED_SERIAL}",
         ]
+    if spec.incoming:
+        # Paused until load_state() feeds it a saved state over QMP.
+        argv += ["-incoming", "defer"]
     # fmt: on
     return argv
 
@@ -159,6 +177,60 @@ class QemuVM(LaunchedVM):
                 if rip:
                     facts.append(f"CPU 0 {rip}")
         return ", ".join(facts)
+
+    async def save_state(self, directory: Path, timeout: float) -> None:
+        """Stop the guest and migrate its device state to ``directory/STATE_FILE``.
+
+        RAM is not in the stream: the template runs with a shared memory file
+        and ``x-ignore-shared`` leaves such RAM out (the file *is* the RAM).
+        """
+        qmp = self._require_qmp()
+        await qmp.execute("stop")
+        await qmp.execute("migrate-set-capabilities", {"capabilities": _MIGRATION_CAPS})
+        fd = os.open(directory / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+        try:
+            # The sandbox forbids QEMU from opening files: hand it the descriptor.
+            qmp.send_fd_scm(fd)
+        finally:
+            os.close(fd)
+        await qmp.execute("getfd", {"fdname": _MIGRATION_FD})
+        await qmp.execute("migrate", {"uri": f"fd:{_MIGRATION_FD}"})
+        await self._migration_done(timeout, "saving the VM state")
+
+    async def load_state(self, directory: Path, timeout: float) -> None:
+        """Feed ``directory/STATE_FILE`` to a VMM started with ``incoming``, then resume."""
+        qmp = self._require_qmp()
+        await qmp.execute("migrate-set-capabilities", {"capabilities": _MIGRATION_CAPS})
+        fd = os.open(directory / STATE_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            qmp.send_fd_scm(fd)
+        finally:
+            os.close(fd)
+        await qmp.execute("getfd", {"fdname": _MIGRATION_FD})
+        await qmp.execute("migrate-incoming", {"uri": f"fd:{_MIGRATION_FD}"})
+        await self._migration_done(timeout, "loading the VM state")
+        await qmp.execute("cont")
+
+    def _require_qmp(self) -> QMPClient:
+        if self.qmp is None:
+            raise InfrastructureError("QEMU's monitor is not connected")
+        return self.qmp
+
+    async def _migration_done(self, timeout: float, what: str) -> None:
+        qmp = self._require_qmp()
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    status = await qmp.execute("query-migrate")
+                    state = status.get("status") if isinstance(status, dict) else None
+                    if state == "completed":
+                        return
+                    if state in ("failed", "cancelled"):
+                        why = status.get("error-desc", state) if isinstance(status, dict) else state
+                        raise VMError(f"{what} failed: {why}", console=self.console.tail())
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            raise VMError(f"{what} took longer than {timeout:.0f}s") from None
 
     async def kill(self) -> None:
         """QMP ``quit``, then SIGTERM, then SIGKILL; always reaps; verifies the pid is gone."""

@@ -155,11 +155,29 @@ class AgentClient:
         self.ready = msg
         return msg
 
-    async def init(self, *, hostname: str, time_ns: int | None = None) -> None:
-        """Set the guest's hostname and clock."""
-        await self._request(
-            {"type": "init", "hostname": hostname, "time_ns": time_ns or time.time_ns()}, m.Ok
-        )
+    async def init(
+        self,
+        *,
+        hostname: str,
+        time_ns: int | None = None,
+        entropy: bytes | None = None,
+        machine_id: str | None = None,
+    ) -> None:
+        """Set the guest's hostname and clock; reseed its RNG and set its machine id.
+
+        After a snapshot restore this is what makes a clone distinct from its
+        template and its siblings.
+        """
+        request: dict[str, object] = {
+            "type": "init",
+            "hostname": hostname,
+            "time_ns": time_ns or time.time_ns(),
+        }
+        if entropy is not None:
+            request["entropy"] = entropy.hex()
+        if machine_id is not None:
+            request["machine_id"] = machine_id
+        await self._request(request, m.Ok)
 
     async def unpack(self, serial: str, dest: str, timeout: float) -> None:
         """Have the agent extract the tar on the disk with ``serial`` into ``dest``."""
