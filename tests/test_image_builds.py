@@ -452,3 +452,27 @@ def _sleeping_step() -> bool:
         if cmdline == b"sleep\x00300\x00":
             return True
     return False
+
+
+def test_write_layout_round_trips_through_apply_layers(tmp_path: Path) -> None:
+    from stoker.images.oci import apply_layers, open_image, write_layout
+
+    tree = tmp_path / "tree"
+    (tree / "usr/bin").mkdir(parents=True)
+    (tree / "usr/bin/tool").write_bytes(b"#!/bin/sh\necho tool\n")
+    (tree / "usr/bin/tool").chmod(0o755)
+    (tree / "bin").symlink_to("usr/bin")
+    (tree / "etc").mkdir()
+    (tree / "etc/motd").write_text("hello\n")
+    image = open_image(write_layout(tree, tmp_path / "layout"))
+    assert len(image.layers) == 1 and image.platform == "linux/amd64"
+    out = tmp_path / "out"
+    out.mkdir()
+    apply_layers(image, out)
+    assert (out / "usr/bin/tool").read_bytes() == b"#!/bin/sh\necho tool\n"
+    assert (out / "usr/bin/tool").stat().st_mode & 0o777 == 0o755
+    assert os.readlink(out / "bin") == "usr/bin"
+    assert (out / "etc/motd").read_text() == "hello\n"
+    # The same tree gives the same image digest.
+    again = open_image(write_layout(tree, tmp_path / "layout2"))
+    assert again.digest == image.digest

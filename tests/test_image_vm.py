@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from stoker.ci import github, gitlab
 from stoker.images import ImageStore, SpecBuilder
 from stoker.images.builder import resolve_kernel
 from stoker.images.catalog import SPECS_DIR
+from stoker.images.oci import write_layout
 from stoker.images.spec import load_spec_file
 from stoker.paths import Dirs
 from stoker.vm import VM
@@ -234,62 +234,10 @@ def test_runner_image_is_reproducible(dirs: Dirs, tmp_path: Path) -> None:
         shutil.rmtree(open_dir)
 
 
-def _oci_layout_of_tree(tree: Path, layout: Path) -> Path:
-    """A one-layer OCI image layout of ``tree`` (GNU tar, sorted, numeric owners)."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    layer = layout / "layer.tar"
-    # fmt: off
-    subprocess.run(
-        ["tar", "-C", str(tree), "--sort=name", "--numeric-owner", "--xattrs",
-         "-cf", str(layer), "."],
-        check=True,
-    )
-    # fmt: on
-    with layer.open("rb") as fh:
-        layer_digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    size = layer.stat().st_size
-    layer.rename(blobs / layer_digest)
-
-    def blob(doc: dict[str, object], media_type: str) -> dict[str, object]:
-        data = json.dumps(doc).encode()
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
-
-    config = blob(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Env": ["PATH=/usr/bin:/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
-        },
-        "application/vnd.oci.image.config.v1+json",
-    )
-    manifest = blob(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": config,
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": f"sha256:{layer_digest}",
-                    "size": size,
-                }
-            ],
-        },
-        "application/vnd.oci.image.manifest.v1+json",
-    )
-    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest]}))
-    return layout
-
-
 async def test_oci_image_boots(dirs: Dirs, boot_artifacts: BootArtifacts, tmp_path: Path) -> None:
     """A container image (here: the default image's tree as one layer) becomes a VM image."""
     tree = _erofs_extract(boot_artifacts.image.rootfs, tmp_path / "tree")
-    _oci_layout_of_tree(tree, tmp_path / "layout")
+    write_layout(tree, tmp_path / "layout")
     shutil.rmtree(tree)
     spec = tmp_path / "oci.toml"
     spec.write_text(

@@ -95,6 +95,7 @@ __all__ = [
     "apply_layers",
     "oci_builder_digest_inputs",
     "open_image",
+    "write_layout",
 ]
 
 # --------------------------------------------------------------------------- media types
@@ -1504,3 +1505,72 @@ class _LayerApplier(_Extractor):
                 raise _refuse(member.name, f"{key} {value} is out of range")
             ids.append(value)
         return ids[0], ids[1]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_layout(tree: Path, layout: Path, *, env: Sequence[str] = ("PATH=/usr/bin:/bin",)) -> Path:
+    """Write ``tree`` as a one-layer OCI image layout in the new directory ``layout``.
+
+    The inverse of :func:`apply_layers` for a single layer: an extracted stoker
+    image becomes a container image (and the tests and benchmarks get OCI bases
+    of real size).  GNU tar writes the layer, sorted, with numeric owners and
+    xattrs, so the same tree gives the same digests.
+    """
+    import hashlib
+    import json
+
+    from stoker.procs import run_checked
+
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    layer = layout / "layer.tar"
+    # fmt: off
+    run_checked(
+        ["tar", "-C", str(tree), "--sort=name", "--numeric-owner", "--xattrs",
+         # xattrs make it a pax archive, which would record access times
+         "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+         "--mtime=@0", "-cf", str(layer), "."],
+        timeout=3600,
+    )
+    # fmt: on
+    with layer.open("rb") as fh:
+        layer_digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    layer_size = layer.stat().st_size
+    layer.rename(blobs / layer_digest)
+
+    def blob(doc: dict[str, object], media_type: str) -> dict[str, object]:
+        data = json.dumps(doc, sort_keys=True).encode()
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    config = blob(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": list(env)},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
+        },
+        MEDIA_OCI_CONFIG,
+    )
+    manifest = blob(
+        {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": config,
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": f"sha256:{layer_digest}",
+                    "size": layer_size,
+                }
+            ],
+        },
+        MEDIA_OCI_MANIFEST,
+    )
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    index = {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": [manifest]}
+    (layout / "index.json").write_text(json.dumps(index))
+    return layout
