@@ -21,3 +21,5 @@ lint: setup
 
 bench: setup
 	.venv/bin/python bench/coldstart.py
+	.venv/bin/python bench/snapshots.py
+	.venv/bin/python bench/images.py

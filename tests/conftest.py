@@ -27,7 +27,7 @@ def _processes_mentioning(needle: str) -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if needle in cmdline and "qemu" in cmdline:
+        if needle in cmdline and any(v in cmdline for v in ("qemu", "firecracker", "cloud-hyperv")):
             found.append(f"{pid}: {cmdline[:200]}")
     return found
 

@@ -179,6 +179,9 @@ def run(
             "first if needed; never: always boot.",
         ),
     ] = "auto",
+    vmm: Annotated[
+        str, typer.Option(help="The VMM: qemu, firecracker or cloud-hypervisor.")
+    ] = "qemu",
     stdin: Annotated[
         bool, typer.Option("--stdin", help="Forward stoker's standard input to the command.")
     ] = False,
@@ -209,6 +212,7 @@ def run(
             out=out,
             accel=accel,  # type: ignore[arg-type]
             snapshot=_snapshot_mode(snapshot),
+            vmm=vmm,
         )
         out_stream = sys.stderr.buffer if json_summary else sys.stdout.buffer
         summary = _run_async(

@@ -81,6 +81,15 @@ def run_checks(dirs: Dirs | None = None) -> Report:
     else:
         add(Check("qemu", "ok", f"{QEMU_BINARY} {version} (-M microvm)"))
 
+    from stoker.backends import VMMS, get_backend
+
+    for vmm in VMMS:
+        if vmm == "qemu":
+            continue  # reported above, with its version
+        usable, why = get_backend(vmm).usable()
+        # Optional: QEMU serves every host; these need their binary and KVM.
+        add(Check(f"vmm {vmm}", "ok" if usable else "warn", why))
+
     kvm_ok, kvm_why = kvm_device_status()
     kernel = cached_kernel(dirs)
     verdict = None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stoker.archive import ExtractLimits
+from stoker.backends import VMMS, get_backend
 from stoker.backends.accel import AccelRequest
 from stoker.errors import CommandTimeout, UsageError
 from stoker.paths import Dirs
@@ -47,6 +48,8 @@ class RunRequest:
     #: ``auto``: restore from a matching snapshot if one exists, else boot;
     #: ``create``: make the snapshot first if needed; ``never``: always boot.
     snapshot: SnapshotMode = "auto"
+    #: The VMM: ``qemu``, ``firecracker`` or ``cloud-hypervisor``.
+    vmm: str = "qemu"
 
     def validate(self) -> None:
         if not self.argv:
@@ -66,6 +69,8 @@ class RunRequest:
                     f"artifact pattern {pattern!r} must be relative to the project "
                     "and stay inside it"
                 )
+        if self.vmm not in VMMS:
+            raise UsageError(f"unknown VMM {self.vmm!r}", hint=f"use one of {', '.join(VMMS)}")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} exists and is not a directory")
 
@@ -129,6 +134,7 @@ async def run_job(
         # streaming it over the agent channel under emulation.
         seed=(req.src, req.guest_dir),
         snapshot=req.snapshot,
+        backend=get_backend(req.vmm),
     )
     summary.vm = vm.name
     try:

@@ -230,6 +230,9 @@ class VM:
         self.state = VMState.BOOTING
         t0 = time.monotonic()
         try:
+            usable, why = self.backend.usable()
+            if not usable:
+                raise LaunchError(f"the {self.backend.name} backend cannot run here: {why}")
             artifacts = await asyncio.to_thread(
                 resolve_artifacts,
                 self.dirs,
@@ -302,7 +305,14 @@ class VM:
         self.timings.agent_ready = time.monotonic() - t1
         if self._seed is not None:
             t2 = time.monotonic()
-            await self._guarded(self._client.unpack(SEED_SERIAL, self._seed[1], self._seed_timeout))
+            await self._guarded(
+                self._client.unpack(
+                    SEED_SERIAL,
+                    self._seed[1],
+                    self._seed_timeout,
+                    device=self._vmm.seed_device,
+                )
+            )
             self.timings.seed = time.monotonic() - t2
 
     async def _restore(
@@ -370,6 +380,13 @@ class VM:
     async def _find_snapshot(self, artifacts: BootArtifacts, accel: str) -> Snapshot | None:
         """The snapshot to restore from, per the ``snapshot`` mode (None: boot)."""
         if self.snapshot_mode == "never" or self._template_dir is not None:
+            return None
+        if not self.backend.snapshots:
+            if self.snapshot_mode == "create":
+                raise UsageError(
+                    f"snapshots are implemented for QEMU, not {self.backend.name}",
+                    hint="use --snapshot never (or auto, which then boots)",
+                )
             return None
         key = self.snapshot_key(artifacts, accel)
         store = SnapshotStore(self.dirs)

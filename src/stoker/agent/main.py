@@ -176,10 +176,16 @@ def find_port() -> str:
     raise RuntimeError("virtio-serial port %s not found" % wire.PORT_NAME)
 
 
+#: Set in main(): end the VM with a reboot instead of a power-off.  Firecracker
+#: has no power-off device (a halted guest would leave it running) but exits on
+#: reboot; QEMU runs with -no-reboot, so either ends it.
+END_WITH_REBOOT = False
+
+
 def power_off() -> None:
     os.sync()
-    # RB_POWER_OFF; QEMU also runs with -no-reboot, so a reboot would end the VM too.
-    libc().reboot(0x4321FEDC)
+    # RB_AUTOBOOT or RB_POWER_OFF
+    libc().reboot(0x01234567 if END_WITH_REBOOT else 0x4321FEDC)
 
 
 # --------------------------------------------------------------------------- channel
@@ -541,9 +547,18 @@ class Agent:
             self.uploads.pop(channel, None)
 
     def on_unpack(self, channel: int, msg: Dict[str, Any]) -> None:
-        """Extract the tar on the block device with the given serial (the seed disk)."""
+        """Extract the tar on the seed disk: found by its serial, or named by the host.
+
+        Firecracker cannot give a disk a serial, so there the host names the
+        device; only whole virtio disks are accepted.
+        """
         dest = str(msg["dest"])
-        device = find_block_device(str(msg["serial"]))
+        if msg.get("device"):
+            device = str(msg["device"])
+            if len(device) != 8 or not device.startswith("/dev/vd") or not device[7].islower():
+                raise ValueError("not a virtio disk: %r" % device)
+        else:
+            device = find_block_device(str(msg["serial"]))
         os.makedirs(dest, exist_ok=True)
         spawn_thread(self.unpack, channel, device, dest)
 
@@ -672,8 +687,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             setup_system()
         except OSError as exc:
             log("system setup failed: %s" % exc)
+    global END_WITH_REBOOT
     try:
-        if listener is None and fd is None and wants_vsock():
+        END_WITH_REBOOT = wants_vsock()
+        if listener is None and fd is None and END_WITH_REBOOT:
             listener = listen(socket.AF_VSOCK, (socket.VMADDR_CID_ANY, wire.VSOCK_PORT))
         if listener is not None:
             conn, _ = listener.accept()

@@ -153,6 +153,11 @@ class LaunchedVM(ABC):
     async def kill(self) -> None:
         """Stop the VMM for good: graceful first, then SIGKILL; idempotent; verified."""
 
+    @property
+    def seed_device(self) -> str | None:
+        """The seed disk's guest device path when the VMM cannot give it a serial."""
+        return None
+
     async def save_state(self, directory: Path, timeout: float) -> None:
         """Pause the guest and write its device state into ``directory`` (snapshots).
 
@@ -184,3 +189,11 @@ class Backend(ABC):
     @abstractmethod
     def describe(self) -> dict[str, str]:
         """Version and capability facts for ``stoker doctor``."""
+
+    def usable(self) -> tuple[bool, str]:
+        """Whether this host can run this VMM at all, and why not (cheap, no VM)."""
+        return True, ""
+
+    #: Whether VMs of this backend can be saved and restored through
+    #: :meth:`LaunchedVM.save_state` / :meth:`LaunchedVM.load_state`.
+    snapshots: bool = False

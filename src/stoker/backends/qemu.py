@@ -283,8 +283,17 @@ class QemuBackend(Backend):
     def __init__(self, binary: str = QEMU_BINARY) -> None:
         self.binary = binary
 
+    #: Templates run in a shared memory file; clones restore with ``x-ignore-shared``.
+    snapshots = True
+
     def describe(self) -> dict[str, str]:
         return {"binary": self.binary, "version": qemu_version(self.binary) or "not installed"}
+
+    def usable(self) -> tuple[bool, str]:
+        version = qemu_version(self.binary)
+        if version is None:
+            return False, f"{self.binary} not found (apt-get install qemu-system-x86)"
+        return True, f"{self.binary} {version} (-M microvm; KVM when usable, else TCG)"
 
     async def launch(self, spec: MachineSpec, workdir: Path, stack: AsyncExitStack) -> LaunchedVM:
         pairs = {name: socket.socketpair() for name in ("agent", "qmp", "console")}

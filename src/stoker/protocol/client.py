@@ -179,11 +179,14 @@ class AgentClient:
             request["machine_id"] = machine_id
         await self._request(request, m.Ok)
 
-    async def unpack(self, serial: str, dest: str, timeout: float) -> None:
-        """Have the agent extract the tar on the disk with ``serial`` into ``dest``."""
-        await self._request(
-            {"type": "unpack", "serial": serial, "dest": dest}, m.Done, timeout=timeout
-        )
+    async def unpack(
+        self, serial: str, dest: str, timeout: float, *, device: str | None = None
+    ) -> None:
+        """Have the agent extract the tar on the disk with ``serial`` (or at ``device``)."""
+        request: dict[str, object] = {"type": "unpack", "serial": serial, "dest": dest}
+        if device is not None:
+            request["device"] = device
+        await self._request(request, m.Done, timeout=timeout)
 
     async def ping(self) -> None:
         await self._request({"type": "ping"}, m.Pong)
