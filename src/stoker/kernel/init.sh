@@ -74,6 +74,7 @@ TMPFS_SIZE=512m
 PYTHON=/usr/bin/python3
 PROBE=0
 DEBUG=0
+PCI=0
 read -r cmdline </proc/cmdline
 set -f  # the command line is split into words, never globbed
 for arg in $cmdline; do
@@ -85,23 +86,31 @@ for arg in $cmdline; do
     stoker.python=*) PYTHON=${arg#*=} ;;
     stoker.probe=*) PROBE=${arg#*=} ;;
     stoker.debug=*) DEBUG=${arg#*=} ;;
+    stoker.pci=*) PCI=${arg#*=} ;;
     esac
 done
 set +f
 debug "cmdline: $cmdline"
 
 # 2. Modules, dependencies first.  "File exists" means already loaded: fine.
-while read -r mod; do
-    [ -n "$mod" ] || continue
-    debug "insmod $mod"
-    if ! insmod "/lib/modules/$mod" 2>/tmp/init.err; then
-        err=$(tr '\n' ' ' </tmp/init.err)
-        case "$err" in
-        *"File exists"*) ;;
-        *) fail "insmod $mod: ${err:-failed}" ;;
-        esac
-    fi
-done </lib/modules/load.order
+#    The virtio-pci transport only for VMMs with PCI devices (stoker.pci=1).
+load_modules() {
+    while read -r mod; do
+        [ -n "$mod" ] || continue
+        debug "insmod $mod"
+        if ! insmod "/lib/modules/$mod" 2>/tmp/init.err; then
+            err=$(tr '\n' ' ' </tmp/init.err)
+            case "$err" in
+            *"File exists"*) ;;
+            *) fail "insmod $mod: ${err:-failed}" ;;
+            esac
+        fi
+    done <"$1"
+}
+load_modules /lib/modules/load.order
+if [ "$PCI" = 1 ] && [ -f /lib/modules/load.pci ]; then
+    load_modules /lib/modules/load.pci
+fi
 
 # 3. Probe mode: the accelerator boots a guest; nothing more to check.
 if [ "$PROBE" = 1 ]; then

@@ -34,6 +34,7 @@ from stoker.errors import ProvisionError
 from stoker.kernel.cpio import CpioWriter, Writable
 from stoker.kernel.debian import Kernel
 from stoker.kernel.modules import (
+    PCI_MODULES,
     GUEST_MODULES,
     is_static_elf,
     module_name,
@@ -71,19 +72,32 @@ def build_initramfs(
     agent_files: Mapping[str, bytes],
     busybox: Path = Path("/bin/busybox"),
     modules: Iterable[str] = GUEST_MODULES,
+    pci_modules: Iterable[str] = PCI_MODULES,
 ) -> Initramfs:
     """Return the initramfs for these inputs, building it on a cache miss.
 
     ``agent_files`` maps relative paths (``stoker/agent/__main__.py``) to file
     contents; they end up under ``/usr/lib/stoker-agent`` in the guest.
+    ``pci_modules`` (and what they need beyond ``modules``) are loaded only
+    when the kernel command line says ``stoker.pci=1``: VMMs with virtio-pci
+    devices (Cloud Hypervisor) need them, QEMU microvm's virtio-mmio guests
+    would only pay their load time.
+
     Raises :class:`ProvisionError` (missing or dynamic busybox, unknown module,
     bad agent path).
     """
     wanted = tuple(normalize_name(m) for m in modules)
+    wanted_pci = tuple(normalize_name(m) for m in pci_modules)
     agent = _check_agent_files(agent_files)
     busybox_data = _read_busybox(busybox)
     init_text = init_script()
     closure = _closure(dirs, kernel, wanted)
+    base_names = {name for name, _ in closure}
+    pci_closure = [
+        (name, path)
+        for name, path in (_closure(dirs, kernel, wanted + wanted_pci) if wanted_pci else [])
+        if name not in base_names
+    ]
     module_data = [(name, path.read_bytes()) for name, path in closure]
 
     h = hashlib.sha256()
@@ -91,6 +105,8 @@ def build_initramfs(
     _feed(h, b"kernel", f"{kernel.package}\0{kernel.version}\0{kernel.release}".encode())
     for name, data in module_data:
         _feed(h, b"module", name.encode() + b"\0" + hashlib.sha256(data).digest())
+    for name, path in pci_closure:
+        _feed(h, b"pci-module", name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     _feed(h, b"busybox", hashlib.sha256(busybox_data).digest())
     _feed(h, b"init", init_text.encode())
     for rel, data in agent:
@@ -118,6 +134,7 @@ def build_initramfs(
                 busybox_data=busybox_data,
                 applets=applets,
                 modules=closure,
+                pci_modules=pci_closure,
                 agent=agent,
             )
         tmp.chmod(0o644)
@@ -140,6 +157,7 @@ def _write_archive(
     busybox_data: bytes,
     applets: list[str],
     modules: list[tuple[str, Path]],
+    pci_modules: list[tuple[str, Path]],
     agent: list[tuple[str, bytes]],
 ) -> None:
     cpio = CpioWriter(out)
@@ -158,6 +176,12 @@ def _write_archive(
         cpio.add_file(f"lib/modules/{filename}", read_module(path))
         order.append(filename)
     cpio.add_file("lib/modules/load.order", "".join(f"{f}\n" for f in order).encode())
+    pci_order = []
+    for name, path in pci_modules:
+        filename = f"{name}.ko"
+        cpio.add_file(f"lib/modules/{filename}", read_module(path))
+        pci_order.append(filename)
+    cpio.add_file("lib/modules/load.pci", "".join(f"{f}\n" for f in pci_order).encode())
     cpio.add_dir(AGENT_DIR)
     made: set[str] = set()
     for rel, data in agent:

@@ -36,6 +36,10 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmw_vsock_virtio_transport",
 )
 
+#: Loaded only with ``stoker.pci=1``: VMMs whose virtio devices sit on PCI
+#: (Cloud Hypervisor); QEMU microvm and Firecracker use virtio-mmio.
+PCI_MODULES: tuple[str, ...] = ("virtio_pci",)
+
 MODULE_SUFFIXES: tuple[str, ...] = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 _XZ_MAGIC = b"\xfd7zXZ\x00"
