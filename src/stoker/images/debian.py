@@ -426,8 +426,7 @@ def check_ubuntu_host(
             pass
     except (urllib.error.URLError, OSError) as exc:
         raise ProvisionError(
-            f"this host cannot reach the Ubuntu archive {mirror}: "
-            f"{getattr(exc, 'reason', exc)}",
+            f"this host cannot reach the Ubuntu archive {mirror}: {getattr(exc, 'reason', exc)}",
             hint="use a debian:* base, or make the archive reachable (proxy, mirror)",
         ) from None
 

@@ -34,8 +34,8 @@ from stoker.errors import ProvisionError
 from stoker.kernel.cpio import CpioWriter, Writable
 from stoker.kernel.debian import Kernel
 from stoker.kernel.modules import (
-    PCI_MODULES,
     GUEST_MODULES,
+    PCI_MODULES,
     is_static_elf,
     module_name,
     normalize_name,
