@@ -78,13 +78,12 @@ from stoker.backends.base import Backend, ConsoleBuffer, LaunchedVM, MachineSpec
 from stoker.backends.qemu import SEED_SERIAL, kvm_device_status
 from stoker.errors import (
     AccelError,
-    GuestProtocolError,
     InfrastructureError,
     LaunchError,
     UsageError,
 )
 from stoker.procs import DIE_WITH_PARENT
-from stoker.protocol.transport import HybridVsockTransport, StreamPair
+from stoker.protocol.transport import HybridVsockTransport
 from stoker.protocol.wire import VSOCK_PORT
 
 log = logging.getLogger(__name__)
@@ -657,32 +656,8 @@ GUEST_RESET_EVENTS = frozenset({"vm.rebooting", "guest.panic"})
 # --------------------------------------------------------------------------- transport
 
 
-class _RetryingVsockTransport(HybridVsockTransport):
-    """Hybrid vsock that retries until the guest agent listens (or the deadline passes).
-
-    Until the agent listens on its port, the VMM accepts the Unix connection and
-    then closes it; before the device exists, the socket file does not.  A reply
-    that is not ``OK <port>`` is the guest's doing and is never retried.
-    """
-
-    async def connect(self, timeout: float) -> StreamPair:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.02
-        last: Exception | None = None
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                return await super().connect(remaining)
-            except GuestProtocolError:
-                raise
-            except (OSError, InfrastructureError) as exc:
-                last = exc
-            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-            delay = min(delay * 2, 0.25)
-        raise InfrastructureError(
-            f"vsock port {self.port} on {self.uds_path} not reachable within {timeout:g}s"
-            + (f" (last error: {last})" if last else "")
-        )
+#: The retrying handshake lives in the shared transport (Firecracker uses it too).
+_RetryingVsockTransport = HybridVsockTransport
 
 
 # --------------------------------------------------------------------------- VM

@@ -37,7 +37,6 @@ import asyncio
 import bz2
 import contextlib
 import errno
-import itertools
 import json
 import logging
 import lzma
@@ -61,14 +60,13 @@ from stoker.backends.base import Backend, ConsoleBuffer, LaunchedVM, MachineSpec
 from stoker.backends.qemu import kvm_device_status
 from stoker.errors import (
     AccelError,
-    GuestProtocolError,
     InfrastructureError,
     LaunchError,
     ProvisionError,
     UsageError,
 )
 from stoker.procs import DIE_WITH_PARENT
-from stoker.protocol.transport import HybridVsockTransport, StreamPair
+from stoker.protocol.transport import HybridVsockTransport
 from stoker.protocol.wire import VSOCK_PORT
 
 log = logging.getLogger(__name__)
@@ -826,35 +824,8 @@ async def _read_response(reader: asyncio.StreamReader, method: str, path: str) -
 # ---------------------------------------------------------------------------- transport
 
 
-class VsockTransport(HybridVsockTransport):
-    """Hybrid vsock that waits for the guest's agent to listen.
-
-    Until the agent listens, Firecracker closes a ``CONNECT`` (or its socket does
-    not exist yet), so connecting is retried until ``timeout``.  A wrong reply is
-    a protocol violation and is never retried.
-    """
-
-    RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.5)
-
-    async def connect(self, timeout: float) -> StreamPair:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        for attempt in itertools.count():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                return await super().connect(remaining)
-            except GuestProtocolError:
-                raise
-            except (InfrastructureError, OSError) as exc:
-                last = exc
-            delay = self.RETRY_DELAYS[min(attempt, len(self.RETRY_DELAYS) - 1)]
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        raise InfrastructureError(
-            f"the guest agent did not accept vsock port {self.port} on {self.uds_path} "
-            f"within {timeout:g}s (last error: {last})"
-        )
+#: Kept under this name: the retrying handshake now lives in the shared transport.
+VsockTransport = HybridVsockTransport
 
 
 # ---------------------------------------------------------------------------- the VM
