@@ -1040,7 +1040,7 @@ async def test_vsock_transport_never_retries_a_bad_reply(uds: Any) -> None:
 
 
 async def test_vsock_transport_gives_up_at_its_deadline(tmp_path: Path) -> None:
-    with pytest.raises(InfrastructureError, match=r"did not accept vsock port 1024 .* within 0\.3s"):
+    with pytest.raises(InfrastructureError, match=r"did not accept vsock port 1024 .* 0\.3s"):
         await ch._RetryingVsockTransport(tmp_path / "absent", VSOCK_PORT).connect(timeout=0.3)
 
 
