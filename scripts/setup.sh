@@ -16,6 +16,7 @@ PACKAGES=(
   busybox-static    # the initramfs' only userland
   cpio kmod         # inspecting initramfs / modules when debugging
   zstd              # zstd-compressed kernel modules (trixie kernels) and OCI layers
+  lz4               # unpacking the kernel's vmlinux for Firecracker / Cloud Hypervisor
   ca-certificates
 )
 
