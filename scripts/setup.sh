@@ -17,6 +17,8 @@ PACKAGES=(
   cpio kmod         # inspecting initramfs / modules when debugging
   zstd              # zstd-compressed kernel modules (trixie kernels) and OCI layers
   lz4               # unpacking the kernel's vmlinux for Firecracker / Cloud Hypervisor
+  build-essential flex bison bc libelf-dev   # `stoker kernel build` (the microVM kernel)
+  postgresql        # `stoker serve` on PostgreSQL (the multi-host tests start a throw-away cluster)
   ca-certificates
 )
 

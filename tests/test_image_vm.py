@@ -264,3 +264,36 @@ async def test_oci_image_boots(dirs: Dirs, boot_artifacts: BootArtifacts, tmp_pa
         )
     lines = result.stdout.decode().splitlines()
     assert lines[:3] == ["from-oci", "yes", "1"], result
+
+
+@pytest.mark.skipif(
+    os.environ.get("STOKER_TEST_KERNEL_BUILD") == "0", reason="STOKER_TEST_KERNEL_BUILD=0"
+)
+async def test_image_on_the_microvm_kernel(
+    dirs: Dirs, boot_artifacts: BootArtifacts, tmp_path: Path
+) -> None:
+    """kernel = "stoker-microvm": built once by stoker, no modules, booted via PVH."""
+    spec = tmp_path / "microvm.toml"
+    spec.write_text(
+        (SPECS_DIR / "default.toml")
+        .read_text()
+        .replace('name = "default"', 'name = "test-microvm"')
+        .replace('kernel = "debian-cloud"', 'kernel = "stoker-microvm"')
+    )
+    proc = subprocess.run(
+        [*STOKER, "image", "build", str(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STOKER_CACHE_DIR": str(dirs.cache)},
+        timeout=1500,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    image = ImageStore(dirs).get("test-microvm")
+    assert image is not None
+    assert image.manifest["kernel"]["kind"] == "stoker-microvm"  # type: ignore[index]
+    async with VM("test-microvm", dirs=dirs, snapshot="never") as vm:
+        result = await vm.exec(["sh", "-c", "uname -r; cat /proc/modules | wc -l"], check=True)
+        assert vm.restored_from is None
+    release, modules = result.stdout.decode().split()
+    assert release != boot_artifacts.kernel.release and modules == "0"

@@ -15,7 +15,10 @@ from stoker.agent.bundle import agent_files
 from stoker.errors import ProvisionError, UsageError
 from stoker.images import Image, ImageStore, default_builder
 from stoker.images.catalog import shipped_specs
-from stoker.kernel import Kernel, build_initramfs, provision_kernel
+from stoker.kernel import GUEST_MODULES, Kernel, build_initramfs, provision_kernel
+from stoker.kernel.build import KERNEL_NAME as MICROVM
+from stoker.kernel.build import BuiltKernel, build_microvm_kernel, entry_name, load_entry
+from stoker.kernel.modules import PCI_MODULES
 from stoker.paths import Dirs
 
 DEFAULT_IMAGE = "default"
@@ -60,14 +63,26 @@ def resolve_artifacts(
         if progress:
             progress("building the default image (first run only; takes a few minutes)")
         found = store.ensure(default_builder(dirs, progress=progress), progress=progress)
-    kernel = provision_kernel(dirs, progress=progress)
-    _check_kernel(found)
-    initramfs = build_initramfs(dirs, kernel, agent_files=agent_files() if agent is None else agent)
+    modules: tuple[str, ...] = GUEST_MODULES
+    if _check_kernel(found) == MICROVM:
+        # Everything built in: the initramfs only mounts and starts the agent.
+        # The vmlinux boots through PVH (QEMU) and as-is on Firecracker.
+        kernel = _microvm_kernel(dirs, found, progress).as_kernel(boot="vmlinux")
+        modules = ()
+    else:
+        kernel = provision_kernel(dirs, progress=progress)
+    initramfs = build_initramfs(
+        dirs,
+        kernel,
+        agent_files=agent_files() if agent is None else agent,
+        modules=modules,
+        pci_modules=() if not modules else PCI_MODULES,
+    )
     return BootArtifacts(kernel=kernel, initrd=initramfs.path, image=found)
 
 
-def _check_kernel(image: Image) -> None:
-    """Refuse images made for a kernel this runtime does not boot yet."""
+def _check_kernel(image: Image) -> str:
+    """The kind of kernel ``image`` is made for; refuses those this runtime cannot boot."""
     boot = image.manifest.get("boot")
     if isinstance(boot, dict) and boot.get("kind") == "nixos":
         raise ProvisionError(
@@ -76,10 +91,26 @@ def _check_kernel(image: Image) -> None:
             hint="see the README's NixOS section; use a debian: or oci: base meanwhile",
         )
     kernel = image.manifest.get("kernel")
-    kind = kernel.get("kind") if isinstance(kernel, dict) else "debian-cloud"
-    if kind not in (None, "debian-cloud"):
-        raise ProvisionError(
-            f"image {image.name!r} is made for kernel {kind!r}; "
-            "this runtime boots only the Debian cloud kernel so far",
-            hint='rebuild the image with kernel = "debian-cloud"',
-        )
+    kind = kernel.get("kind") if isinstance(kernel, dict) else None
+    if kind in (None, "debian-cloud"):
+        return "debian-cloud"
+    if kind == MICROVM:
+        return MICROVM
+    raise ProvisionError(
+        f"image {image.name!r} is made for a kernel file ({kind!r}); "
+        "this runtime boots the Debian cloud kernel and stoker-microvm",
+        hint='rebuild the image with kernel = "debian-cloud" or "stoker-microvm"',
+    )
+
+
+def _microvm_kernel(
+    dirs: Dirs, image: Image, progress: Callable[[str], None] | None
+) -> BuiltKernel:
+    """The build the image was made for while it is cached, else the current one."""
+    ref = image.manifest.get("kernel")
+    name, _, digest = str(ref.get("digest", "") if isinstance(ref, dict) else "").partition("=")
+    if name == MICROVM and digest:
+        exact = load_entry(dirs.kernels / entry_name(digest))
+        if exact is not None:
+            return exact
+    return build_microvm_kernel(dirs, progress=progress)

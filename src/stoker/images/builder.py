@@ -84,8 +84,8 @@ class KernelRef:
 def resolve_kernel(spec: ImageSpec, dirs: Dirs, *, progress: Say | None = None) -> KernelRef:
     """Find (provisioning it if needed) the kernel ``spec`` names.
 
-    Raises :class:`ProvisionError` for ``stoker-microvm`` until stoker can
-    build kernels, and for a kernel file that cannot be read.
+    ``stoker-microvm`` is built on first use (minutes; cached afterwards).
+    Raises :class:`ProvisionError` for a kernel file that cannot be read.
     """
     if spec.kernel == DEFAULT_KERNEL:
         from stoker.kernel import provision_kernel
@@ -97,10 +97,13 @@ def resolve_kernel(spec: ImageSpec, dirs: Dirs, *, progress: Say | None = None) 
             detail=f"{kernel.package} {kernel.version}",
         )
     if spec.kernel == "stoker-microvm":
-        raise ProvisionError(
-            f"image {spec.name!r} asks for kernel 'stoker-microvm', "
-            "which this version of stoker cannot build yet",
-            hint='use kernel = "debian-cloud" (the default) or a path to a kernel image',
+        from stoker.kernel.build import KERNEL_NAME, build_microvm_kernel
+
+        built = build_microvm_kernel(dirs, progress=progress)
+        return KernelRef(
+            kind=KERNEL_NAME,
+            digest=f"{KERNEL_NAME}={built.digest}",
+            detail=f"{KERNEL_NAME} {built.release} ({built.source.package} {built.source.version})",
         )
     path = Path(spec.kernel)
     try:
