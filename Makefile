@@ -10,9 +10,7 @@ demo: setup
 	.venv/bin/stoker run examples/hello -- make test
 
 test: setup
-	.venv/bin/ruff check src tests bench
-	.venv/bin/mypy
-	.venv/bin/pytest
+	./scripts/test.sh
 
 lint: setup
 	.venv/bin/ruff check src tests bench
