@@ -21,3 +21,4 @@ bench: setup
 	.venv/bin/python bench/coldstart.py
 	.venv/bin/python bench/snapshots.py
 	.venv/bin/python bench/images.py
+	.venv/bin/python bench/scheduler.py

@@ -746,9 +746,10 @@ _TokenFile = Annotated[
     Path | None,
     typer.Option(
         "--token-file",
-        help="File holding the API token ('-': standard input) [default: $STOKER_TOKEN].",
+        help="File holding the API token ('-': standard input); default: $STOKER_TOKEN.",
     ),
 ]
+#: Where `stoker serve` listens by default ([listen] in its configuration).
 _DEFAULT_SERVICE_URL = "http://127.0.0.1:8765"
 
 
@@ -853,7 +854,7 @@ def job_submit(
     memory: Annotated[str | None, typer.Option(help="Memory needed at least, e.g. 2G.")] = None,
     disk: Annotated[str | None, typer.Option(help="Disk needed at least, e.g. 8G.")] = None,
     timeout: Annotated[
-        str | None, typer.Option(help="Kill the command after this long [default: the pool's].")
+        str | None, typer.Option(help="Kill the command after this long (default: the pool's).")
     ] = None,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="K=V (or K to pass the host's value).")

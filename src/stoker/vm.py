@@ -453,7 +453,11 @@ class VM:
         runtime = self.dirs.ensure_runtime()
         sweep_stale_workdirs(runtime)
         workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=runtime))
-        (workdir / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
+        # Written whole and renamed into place: a concurrent sweep must never
+        # read a half-written (empty) owner file and take the directory for dead.
+        tmp = workdir / f".{OWNER_FILE}.tmp"
+        tmp.write_text(_process_identity(os.getpid()) or "")
+        tmp.rename(workdir / OWNER_FILE)
         return workdir
 
     def _machine_spec(
@@ -663,6 +667,8 @@ def sweep_stale_workdirs(runtime: Path) -> list[Path]:
             recorded = owner.read_text().strip()
         except OSError:
             continue  # not ours, or still being created
+        if not recorded:
+            continue  # identity unknown: never guess a live VM dead
         pid = recorded.split(":", 1)[0]
         if pid.isdigit() and _process_identity(int(pid)) == recorded:
             continue

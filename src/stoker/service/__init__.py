@@ -1,0 +1,62 @@
+"""``stoker serve``: a job service on top of the VM runtime (see ``docs/serve-design.md``).
+
+The pieces, each in its module:
+
+* :mod:`~stoker.service.config` - :class:`ServiceConfig`, from TOML with located errors;
+* :mod:`~stoker.service.models` and :mod:`~stoker.service.db` - durable state
+  (SQLite or PostgreSQL), migrations, the claim;
+* :mod:`~stoker.service.jobs` - submissions and the job state machine;
+* :mod:`~stoker.service.scheduler` - placement and fairness (pure);
+* :mod:`~stoker.service.supervisor` - VMs, warm pools, leases, recovery;
+* :mod:`~stoker.service.service` - :class:`Service`, the facade the API and CLI use;
+* :mod:`~stoker.service.fake_backend` - an in-process FAKE backend for scale tests.
+"""
+
+from stoker.service.config import ServiceConfig, load_config
+from stoker.service.jobs import (
+    ArtifactView,
+    Conflict,
+    EventView,
+    GitSource,
+    JobFilter,
+    JobRequest,
+    JobState,
+    JobView,
+    LogChunkView,
+    NotFound,
+    QuotaExceeded,
+    TooLarge,
+)
+from stoker.service.service import (
+    HealthView,
+    HostView,
+    NullObserver,
+    Observer,
+    PoolView,
+    Service,
+    VMView,
+)
+
+__all__ = [
+    "ArtifactView",
+    "Conflict",
+    "EventView",
+    "GitSource",
+    "HealthView",
+    "HostView",
+    "JobFilter",
+    "JobRequest",
+    "JobState",
+    "JobView",
+    "LogChunkView",
+    "NotFound",
+    "NullObserver",
+    "Observer",
+    "PoolView",
+    "QuotaExceeded",
+    "Service",
+    "ServiceConfig",
+    "TooLarge",
+    "VMView",
+    "load_config",
+]

@@ -1,0 +1,7 @@
+"""``python -m stoker.service --config FILE`` (until ``stoker serve`` wraps it)."""
+
+import sys
+
+from stoker.service.service import main
+
+sys.exit(main())

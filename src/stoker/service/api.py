@@ -1,0 +1,903 @@
+"""The REST API of ``stoker serve`` (FastAPI); its OpenAPI document is part of the product.
+
+Every endpoint but ``GET /health`` needs a bearer token with a scope
+(:mod:`stoker.service.auth`)::
+
+    POST /v1/jobs                          submit   multipart: spec (JSON) + source (tar[.gz])
+    GET  /v1/jobs                          read     filters: state, pool, label, submitter
+    GET  /v1/jobs/{id}                     read
+    POST /v1/jobs/{id}/cancel              submit   (own jobs; admin: any)
+    GET  /v1/jobs/{id}/logs                read     ?follow=1: server-sent events
+    GET  /v1/jobs/{id}/artifacts           read
+    GET  /v1/jobs/{id}/artifacts/{name}    read
+    GET  /v1/pools | /v1/vms | /v1/hosts   read
+    GET  /metrics                          read     Prometheus text format
+    GET  /openapi.json                     read     this API's OpenAPI document
+    GET  /health                           -
+
+Errors are ``{"error": "<one line>", "detail": ...}`` with 400 (bad input),
+401 (no or unknown token; ``WWW-Authenticate: Bearer``), 403 (scope), 404,
+409 (state conflict), 413 (too large), 422 (spec does not validate) or 429
+(quota).  A rejected submission leaves nothing behind: its temporary
+directory is removed and no job row exists.
+
+Secret environment values never appear in a response or a log line: jobs
+are returned through :class:`~stoker.service.jobs.JobView` (which leaves
+them out) with every secret shown as ``"***"``, and validation errors are
+built from locations and messages only, never from the submitted input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field, ValidationError
+from pydantic.json_schema import JsonSchemaMode
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import stoker
+from stoker.errors import StokerError, UsageError
+from stoker.service.auth import Principal, Scope, TokenTable
+from stoker.service.config import ServiceConfig
+from stoker.service.jobs import (
+    ArtifactView,
+    Conflict,
+    JobFilter,
+    JobRequest,
+    JobState,
+    JobView,
+    LogChunkView,
+    NotFound,
+    QuotaExceeded,
+    TooLarge,
+    redact,
+)
+from stoker.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from stoker.service.metrics import Metrics
+from stoker.service.service import HealthView, HostView, NullObserver, PoolView, Service, VMView
+from stoker.service.upload import BadUpload, UploadTooLarge, body_limit, receive_upload
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app", "listen_socket", "serve"]
+
+T = TypeVar("T")
+
+#: Chunks per page of ``GET /v1/jobs/{id}/logs`` (without ``follow``).
+MAX_LOG_PAGE_CHUNKS: Final = 1000
+#: Bytes per page of the same (a chunk is never split, so a page may exceed it by one chunk).
+MAX_LOG_PAGE_BYTES: Final = 4 << 20
+#: A comment line is sent on an idle event stream this often (proxies close silent ones).
+SSE_KEEPALIVE_SECONDS: Final = 15.0
+SECRET_MASK: Final = "***"  # noqa: S105 - the mask, not a secret
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearerToken",
+    description="A token made by `stoker token new`; the service stores only its SHA-256.",
+)
+
+
+# --- response models ----------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a one-line message and optional details."""
+
+    error: str = Field(description="What went wrong, in one line.")
+    detail: Any = Field(
+        default=None,
+        description="Details: the validation problems, or a hint with the known names.",
+    )
+
+
+class Job(JobView):
+    """A job as the API shows it: secret environment values are replaced by ``***``."""
+
+    secrets: dict[str, str] = Field(
+        default_factory=dict,
+        description="The secret environment variables, each value shown as ***.",
+    )
+
+    @classmethod
+    def from_view(cls, view: JobView) -> Job:
+        """The API representation of ``view``."""
+        return cls(
+            **{name: getattr(view, name) for name in JobView.model_fields},
+            secrets=dict.fromkeys(view.secret_keys, SECRET_MASK),
+        )
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    jobs: list[Job]
+    next_before: str | None = Field(
+        default=None,
+        description="Pass as `before` to get the next page; null on the last page.",
+    )
+
+
+class LogChunk(BaseModel):
+    """A piece of a job's output (``data`` is text, or base64 when it is not UTF-8)."""
+
+    seq: int = Field(description="Position in the job's log, from 1; use as `after` to resume.")
+    stream: Literal["stdout", "stderr", "system"]
+    encoding: Literal["utf-8", "base64"]
+    data: str
+    at: datetime
+
+    @classmethod
+    def of(cls, chunk: LogChunkView) -> LogChunk:
+        """Encode ``chunk`` for JSON: as text when it is valid UTF-8."""
+        try:
+            return cls(
+                seq=chunk.seq,
+                stream=chunk.stream,
+                encoding="utf-8",
+                data=chunk.data.decode("utf-8"),
+                at=chunk.at,
+            )
+        except UnicodeDecodeError:
+            return cls(
+                seq=chunk.seq,
+                stream=chunk.stream,
+                encoding="base64",
+                data=base64.b64encode(chunk.data).decode("ascii"),
+                at=chunk.at,
+            )
+
+
+class LogPage(BaseModel):
+    """Stored output of a job after chunk ``after``, at most one bounded page."""
+
+    job_id: str
+    state: JobState
+    chunks: list[LogChunk]
+    next_after: int = Field(description="The seq of the last chunk returned (or `after`).")
+    complete: bool = Field(description="The job has ended and this page reaches its last chunk.")
+    truncated: bool = Field(description="The job wrote more than the service keeps.")
+
+
+class LogEnd(BaseModel):
+    """The ``end`` event of a log stream: the job's final state."""
+
+    state: JobState
+    exit_code: int | None
+    signal: int | None
+    reason: str | None
+    job: Job
+
+
+class ArtifactList(BaseModel):
+    """The files a job produced (download each by name)."""
+
+    job_id: str
+    artifacts: list[ArtifactView]
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error response (raised inside handlers, rendered by :func:`_api_error`)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        detail: object = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+        self.headers = headers
+
+
+_STATUS_OF: Final[tuple[tuple[type[StokerError], int], ...]] = (
+    (NotFound, 404),
+    (Conflict, 409),
+    (TooLarge, 413),
+    (QuotaExceeded, 429),
+    (UsageError, 400),
+)
+
+
+def _from_stoker(exc: StokerError) -> ApiError:
+    """The HTTP error for a service exception (infrastructure errors are 503)."""
+    status = next((code for kind, code in _STATUS_OF if isinstance(exc, kind)), 503)
+    detail = {"hint": exc.hint} if exc.hint else None
+    return ApiError(status, str(exc), detail)
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    body = ErrorBody(error=exc.message, detail=exc.detail)
+    return JSONResponse(body.model_dump(mode="json"), status_code=exc.status, headers=exc.headers)
+
+
+def _validation_problems(
+    errors: Iterable[Any], secrets: Iterable[str] = (), *, strip: int = 0
+) -> list[dict[str, Any]]:
+    """Pydantic errors as ``[{loc, msg, type}]``: no ``input`` (it may hold secrets)."""
+    problems = []
+    for err in errors:
+        loc = [str(part) for part in err.get("loc", ())][strip:]
+        kind = str(err.get("type", ""))
+        if kind == "extra_forbidden":
+            msg = f"unknown key {loc[-1]!r}" if loc else "unknown key"
+        else:
+            msg = redact(str(err.get("msg", "")), secrets)
+        problems.append({"loc": loc, "msg": msg, "type": kind})
+    return problems
+
+
+def _summary(problems: list[dict[str, Any]]) -> str:
+    first = problems[0]
+    where = ".".join(first["loc"])
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return f"{where}: {first['msg']}{more}" if where else f"{first['msg']}{more}"
+
+
+def _raw_secrets(spec: bytes) -> list[str]:
+    """The secret values of a (maybe invalid) spec, to keep them out of error messages."""
+    try:
+        document = json.loads(spec)
+    except ValueError:
+        return []
+    secrets = document.get("secrets") if isinstance(document, dict) else None
+    if not isinstance(secrets, dict):
+        return []
+    return [v for v in secrets.values() if isinstance(v, str)]
+
+
+# --- authentication -----------------------------------------------------------------------------
+
+
+def _require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: the caller's principal, which must hold ``scope``."""
+
+    async def dependency(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        tokens: TokenTable = request.app.state.tokens
+        if credentials is None:
+            raise ApiError(
+                401,
+                "missing bearer token (send 'Authorization: Bearer <token>')",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        principal = tokens.authenticate(credentials.credentials)
+        if principal is None:
+            raise ApiError(
+                401,
+                "invalid bearer token",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        if not principal.allows(scope):
+            raise ApiError(
+                403,
+                f"token {principal.name!r} lacks the {scope!r} scope",
+                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+            )
+        return principal
+
+    dependency.__name__ = f"require_{scope}"
+    return dependency
+
+
+Submitter = Annotated[Principal, Depends(_require("submit"))]
+Reader = Annotated[Principal, Depends(_require("read"))]
+JobId = Annotated[str, PathParam(description="The job's id.", pattern=r"^[0-9a-f]{32}$")]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No bearer token, or an unknown one."},
+    403: {"model": ErrorBody, "description": "The token lacks the scope."},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "No such job."}
+}
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+async def _call(awaitable: Awaitable[T]) -> T:
+    """Await a service call, turning its errors into HTTP errors."""
+    try:
+        return await awaitable
+    except StokerError as exc:
+        raise _from_stoker(exc) from None
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=_ERRORS)
+
+_SUBMIT_BODY: Final[dict[str, Any]] = {
+    "requestBody": {
+        "required": True,
+        "description": "A `spec` part (JSON: the job) and an optional `source` part "
+        "(a tar or tar.gz of the project, at most `limits.max_upload_bytes`).",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["spec"],
+                    "properties": {
+                        "spec": {"$ref": "#/components/schemas/JobRequest"},
+                        "source": {"type": "string", "format": "binary"},
+                    },
+                },
+                "encoding": {"spec": {"contentType": "application/json"}},
+            }
+        },
+    }
+}
+
+
+@jobs.post(
+    "",
+    status_code=201,
+    summary="Submit a job",
+    response_model=Job,
+    openapi_extra=_SUBMIT_BODY,
+    responses={
+        400: {"model": ErrorBody, "description": "Unknown pool or image, unsafe tarball, ..."},
+        413: {"model": ErrorBody, "description": "The upload or its unpacked tree is too large."},
+        422: {"model": ErrorBody, "description": "The spec does not validate."},
+        429: {"model": ErrorBody, "description": "Too many queued jobs for this submitter."},
+    },
+)
+async def submit_job(request: Request, principal: Submitter) -> Job:
+    """Queue a job: its command, where to run it and optionally its source tree.
+
+    The body is read as it arrives and refused (413) as soon as the source
+    passes the upload limit.  The tarball is unpacked and checked before the
+    job exists: an entry escaping its root, a device node or a link out of
+    the tree is refused (400) naming the entry, and nothing is left behind.
+    """
+    config: ServiceConfig = request.app.state.config
+    limits = config.limits
+    length = request.headers.get("content-length")
+    if (
+        length is not None
+        and length.isdigit()
+        and int(length) > body_limit(limits.max_upload_bytes)
+    ):
+        raise ApiError(
+            413,
+            f"the request body has {length} bytes, more than this service accepts: sources "
+            f"of at most {limits.max_upload_bytes} bytes (limits.max_upload_bytes)",
+            {"max_upload_bytes": limits.max_upload_bytes},
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="upload-", dir=_incoming_dir(config)))
+    try:
+        try:
+            upload = await receive_upload(
+                request.stream(),
+                request.headers.get("content-type", ""),
+                workdir=workdir,
+                max_source_bytes=limits.max_upload_bytes,
+            )
+        except UploadTooLarge as exc:
+            raise ApiError(413, str(exc), {"max_upload_bytes": limits.max_upload_bytes}) from None
+        except BadUpload as exc:
+            raise ApiError(400, str(exc)) from None
+        spec = _parse_spec(upload.spec)
+        # The service checks the spec against the pools and unpacks the source with
+        # safe_extract before it creates the job; a refusal leaves nothing behind.
+        view = await _call(_service(request).submit(spec, principal.name, source=upload.source))
+    finally:
+        await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+    log.info("job %s submitted by %s", view.id, principal.name)
+    return Job.from_view(view)
+
+
+def _incoming_dir(config: ServiceConfig) -> Path:
+    """Where submissions are received (the job store's scratch directory, shared with
+    :meth:`Service.submit`); each request's files are removed when it ends."""
+    path = config.jobs_dir / ".incoming"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _parse_spec(raw: bytes) -> JobRequest:
+    try:
+        return JobRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = _validation_problems(exc.errors(), _raw_secrets(raw))
+        if any(p["type"] == "json_invalid" for p in problems):
+            raise ApiError(422, "the spec part is not valid JSON", problems) from None
+        raise ApiError(422, f"invalid job spec: {_summary(problems)}", problems) from None
+
+
+@jobs.get("", summary="List jobs", response_model=JobList)
+async def list_jobs(
+    request: Request,
+    principal: Reader,
+    state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+    pool: Annotated[str | None, Query(description="Only jobs of this pool.")] = None,
+    label: Annotated[str | None, Query(description="Only jobs asking for this label.")] = None,
+    submitter: Annotated[str | None, Query(description="Only jobs of this submitter.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many jobs.")] = 100,
+    before: Annotated[
+        str | None, Query(description="Only jobs created before this job (paging).")
+    ] = None,
+) -> JobList:
+    """Jobs matching every given filter, newest first, one page at a time."""
+    filters = JobFilter(
+        state=state, pool=pool, label=label, submitter=submitter, limit=limit, before=before
+    )
+    views = await _call(_service(request).list(filters))
+    next_before = views[-1].id if len(views) == limit else None
+    return JobList(jobs=[Job.from_view(v) for v in views], next_before=next_before)
+
+
+@jobs.get("/{job_id}", summary="Get a job", response_model=Job, responses=_NOT_FOUND)
+async def get_job(request: Request, principal: Reader, job_id: JobId) -> Job:
+    """One job with every state transition it went through."""
+    return Job.from_view(await _call(_service(request).get(job_id)))
+
+
+@jobs.post(
+    "/{job_id}/cancel",
+    summary="Cancel a job",
+    response_model=Job,
+    responses={
+        **_NOT_FOUND,
+        409: {"model": ErrorBody, "description": "The job has already ended."},
+    },
+)
+async def cancel_job(request: Request, principal: Submitter, job_id: JobId) -> Job:
+    """Cancel a queued or running job (its VM is destroyed).
+
+    A token may cancel the jobs it submitted; an ``admin`` token any job.
+    """
+    service = _service(request)
+    current = await _call(service.get(job_id))
+    if current.submitter != principal.name and not principal.allows("admin"):
+        raise ApiError(
+            403,
+            f"job {job_id} was submitted by {current.submitter!r}; "
+            "only its submitter or an admin may cancel it",
+        )
+    view = await _call(service.cancel(job_id))
+    log.info("job %s cancelled by %s", job_id, principal.name)
+    return Job.from_view(view)
+
+
+@jobs.get(
+    "/{job_id}/logs",
+    summary="Get or follow a job's output",
+    response_model=LogPage,
+    responses={
+        **_NOT_FOUND,
+        200: {
+            "description": "The stored log (JSON), or with `follow=1` a `text/event-stream` "
+            "of `log` events (data: a LogChunk) ending with one `end` event (data: LogEnd), "
+            "or an `error` event (data: ErrorBody) if the service fails meanwhile.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
+)
+async def job_logs(
+    request: Request,
+    principal: Reader,
+    job_id: JobId,
+    follow: Annotated[
+        bool, Query(description="Stream server-sent events until the job ends.")
+    ] = False,
+    after: Annotated[
+        int, Query(ge=0, description="Only chunks after this seq (resume where you were).")
+    ] = 0,
+) -> Response | LogPage:
+    """The job's output: stdout, stderr and stoker's own messages, in order.
+
+    Without ``follow`` one page of the stored log (at most 1000 chunks,
+    about 4 MiB); page with ``after=next_after``.  With ``follow=1`` a
+    stream of server-sent events: ``log`` for every chunk (its ``id`` is the
+    chunk's seq, so ``Last-Event-ID`` resumes), then ``end`` with the final
+    state.
+    """
+    service = _service(request)
+    job = await _call(service.get(job_id))
+    if follow:
+        resume = request.headers.get("last-event-id", "")
+        start = max(after, int(resume)) if resume.isdigit() else after
+        return StreamingResponse(
+            _event_stream(request, service, job_id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    chunks = await _call(service.logs(job_id, after, limit=MAX_LOG_PAGE_CHUNKS))
+    page: list[LogChunk] = []
+    size = 0
+    for chunk in chunks:
+        if page and size + len(chunk.data) > MAX_LOG_PAGE_BYTES:
+            break
+        page.append(LogChunk.of(chunk))
+        size += len(chunk.data)
+    ended = job.state in {JobState(s) for s in _TERMINAL_STATES}
+    return LogPage(
+        job_id=job_id,
+        state=job.state,
+        chunks=page,
+        next_after=page[-1].seq if page else after,
+        complete=ended and len(page) == len(chunks) and len(chunks) < MAX_LOG_PAGE_CHUNKS,
+        truncated=job.log_truncated,
+    )
+
+
+_TERMINAL_STATES: Final = ("succeeded", "failed", "errored", "cancelled", "timed_out")
+
+
+def _sse(event: str, data: BaseModel, event_id: int | None = None) -> bytes:
+    lines = [f"event: {event}"]
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    lines.append(f"data: {data.model_dump_json()}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+async def _event_stream(
+    request: Request, service: Service, job_id: str, after: int
+) -> AsyncIterator[bytes]:
+    """``log`` events until the job ends, then ``end``; keep-alive comments when idle.
+
+    A failure of the service while streaming ends the stream with an
+    ``error`` event (data: an :class:`ErrorBody`).
+    The stream also ends (without ``end``) when the service shuts down, so
+    clients reconnect with ``Last-Event-ID`` to another process or later.
+    """
+    closing: asyncio.Event = request.app.state.closing
+    chunks = aiter(service.follow_logs(job_id, after))
+    closed: asyncio.Future[Any] = asyncio.ensure_future(closing.wait())
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait(
+                {pending, closed},
+                timeout=SSE_KEEPALIVE_SECONDS,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if pending in done:
+                future, pending = pending, None
+                try:
+                    chunk = future.result()
+                except StopAsyncIteration:
+                    break
+                except StokerError as exc:
+                    # Headers are sent: report the failure in the stream itself.
+                    yield _sse("error", ErrorBody(error=str(exc)))
+                    return
+                yield _sse("log", LogChunk.of(chunk), chunk.seq)
+            elif closed in done:
+                return
+            else:
+                yield b": keep-alive\n\n"
+        job = Job.from_view(await service.get(job_id))
+        end = LogEnd(
+            state=job.state, exit_code=job.exit_code, signal=job.signal, reason=job.reason, job=job
+        )
+        yield _sse("end", end)
+    finally:
+        closed.cancel()
+        if pending is not None:
+            # The generator is suspended inside this task: cancel it and let it unwind first.
+            pending.cancel()
+            await asyncio.wait({pending})
+            if not pending.cancelled():
+                pending.exception()  # retrieved: it ended the stream either way
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+@jobs.get(
+    "/{job_id}/artifacts",
+    summary="List a job's artifacts",
+    response_model=ArtifactList,
+    responses=_NOT_FOUND,
+)
+async def list_artifacts(request: Request, principal: Reader, job_id: JobId) -> ArtifactList:
+    """The files the job's artifact patterns matched, copied out of its VM."""
+    items = await _call(_service(request).artifacts(job_id))
+    return ArtifactList(job_id=job_id, artifacts=list(items))
+
+
+@jobs.get(
+    "/{job_id}/artifacts/{name:path}",
+    summary="Download an artifact",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The file's bytes.",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        },
+        404: {"model": ErrorBody, "description": "No such job or artifact."},
+    },
+)
+async def get_artifact(
+    request: Request,
+    principal: Reader,
+    job_id: JobId,
+    name: Annotated[str, PathParam(description="The artifact's name (a relative path).")],
+) -> FileResponse:
+    """One artifact's content (``application/octet-stream``)."""
+    path = await _call(_service(request).artifact_path(job_id, name))
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=Path(name).name,
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+fleet = APIRouter(prefix="/v1", tags=["fleet"], responses=_ERRORS)
+
+
+@fleet.get("/pools", summary="List pools", response_model=list[PoolView])
+async def list_pools(request: Request, principal: Reader) -> list[PoolView]:
+    """The configured pools: VM shape, warm VMs on this host, jobs waiting (all hosts)."""
+    return await _call(_service(request).pools())
+
+
+@fleet.get("/vms", summary="List VMs", response_model=list[VMView])
+async def list_vms(request: Request, principal: Reader) -> list[VMView]:
+    """The VMs of every host: booting, warm and idle, or running a job."""
+    return await _call(_service(request).vms())
+
+
+@fleet.get("/hosts", summary="List hosts", response_model=list[HostView])
+async def list_hosts(request: Request, principal: Reader) -> list[HostView]:
+    """The ``stoker serve`` processes sharing the database, their capacity and heartbeat."""
+    return await _call(_service(request).hosts())
+
+
+ops = APIRouter(tags=["operations"])
+
+
+@ops.get(
+    "/health",
+    summary="Health check",
+    response_model=HealthView,
+    responses={503: {"model": HealthView, "description": "Starting, stopping or degraded."}},
+)
+async def health(request: Request) -> JSONResponse:
+    """Whether this process works: 200 when it does, 503 otherwise. No token needed."""
+    report = await _service(request).health()
+    status = 200 if report.status == "ok" else 503
+    return JSONResponse(report.model_dump(mode="json"), status_code=status)
+
+
+@ops.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        **_ERRORS,
+        200: {
+            "description": "Metrics in the Prometheus text format.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+    },
+)
+async def metrics(request: Request, principal: Reader) -> Response:
+    """Queue depth, wait and boot histograms, VMs, job outcomes, failures, capacity."""
+    collector: Metrics = request.app.state.metrics
+    # Other hosts' submissions change the queues too: read them fresh for every scrape.
+    for pool in await _call(_service(request).pools()):
+        collector.queue_depth(pool.name, pool.queued)
+    return Response(collector.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+# --- the application ----------------------------------------------------------------------------
+
+
+def create_app(service: Service, config: ServiceConfig) -> FastAPI:
+    """The API of ``service``, configured by ``config`` (tokens, limits).
+
+    The app does not start or stop the service; ``stoker serve`` does.  Set
+    ``app.state.closing`` to end every open log stream before shutting down.
+    ``/metrics`` serves the service's observer when it is a :class:`Metrics`
+    (a service not started yet with no observer gets one).
+    """
+    app = FastAPI(
+        title="stoker",
+        version=stoker.__version__,
+        summary="Build and test untrusted code in throw-away microVMs.",
+        description=__doc__ or "",
+        openapi_tags=[
+            {"name": "jobs", "description": "Submit jobs, follow their output, get artifacts."},
+            {"name": "fleet", "description": "Pools, VMs and hosts."},
+            {"name": "operations", "description": "Health and metrics."},
+        ],
+        # Only /health is open: the document is served below, behind a token, and the
+        # browser UIs (which would load scripts from a CDN) are left out.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.state.config = config
+    app.state.metrics = _metrics_of(service)
+    app.state.tokens = TokenTable(config.tokens)
+    app.state.closing = asyncio.Event()
+    app.include_router(jobs)
+    app.include_router(fleet)
+    app.include_router(ops)
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(principal: Reader) -> JSONResponse:
+        """This API's OpenAPI document."""
+        return JSONResponse(app.openapi())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = _validation_problems(exc.errors())
+        return _error_response(ApiError(422, f"invalid request: {_summary(problems)}", problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(ApiError(exc.status_code, str(exc.detail), headers=exc.headers))
+
+    @app.exception_handler(StokerError)
+    async def _stoker_error(request: Request, exc: StokerError) -> JSONResponse:
+        return _error_response(_from_stoker(exc))
+
+    return app
+
+
+def _metrics_of(service: Service) -> Metrics:
+    """The :class:`Metrics` the service reports to (installed if it has no observer yet)."""
+    if isinstance(service.observer, Metrics):
+        collector = service.observer
+    else:
+        collector = Metrics()
+        if isinstance(service.observer, NullObserver) and service.status == "created":
+            service.observer = collector
+    budget = service.config.host
+    collector.set_budget(budget.cpu_budget, budget.memory_budget_mb)
+    return collector
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, completed: the submission's spec schema, our 422 error body."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        description=app.description,
+        routes=app.routes,
+        tags=app.openapi_tags,
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    # Bodies the routes build themselves: the submission's spec, the log stream's events.
+    extra: tuple[tuple[type[BaseModel], JsonSchemaMode], ...] = (
+        (JobRequest, "validation"),
+        (LogEnd, "serialization"),
+    )
+    for model, mode in extra:
+        schema_of = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+        for name, definition in schema_of.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components.setdefault(model.__name__, schema_of)
+    # Validation errors are rendered by our handler as ErrorBody, not FastAPI's default.
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if "422" in responses:
+                responses["422"] = {
+                    "description": "The request does not validate.",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                    },
+                }
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    app.openapi_schema = schema
+    return schema
+
+
+# --- running it -----------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: the caller decides when to stop (``stop``)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for the API (bound here, so errors are ours to explain)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = infos[0][0]
+        return socket.create_server((host, port), family=family, backlog=512)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+            hint="change [listen] in the configuration, or stop what uses the port",
+        ) from None
+
+
+async def serve(
+    config: ServiceConfig,
+    *,
+    stop: asyncio.Event,
+    sock: socket.socket | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the service and its REST API in this event loop until ``stop`` is set.
+
+    Then: no new connections, open log streams end (clients resume
+    elsewhere or later), requests in flight get a few seconds, and the
+    service stops gracefully (running jobs get ``shutdown_grace_seconds``).
+    ``on_ready`` is called with the base URL once connections are accepted.
+    """
+    listener = sock or listen_socket(config.listen.host, config.listen.port)
+    metrics = Metrics()
+    service = Service(config, observer=metrics)
+    stopper: asyncio.Task[bool] | None = None
+    try:
+        await service.start()
+        app = create_app(service, config)
+        server = _Server(
+            uvicorn.Config(
+                app,
+                lifespan="off",
+                log_config=None,
+                timeout_graceful_shutdown=5,
+                server_header=False,
+            )
+        )
+        serving = asyncio.create_task(server.serve(sockets=[listener]))
+        stopper = asyncio.create_task(stop.wait())
+        if on_ready is not None:
+            # The socket listens already: connections wait in its backlog until uvicorn runs.
+            host, port = listener.getsockname()[:2]
+            on_ready(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
+        await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        app.state.closing.set()
+        server.should_exit = True
+        await serving
+    finally:
+        if stopper is not None:
+            stopper.cancel()
+        await service.stop()
+        listener.close()

@@ -1,0 +1,563 @@
+"""``stoker serve`` configuration: one frozen model, read from TOML with located errors.
+
+Everything the service does is decided here; the TOML file, the CLI and the
+REST API read the same :class:`ServiceConfig` (a JSON round-trip gives it back
+unchanged).  Example, with the defaults of every optional key::
+
+    state_dir = "/var/lib/stoker"       # SQLite database, lock file, job files
+    database_url = "sqlite:////var/lib/stoker/stoker.db"   # or postgresql://...
+    storage_dir = "/var/lib/stoker/jobs"  # sources and artifacts; shared by all hosts
+    backend = "qemu"
+    retry_limit = 3                     # infrastructure retries of one job
+    lease_seconds = 15                  # a host silent this long has lost its jobs
+    heartbeat_seconds = 5
+    shutdown_grace_seconds = 60
+    poll_seconds = 1.0                  # how often to look for work other processes queued
+
+    [listen]
+    host = "127.0.0.1"
+    port = 8765
+
+    [host]
+    name = "build-1"                    # default: the machine's host name
+    cpus = 16                           # default: what the machine has
+    memory_mb = "64G"                   # default: what the machine has
+    overcommit = 1.0                    # multiplies both
+    accel = "auto"
+
+    [limits]
+    max_upload_bytes = "64M"            # a compressed source tarball
+    max_source_bytes = "1G"             # the tree it unpacks to (or a git checkout)
+    max_log_bytes = "16M"               # per job; the rest is dropped, marked truncated
+    max_artifact_bytes = "1G"           # per job
+    max_queued_per_submitter = 10000
+
+    [git]
+    allow_protocols = ["https"]
+    timeout = "5m"
+
+    [submitters]                        # every submitter (token name) ...
+    max_concurrent = 4                  # ... runs at most this many jobs at once
+    priority = 0                        # ... and may ask for at most this priority
+    [submitters.overrides.release-bot]
+    max_concurrent = 8
+    priority = 10
+
+    [pools.small]                       # at least one pool
+    image = "default"
+    cpus = 1
+    memory = "512M"
+    disk = "2G"
+    labels = ["linux"]
+    min_idle = 1                        # VMs kept booted at agent-ready, ahead of demand
+    max = 4                             # idle + busy VMs of this pool on one host
+    timeout = "30m"                     # default and maximum job timeout
+    snapshot = "auto"                   # restore warm VMs from a snapshot when one exists
+
+    [[tokens]]                          # read by the REST API
+    name = "ci"
+    sha256 = "<sha256 of the token>"
+    scopes = ["submit", "read"]
+
+Errors name the file, the line and the key, like image specs::
+
+    stoker.toml:12: pools.small.min_idle: expected a number <= 4, got 9
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from stoker.errors import UsageError
+from stoker.images.spec import (
+    DiskMB,
+    ImageName,
+    Items,
+    KeyPath,
+    MemoryMB,
+    _key_path,
+    _Locator,
+    _toml_type,
+)
+from stoker.paths import Dirs
+
+#: Environment variable that must be ``1`` for ``backend = "fake"`` to be accepted.
+ALLOW_FAKE_ENV = "STOKER_ALLOW_FAKE_BACKEND"
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+Scope = Literal["submit", "read", "admin"]
+
+
+# --- field types --------------------------------------------------------------------------------
+
+
+def _parse_bytes(value: object) -> object:
+    """``"64M"`` -> bytes; plain integers are bytes."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        return value
+    match = _SIZE_RE.match(value)
+    if not match:
+        raise ValueError(f"expected a size like 64M or 1G, got {value!r}")
+    number, unit = match.groups()
+    return int(number) * 1024 ** " KMGT".index(unit.upper() or " ")
+
+
+def _parse_duration(value: object) -> object:
+    """``"30m"`` -> seconds; plain numbers are seconds."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        return value
+    match = _DURATION_RE.match(value)
+    if not match:
+        raise ValueError(f"expected a duration like 90, 30s, 10m or 2h, got {value!r}")
+    return float(match.group(1)) * _DURATION_FACTORS[match.group(2) or "s"]
+
+
+def _check_name(value: str) -> str:
+    if not NAME_RE.fullmatch(value):
+        raise ValueError(
+            "expected a name of letters, digits, '.', '_' and '-' "
+            f"(not starting with a symbol, at most 64 characters), got {value!r}"
+        )
+    return value
+
+
+def _check_sha256(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError(f"expected the SHA-256 of the token as 64 hex digits, got {value!r}")
+    return value.lower()
+
+
+def _to_path(value: object, info: ValidationInfo) -> object:
+    """A host path; relative ones are relative to the configuration file."""
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        return value
+    if not value or "\0" in value:
+        raise ValueError(f"expected a path, got {value!r}")
+    path = Path(value)
+    if not path.is_absolute():
+        base = info.context.get("base_dir") if isinstance(info.context, Mapping) else None
+        if not isinstance(base, Path):
+            raise ValueError(f"expected an absolute path, got {value!r}")
+        path = base / path
+    # Strict validation takes Path objects from Python but strings from JSON.
+    return path if info.mode == "python" else str(path)
+
+
+Bytes = Annotated[int, BeforeValidator(_parse_bytes), Field(ge=1)]
+Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+Name = Annotated[str, AfterValidator(_check_name)]
+HostPath = Annotated[Path, BeforeValidator(_to_path)]
+
+
+def _host_cpus() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def _host_memory_mb() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1024
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ListenConfig(_Model):
+    """Where the REST API listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=1, le=65535)
+
+
+class HostConfig(_Model):
+    """This machine: its name among the hosts sharing a database, and its capacity."""
+
+    name: Name = Field(default_factory=lambda: _check_name(socket.gethostname().split(".")[0]))
+    cpus: int = Field(default_factory=_host_cpus, ge=1, le=4096)
+    memory_mb: MemoryMB = Field(default_factory=_host_memory_mb)
+    #: Both budgets are multiplied by this (VMs rarely use all they are given).
+    overcommit: float = Field(default=1.0, gt=0, le=16)
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+
+    @property
+    def cpu_budget(self) -> float:
+        """vCPUs that may be handed out at once."""
+        return self.cpus * self.overcommit
+
+    @property
+    def memory_budget_mb(self) -> float:
+        """Guest memory (MiB) that may be handed out at once."""
+        return self.memory_mb * self.overcommit
+
+
+class Limits(_Model):
+    """Bounds on what one job may store (sizes take K/M/G suffixes; plain numbers are bytes)."""
+
+    max_upload_bytes: Bytes = 64 << 20
+    max_source_bytes: Bytes = 1 << 30
+    max_log_bytes: Bytes = 16 << 20
+    max_artifact_bytes: Bytes = 1 << 30
+    #: Bound on the JSON size of a job's environment (names and values).
+    max_env_bytes: Bytes = 64 << 10
+    max_queued_per_submitter: int = Field(default=10_000, ge=1)
+
+
+class GitConfig(_Model):
+    """Fetching ``git`` sources on the host."""
+
+    #: URL schemes a job may name; ``file`` would let a submitter read this host's repositories.
+    allow_protocols: Items[Literal["https", "http", "ssh", "git", "file"]] = ("https",)
+    timeout: Seconds = 300.0
+
+
+class SubmitterPolicy(_Model):
+    """What one submitter may do."""
+
+    max_concurrent: int = Field(default=4, ge=1, le=100_000)
+    #: The highest priority this submitter's jobs may ask for (and their default).
+    priority: int = Field(default=0, ge=-1000, le=1000)
+
+
+class SubmittersConfig(_Model):
+    """The policy of every submitter, with per-submitter overrides."""
+
+    max_concurrent: int = Field(default=4, ge=1, le=100_000)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    overrides: dict[Name, SubmitterPolicy] = Field(default_factory=dict)
+
+    def policy(self, submitter: str) -> SubmitterPolicy:
+        """The policy that applies to ``submitter``."""
+        found = self.overrides.get(submitter)
+        if found is not None:
+            return found
+        return SubmitterPolicy(max_concurrent=self.max_concurrent, priority=self.priority)
+
+
+class PoolConfig(_Model):
+    """A pool: VMs of one image and shape, some kept warm ahead of demand."""
+
+    image: ImageName = "default"
+    cpus: int = Field(default=2, ge=1, le=64)
+    #: MiB (``"512M"``, ``"2G"`` or a number of MiB).
+    memory: MemoryMB = 1024
+    #: Size of the VM's writable disk, MiB.
+    disk: DiskMB = 4096
+    labels: Items[Name] = ()
+    min_idle: int = Field(default=0, ge=0, le=1000)
+    max: int = Field(default=4, ge=1, le=10_000)
+    #: Default and maximum timeout of a job's command.
+    timeout: Seconds = 3600.0
+    snapshot: Literal["never", "auto", "create"] = "auto"
+
+    @model_validator(mode="after")
+    def _min_idle_within_max(self) -> PoolConfig:
+        if self.min_idle > self.max:
+            raise ValueError(f"min_idle ({self.min_idle}) cannot exceed max ({self.max})")
+        return self
+
+
+class TokenConfig(_Model):
+    """An API token: its holder's name (the submitter) and what it may do."""
+
+    name: Name
+    sha256: Annotated[str, AfterValidator(_check_sha256)]
+    scopes: Items[Scope] = ("read",)
+
+
+class ServiceConfig(_Model):
+    """The whole configuration of ``stoker serve`` (see the module docstring)."""
+
+    state_dir: HostPath = Path("/var/lib/stoker")
+    database_url: str = ""
+    storage_dir: HostPath | None = None
+    #: VM work directories; must be private to this service (stray VMs in it are killed).
+    runtime_dir: HostPath | None = None
+    #: Kernels, images and snapshots (shared with ``stoker run``).
+    cache_dir: HostPath | None = None
+    backend: Literal["qemu", "fake"] = "qemu"
+    retry_limit: int = Field(default=3, ge=0, le=100)
+    lease_seconds: Seconds = 15.0
+    heartbeat_seconds: Seconds = 5.0
+    shutdown_grace_seconds: Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)] = 60.0
+    poll_seconds: Seconds = 1.0
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    host: HostConfig = Field(default_factory=HostConfig)
+    limits: Limits = Field(default_factory=Limits)
+    git: GitConfig = Field(default_factory=GitConfig)
+    submitters: SubmittersConfig = Field(default_factory=SubmittersConfig)
+    pools: dict[Name, PoolConfig] = Field(default_factory=lambda: {"default": PoolConfig()})
+    tokens: Items[TokenConfig] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_database(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and not data.get("database_url"):
+            state = data.get("state_dir", "/var/lib/stoker")
+            base = info.context.get("base_dir") if isinstance(info.context, Mapping) else None
+            if isinstance(state, str | Path) and state:
+                path = Path(state)
+                if not path.is_absolute() and isinstance(base, Path):
+                    path = base / path
+                if path.is_absolute():
+                    return {**data, "database_url": f"sqlite:///{path}/stoker.db"}
+        return data
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+            # A relative SQLite path: relative to the configuration file, like every path here.
+            base = info.context.get("base_dir") if isinstance(info.context, Mapping) else None
+            if isinstance(base, Path):
+                return f"sqlite:///{base / value.removeprefix('sqlite:///')}"
+        if value.startswith("postgresql://"):
+            # psycopg (version 3) is the driver stoker ships with.
+            return "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        if not value.startswith(("sqlite:///", "postgresql+psycopg://")):
+            raise ValueError(
+                "expected sqlite:////ABSOLUTE/PATH or postgresql://USER@HOST/DB, "
+                f"got {_redact_url(value)!r}"
+            )
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _fake_only_for_tests(cls, value: str) -> str:
+        if value == "fake" and os.environ.get(ALLOW_FAKE_ENV) != "1":
+            raise ValueError(
+                "the fake backend runs commands on this host, not in VMs: it exists for "
+                f"tests only (set {ALLOW_FAKE_ENV}=1 to allow it)"
+            )
+        return value
+
+    @field_validator("pools")
+    @classmethod
+    def _at_least_one_pool(cls, value: dict[str, PoolConfig]) -> dict[str, PoolConfig]:
+        if not value:
+            raise ValueError("no pools defined; expected at least one [pools.NAME] table")
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique_tokens(cls, value: tuple[TokenConfig, ...]) -> tuple[TokenConfig, ...]:
+        seen: dict[str, int] = {}
+        for index, token in enumerate(value):
+            for key, what in ((token.name, "name"), (token.sha256, "sha256")):
+                if key in seen:
+                    raise ValueError(
+                        f"tokens[{seen[key]}] and tokens[{index}] have the same {what}"
+                    )
+                seen[key] = index
+        return value
+
+    @model_validator(mode="after")
+    def _fits_the_host(self) -> ServiceConfig:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most half of "
+                f"lease_seconds ({self.lease_seconds:g}), or one late heartbeat loses every job"
+            )
+        budget = self.host
+        for name, pool in self.pools.items():
+            if pool.cpus > budget.cpu_budget or pool.memory > budget.memory_budget_mb:
+                raise ValueError(
+                    f"pool {name!r} needs {pool.cpus} vCPUs and {pool.memory} MiB per VM, more "
+                    f"than this host's budget ({budget.cpu_budget:g} vCPUs, "
+                    f"{budget.memory_budget_mb:g} MiB)"
+                )
+        warm_cpus = sum(p.cpus * p.min_idle for p in self.pools.values())
+        warm_mem = sum(p.memory * p.min_idle for p in self.pools.values())
+        if warm_cpus > budget.cpu_budget or warm_mem > budget.memory_budget_mb:
+            raise ValueError(
+                f"the pools' min_idle VMs need {warm_cpus} vCPUs and {warm_mem} MiB, more than "
+                f"this host's budget ({budget.cpu_budget:g} vCPUs, "
+                f"{budget.memory_budget_mb:g} MiB)"
+            )
+        return self
+
+    # resolved locations
+
+    @property
+    def dirs(self) -> Dirs:
+        """Cache and runtime directories for the VMs (environment defaults unless configured)."""
+        env = Dirs.from_env()
+        return Dirs(cache=self.cache_dir or env.cache, runtime=self.runtime_dir or env.runtime)
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where job sources and artifacts are stored (must be shared by all hosts)."""
+        return self.storage_dir or self.state_dir / "jobs"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def pools_for(self, image: str) -> list[str]:
+        """Names of the pools that run ``image``."""
+        return [name for name, pool in self.pools.items() if pool.image == image]
+
+
+def _redact_url(url: str) -> str:
+    """``url`` without a password (database and git URLs may carry one)."""
+    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", url)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_config(path: Path) -> ServiceConfig:
+    """Read ``path``; raise :class:`UsageError` naming the line and key of every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"configuration file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read configuration file {path}: {exc}") from None
+    return parse_config_text(text, origin=path)
+
+
+def parse_config_text(text: str, *, origin: Path) -> ServiceConfig:
+    """Parse a configuration text; relative paths are relative to ``origin``'s directory."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{origin}: invalid TOML: {exc}", hint="see https://toml.io") from None
+    try:
+        return ServiceConfig.model_validate(
+            document, context={"base_dir": origin.parent.absolute()}
+        )
+    except ValidationError as exc:
+        locator = _Locator(text)
+        problems = sorted(
+            {_format(origin, locator, err) for err in exc.errors()},
+            key=lambda p: (p[0] or 0, p[1]),
+        )
+        lines = [line for _, line in problems]
+        message = (
+            lines[0]
+            if len(lines) == 1
+            else f"{origin}: {len(lines)} problems\n  " + ("\n  ".join(lines))
+        )
+        raise UsageError(message, hint="the format is described in stoker.service.config") from None
+
+
+def _format(origin: Path, locator: _Locator, error: ErrorDetails) -> tuple[int | None, str]:
+    loc: KeyPath = tuple(error["loc"])
+    if loc and loc[-1] == "[key]":  # a bad key of a table (pools, overrides): point at the key
+        loc = loc[:-1]
+    line = locator.line_of(loc) if loc else None
+    where = f"{origin}:{line}" if line is not None else str(origin)
+    key = f"{_key_path(loc)}: " if loc else ""
+    return line, f"{where}: {key}{_describe(error, loc)}"
+
+
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "tuple_type": "an array",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+}
+
+
+def _describe(error: ErrorDetails, path: KeyPath) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        key = str(path[-1]) if path else "?"
+        allowed = sorted(_model_at(path[:-1]).model_fields)
+        close = difflib.get_close_matches(key, allowed, n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key {key!r}{guess}; expected one of: {', '.join(allowed)}"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {_toml_type(value)}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected', '?')}, got {value!r}"
+    bounds = {
+        "greater_than_equal": ">=",
+        "less_than_equal": "<=",
+        "greater_than": ">",
+        "less_than": "<",
+    }
+    if kind in bounds:
+        limit = next(iter(ctx.values()), "?")
+        return f"expected a number {bounds[kind]} {limit}, got {value!r}"
+    return f"{error['msg']} (got {value!r})"
+
+
+def _model_at(path: KeyPath) -> type[BaseModel]:
+    """The model whose keys live at ``path`` (table keys and array indices are skipped)."""
+    annotation: object = ServiceConfig
+    for part in path:
+        annotation = _unwrap(annotation)
+        if typing.get_origin(annotation) in (dict, tuple, list):
+            # pools.NAME or tokens[0]: the part names an element, not a field.
+            annotation = typing.get_args(annotation)[
+                -1 if typing.get_origin(annotation) is dict else 0
+            ]
+            continue
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        field = annotation.model_fields.get(str(part))
+        if field is None:
+            break
+        annotation = field.annotation
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return ServiceConfig
+
+
+def _unwrap(annotation: object) -> object:
+    """``Annotated[X, ...]`` and ``X | None`` -> ``X``."""
+    while True:
+        if typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
+            continue
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+            annotation = args[0]
+            continue
+        return annotation

@@ -1,0 +1,341 @@
+"""The database: engines, transactions run off the event loop, migrations, the claim.
+
+SQLite (the default) runs in WAL mode with a busy timeout and foreign keys;
+every write transaction starts with ``BEGIN IMMEDIATE``, so two processes on
+one file serialise their writes up front instead of failing half-way when
+they both upgrade a read lock.  PostgreSQL is reached with psycopg 3; claims
+lock the rows they take with ``SELECT ... FOR UPDATE SKIP LOCKED`` under a
+transaction-scoped advisory lock, so hosts never take the same job and never
+overshoot a submitter's concurrency limit together.
+
+The event loop never blocks on the database: :meth:`Database.run` runs a
+function of a :class:`~sqlalchemy.orm.Session` in a worker thread (one for
+SQLite: it has one writer anyway), inside one transaction, retried when the
+database reports a transient conflict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from stoker.errors import InfrastructureError
+from stoker.service.jobs import ACTIVE, JobState, transition
+from stoker.service.models import Host, Job, VMRecord, utcnow
+from stoker.service.scheduler import Candidate
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Key of the advisory lock PostgreSQL claims and migrations take (any constant would do).
+CLAIM_LOCK = 0x53544F4B  # "STOK"
+MIGRATION_LOCK = 0x53544F4D
+#: How many times a transaction is retried after a transient conflict.
+RETRIES = 8
+#: Candidates one claim looks at, at most.
+MAX_CANDIDATES = 2000
+SQLITE_BUSY_MS = 30_000
+
+
+class DatabaseError(InfrastructureError):
+    """The database could not be reached or refused a transaction for good."""
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` with stoker's connection settings (see the module docstring)."""
+    if url.startswith("sqlite"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False}
+        )
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # WAL + NORMAL: a commit survives a crash of this process (not of the machine's power).
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    write = connection.get_execution_options().get("stoker_write", True)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _transient(exc: DBAPIError) -> bool:
+    """A conflict worth retrying: SQLite busy, PostgreSQL serialisation failure or deadlock."""
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None)
+    if code in ("40001", "40P01"):
+        return True
+    text = str(orig).lower()
+    return "database is locked" in text or "database is busy" in text
+
+
+class Database:
+    """An engine plus a worker thread pool that runs transactions for the event loop."""
+
+    def __init__(self, url: str, *, threads: int | None = None) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.is_sqlite = url.startswith("sqlite")
+        self.is_postgres = url.startswith("postgresql")
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads or (1 if self.is_sqlite else 4), thread_name_prefix="stoker-db"
+        )
+
+    @contextlib.contextmanager
+    def session(self, *, write: bool = True) -> Iterator[Session]:
+        """A session in one transaction, committed when the block ends without error."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            if self.is_sqlite:
+                # Before the first statement: the "begin" event reads it (BEGIN IMMEDIATE or not).
+                session.connection(execution_options={"stoker_write": write})
+            yield session
+
+    def call(self, fn: Callable[[Session], T], *, write: bool = True) -> T:
+        """Run ``fn(session)`` in one transaction (blocking); retry transient conflicts."""
+        for attempt in range(RETRIES):
+            try:
+                with self.session(write=write) as session:
+                    return fn(session)
+            except DBAPIError as exc:
+                if attempt + 1 == RETRIES or not (_transient(exc) or exc.connection_invalidated):
+                    raise
+                delay = min(0.02 * 2**attempt, 1.0)
+                log.debug("transient database error (retrying in %.2fs): %s", delay, exc.orig)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def run(self, fn: Callable[[Session], T], *, write: bool = True) -> T:
+        """:meth:`call` in the database thread, awaited from the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, functools.partial(self.call, fn, write=write)
+        )
+
+    def close(self) -> None:
+        """Wait for running transactions, then close every connection (idempotent)."""
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+
+# --- migrations ---------------------------------------------------------------------------------
+
+
+def alembic_config(url: str) -> Any:
+    """Alembic's configuration for ``url``, without an ``alembic.ini``."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    # configparser interpolation: a literal '%' in a password must be doubled.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` to ``revision`` (``stoker serve`` does this on start).
+
+    Safe when several hosts start at once: SQLite serialises the migration
+    with ``BEGIN IMMEDIATE``, PostgreSQL with an advisory lock (its DDL is
+    transactional, so a host that waited finds the tables in place).
+    """
+    from alembic import command
+
+    cfg = alembic_config(url)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the database at ``url`` is at (None: not initialised)."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+# --- the claim ----------------------------------------------------------------------------------
+
+Chooser = Callable[[Sequence[Candidate], dict[str, int]], Sequence[str]]
+
+
+def claim_jobs(
+    session: Session,
+    *,
+    host: str,
+    pools: Collection[str],
+    choose: Chooser,
+    lease_seconds: float,
+    per_queue: int = 16,
+    now: datetime | None = None,
+) -> list[Job]:
+    """Claim the queued jobs ``choose`` picks; they become ``assigned`` to ``host``.
+
+    ``choose`` (the scheduler's pure policy) sees the first ``per_queue``
+    queued jobs of every (submitter, pool) queue in priority and FIFO order,
+    and the number of jobs every submitter has running anywhere.  On
+    PostgreSQL the candidates are locked with ``FOR UPDATE SKIP LOCKED`` (a
+    job another transaction holds is simply not a candidate this time) and the
+    whole claim runs under an advisory lock, so concurrent claims from several
+    hosts cannot both use a submitter's last free slot.
+    """
+    at = now or utcnow()
+    if not pools:
+        return []
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres:
+        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK)))
+    queued = (Job.state == JobState.QUEUED.value, Job.pool.in_(list(pools)))
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=(Job.submitter, Job.pool),
+            order_by=(Job.priority.desc(), Job.created_at, Job.id),
+        )
+        .label("rank")
+    )
+    # Only the columns placement needs: loading whole rows for every candidate is
+    # what would make a pass over a long queue slow.
+    columns = (
+        Job.id,
+        Job.submitter,
+        Job.pool,
+        Job.priority,
+        Job.created_at,
+        Job.cpus,
+        Job.memory_mb,
+    )
+    heads = select(*columns, rank).where(*queued).subquery()
+    first = select(*(heads.c[c.key] for c in columns)).where(heads.c.rank <= per_queue)
+    first = first.order_by(heads.c.rank).limit(MAX_CANDIDATES)
+    if postgres:
+        # FOR UPDATE cannot go with a window function: rank, then lock what is still queued.
+        ids = [row[0] for row in session.execute(first)]
+        if not ids:
+            return []
+        locked = (
+            select(*columns)
+            .where(Job.id.in_(ids), Job.state == JobState.QUEUED.value)
+            .with_for_update(skip_locked=True, of=Job)
+        )
+        rows = session.execute(locked).all()
+    else:
+        rows = session.execute(first).all()
+    if not rows:
+        return []
+    candidates = {
+        row.id: Candidate(
+            id=row.id,
+            submitter=row.submitter,
+            pool=row.pool or "",
+            priority=row.priority,
+            created_at=row.created_at,
+            cpus=row.cpus,
+            memory_mb=row.memory_mb,
+        )
+        for row in rows
+    }
+    counts = session.execute(
+        select(Job.submitter, func.count())
+        .where(Job.state.in_([s.value for s in ACTIVE]))
+        .group_by(Job.submitter)
+    )
+    running = {submitter: n for submitter, n in counts}
+    chosen = [i for i in choose(list(candidates.values()), running) if i in candidates]
+    if not chosen:
+        return []
+    jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(chosen)))}
+    claimed = []
+    for job_id in chosen:
+        job = jobs[job_id]
+        transition(session, job, JobState.ASSIGNED, host=host, now=at)
+        job.lease_until = at + timedelta(seconds=lease_seconds)
+        claimed.append(job)
+    return claimed
+
+
+def expired_jobs(session: Session, *, now: datetime, limit: int = 100) -> list[Job]:
+    """Claimed jobs whose lease ran out (their host stopped heartbeating), locked."""
+    query = (
+        select(Job)
+        .where(Job.state.in_([s.value for s in ACTIVE]), Job.lease_until < now)
+        .order_by(Job.lease_until)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(session.scalars(query))
+
+
+def renew_leases(
+    session: Session, *, host: str, job_ids: Collection[str], until: datetime
+) -> set[str]:
+    """Extend ``host``'s leases on ``job_ids``; return the ids it still holds."""
+    if not job_ids:
+        return set()
+    held = set(
+        session.scalars(
+            select(Job.id).where(
+                Job.id.in_(list(job_ids)),
+                Job.host == host,
+                Job.state.in_([s.value for s in ACTIVE]),
+            )
+        )
+    )
+    if held:
+        session.execute(update(Job).where(Job.id.in_(list(held))).values(lease_until=until))
+    return held
+
+
+def heartbeat(session: Session, *, host: str, incarnation: str, now: datetime) -> bool:
+    """Record that ``host`` is alive; False when another process took its name over."""
+    row = session.get(Host, host)
+    if row is None or row.incarnation != incarnation:
+        return False
+    row.heartbeat_at = now
+    return True
+
+
+def forget_vms(session: Session, *, host: str) -> int:
+    """Delete every VM record of ``host`` (its VMs are gone); return how many there were."""
+    result = session.execute(delete(VMRecord).where(VMRecord.host == host))
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,367 @@
+"""The service with real microVMs under TCG: few tests, each doing a lot.
+
+* one in-process service with a warm pool: an uploaded job end to end
+  (logs, artifacts, secrets), cancel, timeout;
+* ``python -m stoker.service`` killed with SIGKILL mid-job: its QEMU dies with
+  it, and the restarted daemon re-queues the job and runs it to success;
+* two daemons on one PostgreSQL: the one running a job is killed, the other
+  recovers the job once the lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from stoker.service.config import ServiceConfig, load_config
+from stoker.service.jobs import JobRequest, JobState
+from stoker.service.service import Service
+
+pytestmark = [pytest.mark.vm]
+TarballFactory = Callable[..., Path]
+
+#: The command of the recovery tests: slow on the first attempt only.
+SLOW_FIRST = (
+    'echo "attempt=$STOKER_JOB_ATTEMPT"; '
+    'if [ "$STOKER_JOB_ATTEMPT" = 0 ]; then sleep 60; fi; '
+    "grep -c stoker.root= /proc/cmdline; echo finished"
+)
+
+
+def qemu_children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"qemu-system" in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def stdout_of(service: Service, job_id: str) -> str:
+    return "".join(c.text for c in await service.logs(job_id) if c.stream == "stdout")
+
+
+# ------------------------------------------------------------------ one service, warm pool
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def warm_service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Service]:
+    state = tmp_path_factory.mktemp("warm-service")
+    config = ServiceConfig.model_validate(
+        {
+            "state_dir": str(state),
+            "host": {"name": "vm-test", "cpus": 2, "memory_mb": 2048, "accel": "tcg"},
+            "heartbeat_seconds": 1,
+            "lease_seconds": 10,
+            "poll_seconds": 0.5,
+            "pools": {
+                "warm": {
+                    "cpus": 1,
+                    "memory": 512,
+                    "disk": 1024,
+                    "min_idle": 1,
+                    "max": 2,
+                    "snapshot": "never",
+                }
+            },
+        }
+    )
+    service = Service(config)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop(grace=10)
+
+
+async def idle_vm(service: Service) -> Any:
+    sup = service.supervisor
+    assert sup is not None
+    return await until(
+        lambda: sup.pools["warm"].idle and sup.pools["warm"].idle[0], 120, "a warm VM"
+    )
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_uploaded_job_on_a_warm_vm(
+    warm_service: Service, make_tarball: TarballFactory
+) -> None:
+    service = warm_service
+    warm = await idle_vm(service)
+    qemu = warm.vmm_pid
+    upload = make_tarball({"hello.txt": "hello from the host\n", "run.sh": "echo script ran\n"})
+    t0 = time.monotonic()
+    job = await service.submit(
+        JobRequest(
+            command=(
+                "sh",
+                "-c",
+                "cat hello.txt; sh run.sh; grep -c stoker.root /proc/cmdline; "
+                'echo "token=$TOKEN" >&2; mkdir -p out; head -c 100000 /dev/urandom > out/blob; '
+                "sha256sum out/blob",
+            ),
+            secrets={"TOKEN": "very-secret-token"},
+            artifacts=("out/*",),
+        ),
+        "vm-tester",
+        source=upload,
+    )
+    done = await service.wait(job.id, timeout=120)
+    took = time.monotonic() - t0
+    assert done.state is JobState.SUCCEEDED, done.reason
+    assert done.vm_kind == "warm" and done.vm_name == warm.name
+    # A warm VM was booted already: the job did not wait for a boot.
+    assert took < 30, took
+    logs = await service.logs(job.id)
+    out = "".join(c.text for c in logs if c.stream == "stdout")
+    err = "".join(c.text for c in logs if c.stream == "stderr")
+    assert out.startswith("hello from the host\nscript ran\n1\n")
+    assert err == "token=***\n"
+    (artifact,) = await service.artifacts(job.id)
+    blob = (await service.artifact_path(job.id, "out/blob")).read_bytes()
+    assert artifact.name == "out/blob" and artifact.sha256 == hashlib.sha256(blob).hexdigest()
+    assert out.split()[-2] == artifact.sha256
+    # The VM served one job and is gone; the pool boots a replacement.
+    await until(lambda: not alive(qemu), 30, "the used VM to be destroyed")
+    replacement = await idle_vm(service)
+    assert replacement.name != warm.name
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_cancel_a_running_job(warm_service: Service) -> None:
+    service = warm_service
+    await idle_vm(service)
+    job = await service.submit(JobRequest(command=("sh", "-c", "echo started; sleep 600")), "vm")
+    await until(lambda: stdout_of(service, job.id), 60, "the command to start")
+    view = await service.get(job.id)
+    sup = service.supervisor
+    assert sup is not None and view.state is JobState.RUNNING
+    qemu = sup.jobs[job.id].vm.vmm_pid  # type: ignore[union-attr]
+    t0 = time.monotonic()
+    await service.cancel(job.id)
+    done = await service.wait(job.id, timeout=60)
+    assert done.state is JobState.CANCELLED and time.monotonic() - t0 < 20
+    await until(lambda: qemu is None or not alive(qemu), 30, "the VM to be destroyed")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_timeout(warm_service: Service) -> None:
+    service = warm_service
+    await idle_vm(service)
+    job = await service.submit(
+        JobRequest(command=("sh", "-c", "echo going; sleep 600"), timeout=3), "vm"
+    )
+    done = await service.wait(job.id, timeout=120)
+    assert done.state is JobState.TIMED_OUT and done.reason == "timed out after 3s"
+    assert await stdout_of(service, job.id) == "going\n"
+
+
+# ------------------------------------------------------------------ daemons, killed
+
+
+class Daemon:
+    """``python -m stoker.service`` in a subprocess; the test reaps it."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stoker.service", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        """SIGTERM (graceful) and reap; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(name: str, **settings: Any) -> Daemon:
+        lines = [f"{key} = {value!r}".replace("'", '"') for key, value in settings.items()]
+        text = "\n".join(lines) + (
+            f'\n[host]\nname = "{name}"\ncpus = 2\nmemory_mb = 2048\naccel = "tcg"\n'
+            "[pools.default]\ncpus = 1\nmemory = 512\ndisk = 1024\nmax = 1\n"
+            'snapshot = "never"\n'
+        )
+        config = tmp_path / f"{name}.toml"
+        config.write_text(text)
+        daemon = Daemon(config, tmp_path / f"{name}.log")
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        if daemon.proc is not None:
+            daemon.stop()
+
+
+def _check_events(events: Any, expected: list[JobState]) -> None:
+    assert [e.to_state for e in events] == expected
+    assert all(e.at is not None for e in events)
+    assert all(b.at >= a.at for a, b in itertools.pairwise(events))
+
+
+async def test_kill_9_and_restart(
+    daemons: Callable[..., Daemon], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    daemon = daemons(
+        "solo",
+        state_dir=str(tmp_path / "solo-state"),
+        heartbeat_seconds=1,
+        lease_seconds=5,
+        poll_seconds=0.5,
+    )
+    config = load_config(daemon.config)
+    client = Service(config)
+    await client.open()
+    try:
+        daemon.start()
+        job = await client.submit(JobRequest(command=("sh", "-c", SLOW_FIRST)), "tester")
+        await until(lambda: _has_output(client, job.id, "attempt=0"), 120, "attempt 0 to run")
+        vmms = qemu_children(daemon.pid)
+        assert len(vmms) == 1, vmms
+        daemon.kill9()
+        # PR_SET_PDEATHSIG: the VMM does not outlive the daemon.
+        await until(lambda: not any(alive(p) for p in vmms), 10, "QEMU to die with the daemon")
+        stuck = await client.get(job.id)
+        assert stuck.state is JobState.RUNNING and stuck.host == "solo"
+        daemon.start()
+        done = await client.wait(job.id, timeout=180)
+        assert done.state is JobState.SUCCEEDED, (done.reason, daemon.tail())
+        assert done.attempt == 1 and done.vm_kind == "cold"
+        run = [JobState.ASSIGNED, JobState.BOOTING, JobState.RUNNING]
+        _check_events(
+            done.events, [JobState.QUEUED, *run, JobState.QUEUED, *run, JobState.SUCCEEDED]
+        )
+        assert "restarted" in (done.events[4].reason or "")
+        out = await stdout_of(client, job.id)
+        assert out == "attempt=0\nattempt=1\n1\nfinished\n"
+        assert daemon.stop() == 0, daemon.tail()
+        assert not any(alive(p) for p in qemu_children(daemon.pid))
+        (host,) = await client.hosts()
+        assert host.status == "stopped"
+    except BaseException:
+        print(daemon.tail())
+        raise
+    finally:
+        await client.stop()
+
+
+async def _has_output(client: Service, job_id: str, text: str) -> bool:
+    return text in await stdout_of(client, job_id)
+
+
+async def test_two_hosts_on_postgres(
+    daemons: Callable[..., Daemon], tmp_path: Path, pg_url: str
+) -> None:
+    common = {
+        "database_url": pg_url,
+        "storage_dir": str(tmp_path / "shared-storage"),
+        "heartbeat_seconds": 1,
+        "lease_seconds": 5,
+        "poll_seconds": 0.5,
+    }
+    one = daemons("host-one", state_dir=str(tmp_path / "one"), **common)
+    two = daemons("host-two", state_dir=str(tmp_path / "two"), **common)
+    client = Service(load_config(one.config))
+    await client.open()
+    try:
+        one.start()
+        two.start()
+        await until(
+            lambda: _alive_hosts(client, {"host-one", "host-two"}), 60, "both hosts to heartbeat"
+        )
+        job = await client.submit(JobRequest(command=("sh", "-c", SLOW_FIRST)), "tester")
+        await until(lambda: _has_output(client, job.id, "attempt=0"), 120, "attempt 0 to run")
+        first = (await client.get(job.id)).host
+        victim, survivor = (one, two) if first == "host-one" else (two, one)
+        vmms = qemu_children(victim.pid)
+        victim.kill9()
+        await until(lambda: not any(alive(p) for p in vmms), 10, "QEMU to die with its daemon")
+        done = await client.wait(job.id, timeout=180)
+        assert done.state is JobState.SUCCEEDED, (done.reason, survivor.tail())
+        assert done.attempt == 1 and done.host != first
+        recovered = done.events[4]
+        assert recovered.to_state is JobState.QUEUED
+        assert f"host {first} stopped heartbeating" in (recovered.reason or "")
+        assert await stdout_of(client, job.id) == "attempt=0\nattempt=1\n1\nfinished\n"
+        hosts = {h.name: h for h in await client.hosts()}
+        assert not hosts[first or ""].alive and hosts[done.host or ""].alive
+        assert survivor.stop() == 0, survivor.tail()
+    except BaseException:
+        print(one.tail(), two.tail(), sep="\n----\n")
+        raise
+    finally:
+        await client.stop()
+
+
+async def _alive_hosts(client: Service, names: set[str]) -> bool:
+    return {h.name for h in await client.hosts() if h.alive} >= names
