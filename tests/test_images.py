@@ -157,12 +157,6 @@ def test_unknown_artifact_override_is_refused(tmp_path: Path) -> None:
         _builder(tmp_path, '[image.t]\nbase = "debian:bookworm"\n', overrides={"x": tmp_path})
 
 
-def test_stoker_microvm_kernel_is_refused_before_any_work(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, '[image.t]\nbase = "debian:bookworm"\nkernel = "stoker-microvm"\n')
-    with pytest.raises(ProvisionError, match="stoker-microvm"):
-        builder_module.resolve_kernel(spec, _dirs(tmp_path))
-
-
 def test_kernel_path_is_identified_by_content(tmp_path: Path) -> None:
     (tmp_path / "bzImage").write_bytes(b"kernel bytes")
     spec = _spec(tmp_path, '[image.t]\nbase = "debian:bookworm"\nkernel = "./bzImage"\n')
