@@ -71,7 +71,8 @@ from stoker.protocol.wire import VSOCK_PORT
 TESTS = Path(__file__).resolve().parent
 GOLDEN = TESTS / "golden"
 SPEC_FILE = (
-    TESTS.parent.parent / "shared" / "reference" / "cloud-hypervisor" / "cloud-hypervisor.yaml"
+    # A vendored copy of ../shared/reference (see tests/reference/README.md).
+    TESTS / "reference" / "cloud-hypervisor" / "cloud-hypervisor.yaml"
 )
 SPEC_URI = "urn:stoker:cloud-hypervisor-openapi"
 

@@ -68,7 +68,8 @@ from stoker.protocol import wire
 from stoker.protocol.client import AgentClient
 
 GOLDEN = Path(__file__).parent / "golden"
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/firecracker/firecracker.yaml"
+# A vendored copy of ../shared/reference (see tests/reference/README.md).
+REFERENCE = Path(__file__).resolve().parent / "reference/firecracker/firecracker.yaml"
 READY = {"type": "ready", "protocol": 1, "agent": "t", "python": "3", "kernel": "k", "pid1": True}
 EXEC_FILE = "/usr/bin/firecracker"
 WORKDIR = Path("/run/stoker/stoker-test-abcd")

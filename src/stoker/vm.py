@@ -672,8 +672,15 @@ def sweep_stale_workdirs(runtime: Path) -> list[Path]:
         pid = recorded.split(":", 1)[0]
         if pid.isdigit() and _process_identity(int(pid)) == recorded:
             continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
+        for _ in range(10):
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+                break
+            # The dead run's VMM may still be exiting (it got SIGKILL with its parent).
+            time.sleep(0.1)
+        else:
+            log.warning("could not remove the stale VM work directory %s", entry)
     return removed
 
 

@@ -272,7 +272,8 @@ def pack_tree(opts: PackOptions, tree: Path, output: Path, *, digest: str, log: 
         script.write_text(ext4_ctime_script(stats.entries, opts.source_date_epoch))
         try:
             # Not logged line by line: one command per inode.
-            run_checked(["debugfs", "-w", "-f", str(script), str(output)], timeout=3600)
+            # The fake time keeps debugfs from stamping the superblock's write time.
+            run_checked(["debugfs", "-w", "-f", str(script), str(output)], env=env, timeout=3600)
         finally:
             script.unlink()
     return stats
