@@ -18,7 +18,9 @@ PACKAGES=(
   zstd              # zstd-compressed kernel modules (trixie kernels) and OCI layers
   lz4               # unpacking the kernel's vmlinux for Firecracker / Cloud Hypervisor
   build-essential flex bison bc libelf-dev   # `stoker kernel build` (the microVM kernel)
+  xz-utils          # the linux-source tarball
   postgresql        # `stoker serve` on PostgreSQL (the multi-host tests start a throw-away cluster)
+  git               # `stoker serve` jobs whose source is a git URL + ref
   ca-certificates
 )
 
