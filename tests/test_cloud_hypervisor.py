@@ -66,6 +66,7 @@ from stoker.errors import (
     LaunchError,
     UsageError,
 )
+from stoker.protocol.transport import HybridVsockTransport
 from stoker.protocol.wire import VSOCK_PORT
 
 TESTS = Path(__file__).resolve().parent
@@ -1000,7 +1001,7 @@ async def test_vsock_transport_retries_until_the_agent_listens(uds: Any) -> None
         await reader.read()
         writer.close()
 
-    transport = ch._RetryingVsockTransport(await uds(vmm), VSOCK_PORT)
+    transport = HybridVsockTransport(await uds(vmm), VSOCK_PORT)
     reader, writer = await transport.connect(timeout=5)
     assert await reader.readexactly(5) == b"hello"
     assert attempts == 3
@@ -1019,7 +1020,7 @@ async def test_vsock_transport_waits_for_the_socket(uds: Any, tmp_path: Path) ->
     loop = asyncio.get_running_loop()
     later = loop.create_task(asyncio.sleep(0.3))
     later.add_done_callback(lambda _: loop.create_task(uds(vmm, path)))
-    _, writer = await ch._RetryingVsockTransport(path, VSOCK_PORT).connect(timeout=5)
+    _, writer = await HybridVsockTransport(path, VSOCK_PORT).connect(timeout=5)
     writer.close()
 
 
@@ -1036,13 +1037,13 @@ async def test_vsock_transport_never_retries_a_bad_reply(uds: Any) -> None:
         writer.close()
 
     with pytest.raises(GuestProtocolError, match="unexpected reply"):
-        await ch._RetryingVsockTransport(await uds(vmm), VSOCK_PORT).connect(timeout=5)
+        await HybridVsockTransport(await uds(vmm), VSOCK_PORT).connect(timeout=5)
     assert attempts == 1
 
 
 async def test_vsock_transport_gives_up_at_its_deadline(tmp_path: Path) -> None:
     with pytest.raises(InfrastructureError, match=r"did not accept vsock port 1024 .* 0\.3s"):
-        await ch._RetryingVsockTransport(tmp_path / "absent", VSOCK_PORT).connect(timeout=0.3)
+        await HybridVsockTransport(tmp_path / "absent", VSOCK_PORT).connect(timeout=0.3)
 
 
 # --------------------------------------------------------------------------- launch (fake VMM)

@@ -54,7 +54,6 @@ from stoker.backends.firecracker import (
     Placement,
     TapInterface,
     VmmLayout,
-    VsockTransport,
 )
 from stoker.errors import (
     AccelError,
@@ -66,6 +65,7 @@ from stoker.errors import (
 )
 from stoker.protocol import wire
 from stoker.protocol.client import AgentClient
+from stoker.protocol.transport import HybridVsockTransport
 
 GOLDEN = Path(__file__).parent / "golden"
 # A vendored copy of ../shared/reference (see tests/reference/README.md).
@@ -658,7 +658,7 @@ async def test_vsock_retries_until_the_guest_listens(
         await reader.read()
         writer.close()
 
-    reader, writer = await VsockTransport(await uds(vmm), wire.VSOCK_PORT).connect(timeout=5)
+    reader, writer = await HybridVsockTransport(await uds(vmm), wire.VSOCK_PORT).connect(timeout=5)
     client = AgentClient(reader, writer)
     try:
         assert (await client.wait_ready(5)).agent == "t"
@@ -680,7 +680,7 @@ async def test_vsock_waits_for_the_socket_to_appear(tmp_path: Path) -> None:
         return await asyncio.start_unix_server(vmm, path=str(path))
 
     later = asyncio.create_task(start_later())
-    _, writer = await VsockTransport(path, 1024).connect(timeout=5)
+    _, writer = await HybridVsockTransport(path, 1024).connect(timeout=5)
     writer.close()
     server = await later
     server.close()
@@ -696,13 +696,13 @@ async def test_vsock_bad_reply_is_not_retried(uds: Callable[[Handler], Awaitable
         await writer.drain()
 
     with pytest.raises(GuestProtocolError):
-        await VsockTransport(await uds(vmm), 1024).connect(timeout=5)
+        await HybridVsockTransport(await uds(vmm), 1024).connect(timeout=5)
     assert len(seen) == 1
 
 
 async def test_vsock_gives_up_at_the_deadline(tmp_path: Path) -> None:
     with pytest.raises(InfrastructureError, match=r"did not accept vsock port 1024.*0\.3s"):
-        await VsockTransport(tmp_path / "never.sock", 1024).connect(timeout=0.3)
+        await HybridVsockTransport(tmp_path / "never.sock", 1024).connect(timeout=0.3)
 
 
 # ---------------------------------------------------------------------------- the stand-in VMM

@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from stoker.errors import InfrastructureError, StokerError, UsageError
+from stoker.units import parse_duration
 
 if TYPE_CHECKING:
     from stoker.images import ImageStore
@@ -114,18 +115,6 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         # qemu.qmp logs a failed negotiation as ERROR; we report those failures ourselves.
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``10m``, ``1h`` -> seconds."""
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise UsageError(f"cannot read duration {text!r} (expected e.g. 90, 30s, 10m, 1h)")
-    value, unit = float(match.group(1)), match.group(2) or "s"
-    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
 
 
 def parse_env(items: list[str]) -> dict[str, str]:

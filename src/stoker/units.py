@@ -1,4 +1,4 @@
-"""Parsing sizes the way users write them (``512M``, ``2G``, ``1024``)."""
+"""Parsing sizes and durations the way users write them (``512M``, ``2G``, ``30s``, ``10m``)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def parse_size_mb(value: str | int, *, what: str, minimum: int = 1) -> int:
     if mb < minimum:
         raise UsageError(f"{what} must be at least {minimum} MiB, got {value!r}")
     return mb
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``1h``, ``2d`` -> seconds (plain numbers are seconds)."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise UsageError(f"cannot read duration {text!r} (expected e.g. 90, 30s, 10m, 1h)")
+    return float(match.group(1)) * _SECONDS[match.group(2) or "s"]

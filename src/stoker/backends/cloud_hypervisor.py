@@ -656,10 +656,6 @@ GUEST_RESET_EVENTS = frozenset({"vm.rebooting", "guest.panic"})
 # --------------------------------------------------------------------------- transport
 
 
-#: The retrying handshake lives in the shared transport (Firecracker uses it too).
-_RetryingVsockTransport = HybridVsockTransport
-
-
 # --------------------------------------------------------------------------- VM
 
 
@@ -974,7 +970,7 @@ class CloudHypervisorBackend(Backend):
     ) -> CloudHypervisorVM:
         """Create the sockets, start the VMM, and wait until its API answers."""
         vm = CloudHypervisorVM(
-            transport=_RetryingVsockTransport(cfg.vsock_socket, VSOCK_PORT),
+            transport=HybridVsockTransport(cfg.vsock_socket, VSOCK_PORT),
             config=cfg,
             spec=spec,
             workdir=workdir,

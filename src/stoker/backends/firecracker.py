@@ -15,7 +15,8 @@ Plan, prepare, launch:
   a FIFO we read), waits for the API socket and sends the calls with
   :class:`FirecrackerClient`, a small HTTP/1.1 client over a Unix socket.
 * The guest agent is reached over Firecracker's hybrid vsock: connect to the
-  VMM's Unix socket and send ``CONNECT <port>`` (:class:`VsockTransport`).
+  VMM's Unix socket and send ``CONNECT <port>``
+  (:class:`~stoker.protocol.transport.HybridVsockTransport`).
 
 **Paths.**  The VMM never sees a host path.  Unjailed, it runs in the VM's work
 directory and every file is a bare name there (symlinks to the cache); jailed
@@ -824,10 +825,6 @@ async def _read_response(reader: asyncio.StreamReader, method: str, path: str) -
 # ---------------------------------------------------------------------------- transport
 
 
-#: Kept under this name: the retrying handshake now lives in the shared transport.
-VsockTransport = HybridVsockTransport
-
-
 # ---------------------------------------------------------------------------- the VM
 
 
@@ -1129,7 +1126,7 @@ class FirecrackerBackend(Backend):
         await self._prepare(plan, stack)
         api = FirecrackerClient(layout.host_path(API_SOCKET), timeout=self.config.api_timeout)
         vm = FirecrackerVM(
-            transport=VsockTransport(layout.host_path(VSOCK_SOCKET), VSOCK_PORT),
+            transport=HybridVsockTransport(layout.host_path(VSOCK_SOCKET), VSOCK_PORT),
             plan=plan,
             api=api,
         )

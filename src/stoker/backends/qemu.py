@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -353,10 +355,26 @@ _VERSION_RE = re.compile(r"version (\d+\.\d+(?:\.\d+)?)")
 
 
 def qemu_version(binary: str = QEMU_BINARY) -> str | None:
-    """``7.2.22`` for an installed QEMU, else None."""
+    """``7.2.22`` for an installed QEMU, else None.
+
+    Asked on every VM start (usability, snapshot keys): the answer is cached
+    per binary file, and a changed file (an upgrade) is asked again.
+    """
+    path = shutil.which(binary)
+    if path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return _version_of(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _version_of(path: str, _mtime_ns: int, _size: int) -> str | None:
     try:
         out = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None

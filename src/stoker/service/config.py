@@ -102,13 +102,12 @@ from stoker.images.spec import (
     _toml_type,
 )
 from stoker.paths import Dirs
+from stoker.units import parse_duration
 
 #: Environment variable that must be ``1`` for ``backend = "fake"`` to be accepted.
 ALLOW_FAKE_ENV = "STOKER_ALLOW_FAKE_BACKEND"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 Scope = Literal["submit", "read", "admin"]
 
 
@@ -130,10 +129,10 @@ def _parse_duration(value: object) -> object:
     """``"30m"`` -> seconds; plain numbers are seconds."""
     if isinstance(value, bool) or not isinstance(value, str):
         return value
-    match = _DURATION_RE.match(value)
-    if not match:
-        raise ValueError(f"expected a duration like 90, 30s, 10m or 2h, got {value!r}")
-    return float(match.group(1)) * _DURATION_FACTORS[match.group(2) or "s"]
+    try:
+        return parse_duration(value)
+    except UsageError:
+        raise ValueError(f"expected a duration like 90, 30s, 10m or 2h, got {value!r}") from None
 
 
 def _check_name(value: str) -> str:
