@@ -9,7 +9,10 @@ and is written once for all backends.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import signal
 from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -197,3 +200,36 @@ class Backend(ABC):
     #: Whether VMs of this backend can be saved and restored through
     #: :meth:`LaunchedVM.save_state` / :meth:`LaunchedVM.load_state`.
     snapshots: bool = False
+
+
+# --- helpers every backend uses for its VMM process ----------------------------------------------
+
+
+async def wait_for(proc: asyncio.subprocess.Process, seconds: float) -> None:
+    """Wait up to ``seconds`` for ``proc`` to exit (no error if it does not)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await proc.wait()
+
+
+async def pump(reader: asyncio.StreamReader, sink: ConsoleBuffer) -> None:
+    """Copy a VMM's output stream into a bounded buffer until EOF."""
+    while data := await reader.read(65536):
+        sink.feed(data)
+
+
+async def terminate(proc: asyncio.subprocess.Process, *, what: str, grace: float) -> None:
+    """SIGTERM, then SIGKILL, each given time to work; reaps.  Verified: raises
+    :class:`InfrastructureError` if the process survives SIGKILL.
+
+    Backends first try their graceful stop (QMP ``quit``, a shutdown request)
+    and call this for whatever is left.
+    """
+    for sig, seconds in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        if proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        await wait_for(proc, seconds)
+    if proc.returncode is None:
+        raise InfrastructureError(f"{what} pid {proc.pid} survived SIGKILL")

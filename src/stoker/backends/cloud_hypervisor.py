@@ -65,7 +65,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping
@@ -74,7 +73,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from stoker.backends.base import Backend, ConsoleBuffer, LaunchedVM, MachineSpec
+from stoker.backends.base import (
+    Backend,
+    LaunchedVM,
+    MachineSpec,
+    pump,
+    terminate,
+    wait_for,
+)
 from stoker.backends.qemu import SEED_SERIAL, kvm_device_status
 from stoker.errors import (
     AccelError,
@@ -805,15 +811,8 @@ class CloudHypervisorVM(LaunchedVM):
                             continue  # e.g. no VM was created yet: still stop the VMM
                         except Exception:
                             break  # not answering at all: go straight to signals
-                await _wait_for(proc, QUIT_GRACE)
-                for sig, grace in ((signal.SIGTERM, QUIT_GRACE), (signal.SIGKILL, 30.0)):
-                    if proc.returncode is not None:
-                        break
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(sig)
-                    await _wait_for(proc, grace)
-                if proc.returncode is None:
-                    raise InfrastructureError(f"cloud-hypervisor pid {proc.pid} survived SIGKILL")
+                await wait_for(proc, QUIT_GRACE)
+                await terminate(proc, what="cloud-hypervisor", grace=QUIT_GRACE)
         finally:
             await _cancel(*self.tasks)
             for obj in self.keep:
@@ -822,12 +821,6 @@ class CloudHypervisorVM(LaunchedVM):
             leftovers = _remove_sockets(self.config)
         if leftovers:
             raise InfrastructureError(f"cannot remove VM sockets: {', '.join(leftovers)}")
-
-
-async def _wait_for(proc: asyncio.subprocess.Process, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await proc.wait()
 
 
 async def _cancel(*tasks: asyncio.Future[Any]) -> None:
@@ -850,11 +843,6 @@ def _remove_sockets(cfg: CloudHypervisorConfig | None) -> list[str]:
         except OSError as exc:
             failed.append(f"{path} ({exc.strerror})")
     return failed
-
-
-async def _pump(reader: asyncio.StreamReader, sink: ConsoleBuffer) -> None:
-    while data := await reader.read(65536):
-        sink.feed(data)
 
 
 async def _watch_events(reader: asyncio.StreamReader, vm: CloudHypervisorVM) -> None:
@@ -1013,7 +1001,7 @@ class CloudHypervisorBackend(Backend):
             listener.close()
             events_theirs.close()
         assert vm.proc.stderr is not None
-        vm._stderr_task = loop.create_task(_pump(vm.proc.stderr, vm.vmm_log))
+        vm._stderr_task = loop.create_task(pump(vm.proc.stderr, vm.vmm_log))
         vm.tasks.append(vm._stderr_task)
         ev_reader, ev_writer = await asyncio.open_unix_connection(sock=events_ours)
         vm.keep.append(ev_writer)
@@ -1038,7 +1026,7 @@ class CloudHypervisorBackend(Backend):
             pipe.close()
             raise
         vm.keep.append(transport)
-        vm.tasks.append(loop.create_task(_pump(reader, vm.console)))
+        vm.tasks.append(loop.create_task(pump(reader, vm.console)))
 
 
 async def _until_created(vm: CloudHypervisorVM) -> None:
@@ -1082,7 +1070,7 @@ async def _attach_console(vm: CloudHypervisorVM, *, wait: bool) -> bool:
                 return False
             await asyncio.sleep(0.02)
     vm.keep.append(writer)
-    vm.tasks.append(asyncio.get_running_loop().create_task(_pump(reader, vm.console)))
+    vm.tasks.append(asyncio.get_running_loop().create_task(pump(reader, vm.console)))
     return True
 
 
@@ -1104,7 +1092,7 @@ async def _step(vm: CloudHypervisorVM, step: Awaitable[T], what: str, timeout: f
     # The VMM's last words say most; let them arrive.  An API error means the
     # VMM is alive and answering, so there is no exit to wait for.
     if not isinstance(cause, CloudHypervisorApiError):
-        await _wait_for(proc, 1.0)
+        await wait_for(proc, 1.0)
     if proc.returncode is not None and vm._stderr_task is not None:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
             async with asyncio.timeout(1.0):

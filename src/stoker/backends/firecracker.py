@@ -45,7 +45,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import struct
 import subprocess
 import tempfile
@@ -57,7 +56,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from stoker.backends.base import Backend, ConsoleBuffer, LaunchedVM, MachineSpec
+from stoker.backends.base import (
+    Backend,
+    LaunchedVM,
+    MachineSpec,
+    pump,
+    terminate,
+)
 from stoker.backends.qemu import kvm_device_status
 from stoker.errors import (
     AccelError,
@@ -919,14 +924,7 @@ class FirecrackerVM(LaunchedVM):
         proc = self.proc
         try:
             if proc is not None and proc.returncode is None:
-                for sig, grace in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, 30.0)):
-                    if proc.returncode is not None:
-                        break
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(sig)
-                    await _wait_for(proc, grace)
-                if proc.returncode is None:
-                    raise InfrastructureError(f"Firecracker pid {proc.pid} survived SIGKILL")
+                await terminate(proc, what="Firecracker", grace=TERM_GRACE)
         finally:
             for pipe in self.keep:
                 pipe.close()
@@ -954,17 +952,6 @@ def _collect_snapshot(plan: FirecrackerPlan, directory: Path) -> FirecrackerSnap
     snapshot = FirecrackerSnapshot(directory, tuple(files), plan.cpus, plan.memory_mb)
     (directory / SNAPSHOT_MANIFEST).write_text(json.dumps(snapshot.to_json(), indent=1) + "\n")
     return snapshot
-
-
-async def _wait_for(proc: asyncio.subprocess.Process, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await proc.wait()
-
-
-async def _pump(reader: asyncio.StreamReader, sink: ConsoleBuffer) -> None:
-    while data := await reader.read(65536):
-        sink.feed(data)
 
 
 # ---------------------------------------------------------------------------- files
@@ -1147,7 +1134,7 @@ class FirecrackerBackend(Backend):
             fifo_file.close()
             raise
         vm.keep.append(log_pipe)
-        vm.tasks.append(loop.create_task(_pump(log_reader, vm.vmm_log)))
+        vm.tasks.append(loop.create_task(pump(log_reader, vm.vmm_log)))
         argv = list(plan.argv)
         log.debug("launching (cwd %s): %s", layout.root, " ".join(argv))
         try:
@@ -1168,8 +1155,8 @@ class FirecrackerBackend(Backend):
         vm.proc = proc
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         vm.keep.append(proc.stdin.transport)
-        vm.tasks.append(loop.create_task(_pump(proc.stdout, vm.console)))
-        vm.tasks.append(loop.create_task(_pump(proc.stderr, vm.vmm_log)))
+        vm.tasks.append(loop.create_task(pump(proc.stdout, vm.console)))
+        vm.tasks.append(loop.create_task(pump(proc.stderr, vm.vmm_log)))
         try:
             await self._wait_for_api(vm)
             for call in plan.calls:

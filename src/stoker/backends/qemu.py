@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 from contextlib import AsyncExitStack
@@ -33,7 +32,14 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
-from stoker.backends.base import Backend, ConsoleBuffer, LaunchedVM, MachineSpec
+from stoker.backends.base import (
+    Backend,
+    LaunchedVM,
+    MachineSpec,
+    pump,
+    terminate,
+    wait_for,
+)
 from stoker.errors import InfrastructureError, LaunchError, VMError
 from stoker.procs import DIE_WITH_PARENT
 from stoker.protocol import wire
@@ -246,15 +252,8 @@ class QemuVM(LaunchedVM):
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(QUIT_GRACE):
                             await self.qmp.execute("quit")
-                await _wait_for(proc, QUIT_GRACE)
-                for sig, grace in ((signal.SIGTERM, QUIT_GRACE), (signal.SIGKILL, 30.0)):
-                    if proc.returncode is not None:
-                        break
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(sig)
-                    await _wait_for(proc, grace)
-                if proc.returncode is None:
-                    raise InfrastructureError(f"QEMU pid {proc.pid} survived SIGKILL")
+                await wait_for(proc, QUIT_GRACE)
+                await terminate(proc, what="QEMU", grace=QUIT_GRACE)
         finally:
             if self.qmp is not None:
                 with contextlib.suppress(Exception):
@@ -264,17 +263,6 @@ class QemuVM(LaunchedVM):
             for task in self.tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-
-
-async def _wait_for(proc: asyncio.subprocess.Process, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await proc.wait()
-
-
-async def _pump(reader: asyncio.StreamReader, sink: ConsoleBuffer) -> None:
-    while data := await reader.read(65536):
-        sink.feed(data)
 
 
 class QemuBackend(Backend):
@@ -328,10 +316,10 @@ class QemuBackend(Backend):
             theirs.close()
         loop = asyncio.get_running_loop()
         assert proc.stderr is not None
-        vm.tasks.append(loop.create_task(_pump(proc.stderr, vm.vmm_log)))
+        vm.tasks.append(loop.create_task(pump(proc.stderr, vm.vmm_log)))
         con_reader, con_writer = await asyncio.open_connection(sock=pairs["console"][0].dup())
         vm.keep.append(con_writer)
-        vm.tasks.append(loop.create_task(_pump(con_reader, vm.console)))
+        vm.tasks.append(loop.create_task(pump(con_reader, vm.console)))
         qmp = QMPClient(spec.name)
         vm.qmp = qmp
         try:
