@@ -381,6 +381,26 @@ def test_layer_digest_mismatch_is_refused(tmp_path: Path) -> None:
         open_image(path)
 
 
+def test_unverified_open_still_refuses_a_bad_layer_when_applying(tmp_path: Path) -> None:
+    """verify_layers=False (the builder's cheap identity) defers the check, never skips it."""
+    layout = Layout(tmp_path / "img")
+    desc = layout.image([layer_tar([M("a", data=b"hello")])], compression="none")
+    path = layout.top([desc])
+    good = open_image(path)
+    manifest = json.loads(layout.path_of(desc).read_bytes())
+    blob = layout.path_of(manifest["layers"][0])
+    data = bytearray(blob.read_bytes())
+    data[-9] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    image = open_image(path, verify_layers=False)
+    assert image.digest == good.digest
+    with pytest.raises(ProvisionError, match="does not match"):
+        apply_into(image, tmp_path)
+    blob.unlink()
+    with pytest.raises(ProvisionError, match="is missing"):
+        open_image(path, verify_layers=False)
+
+
 def test_blob_size_mismatch_is_refused(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "img")
     desc = layout.image([layer_tar([M("a")])])

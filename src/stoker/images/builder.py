@@ -162,7 +162,9 @@ class SpecBuilder:
         if spec.base_kind == "oci":
             from stoker.images.oci import open_image
 
-            self._oci = open_image(Path(spec.base_ref))
+            # Layers are checked while they are applied; a cache hit needs only
+            # the config digest, not a read of the whole image.
+            self._oci = open_image(Path(spec.base_ref), verify_layers=False)
             base_digest = self._oci.digest
         inputs = collect_input_digests(spec, kernel=kernel.digest, base=base_digest)
         self._digest = spec_digest(spec, input_digests=inputs, builder_version=BUILDER_VERSION)

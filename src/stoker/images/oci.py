@@ -293,7 +293,13 @@ class ApplyReport:
 # --------------------------------------------------------------------------- reading
 
 
-def open_image(path: Path, *, platform: str = "linux/amd64", ref: str | None = None) -> OciImage:
+def open_image(
+    path: Path,
+    *,
+    platform: str = "linux/amd64",
+    ref: str | None = None,
+    verify_layers: bool = True,
+) -> OciImage:
     """Read the image for ``platform`` from an OCI layout or docker-save archive.
 
     ``path`` is a directory or a tar file (plain, gzip, bzip2 or xz) holding
@@ -304,7 +310,12 @@ def open_image(path: Path, *, platform: str = "linux/amd64", ref: str | None = N
     several.
 
     Every blob used is read once and checked against its digest and size
-    (layers included, so this costs one read of the image).  Raises
+    (layers included, so this costs one read of the image).  With
+    ``verify_layers=False`` an OCI layout's layer blobs are not read here:
+    :func:`apply_layers` checks each against its digest and diff_id while
+    applying it anyway, and the image's identity (the config digest, which
+    covers the diff_ids) needs only the small documents.  docker-save archives
+    name layers by path, so their layers are always hashed.  Raises
     :class:`UsageError` when ``path`` is missing, is neither format, or the
     ``platform``/``ref`` asked for is malformed or absent, and
     :class:`ProvisionError` for missing or mismatching blobs, malformed or
@@ -314,7 +325,7 @@ def open_image(path: Path, *, platform: str = "linux/amd64", ref: str | None = N
     want = Platform.parse(platform)
     with _open_source(path) as source:
         if source.exists("oci-layout") and source.exists("index.json"):
-            image = _read_oci_layout(source, want, ref)
+            image = _read_oci_layout(source, want, ref, verify_layers=verify_layers)
         elif source.exists("manifest.json"):
             image = _read_docker_save(source, want, ref)
         else:
@@ -337,7 +348,9 @@ def oci_builder_digest_inputs(image: OciImage) -> dict[str, object]:
     return {"image_digest": image.digest, "platform": image.platform}
 
 
-def _read_oci_layout(source: _Source, want: Platform, ref: str | None) -> OciImage:
+def _read_oci_layout(
+    source: _Source, want: Platform, ref: str | None, *, verify_layers: bool = True
+) -> OciImage:
     layout = _json_object(source.read_small("oci-layout", "oci-layout"), "oci-layout")
     version = layout.get("imageLayoutVersion")
     if not isinstance(version, str) or not version.startswith("1."):
@@ -386,7 +399,10 @@ def _read_oci_layout(source: _Source, want: Platform, ref: str | None) -> OciIma
             )
         if compression == "zstd":
             _require_zstd(what)
-        _verify_blob(source, desc, what)
+        if verify_layers:
+            _verify_blob(source, desc, what)
+        elif not source.exists(desc.location):
+            raise source._missing(desc.location, what)
         layers.append(
             Layer(desc.digest, diff_id, desc.size, desc.media_type, compression, desc.location)
         )
