@@ -241,7 +241,10 @@ class VM:
                 agent=self._agent_files,
             )
             self._apply_image_defaults(artifacts)
-            self.workdir = await asyncio.to_thread(self._make_workdir)
+            # Not in a thread: a cancellation while the thread ran would leave a
+            # directory nobody registered for removal (the service cancels
+            # starting VMs on shutdown).  It is a mkdtemp and a tiny file.
+            self.workdir = self._make_workdir()
             # Not ignore_errors: a work directory we cannot remove is a leak to report.
             self._stack.callback(shutil.rmtree, self.workdir)
             accel, warning = await resolve_accel(
