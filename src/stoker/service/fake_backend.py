@@ -297,7 +297,8 @@ class FakeVM(VM):
         t0 = time.monotonic()
         try:
             self.accel = "fake"
-            self.workdir = await asyncio.to_thread(self._make_workdir)
+            # In the loop, not a thread: a cancelled start must not leak it (see VM.start).
+            self.workdir = self._make_workdir()
             self._stack.callback(shutil.rmtree, self.workdir)
             spec = MachineSpec(
                 name=self.name,
