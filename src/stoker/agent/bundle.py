@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import resources
 
 # Files of the host package that the agent needs, relative to the package root.
-_SOURCES = ("protocol/wire.py", "agent/main.py", "agent/__main__.py")
+_SOURCES = ("protocol/wire.py", "agent/main.py", "agent/netfwd.py", "agent/__main__.py")
 
 
 def agent_files() -> dict[str, bytes]:

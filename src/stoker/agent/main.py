@@ -305,6 +305,8 @@ class Agent:
         self.stdin: Dict[int, wire.ChunkReader] = {}
         self.uploads: Dict[int, wire.ChunkReader] = {}
         self.stopping = False
+        #: The egress proxy forwarder (stoker.agent.netfwd), once the host asks for it.
+        self.net: Any = None
 
     # -- child reaping: we own waitpid(-1) because as PID 1 we inherit every orphan
 
@@ -336,6 +338,8 @@ class Agent:
 
     def announce(self) -> None:
         """Tell the host who we are (on every new connection)."""
+        if self.net is not None:
+            self.net.reset()  # the streams belonged to the previous connection
         self.chan.msg(
             0,
             {
@@ -351,6 +355,13 @@ class Agent:
         )
 
     def dispatch(self, kind: int, stream: int, channel: int, payload: bytes) -> None:
+        if channel & wire.NET_CHANNEL_BIT:
+            if self.net is not None:
+                try:
+                    self.net.on_frame(kind, channel, payload)
+                except Exception as exc:  # one stream's trouble must not end the agent
+                    log("net stream %x: %s: %s" % (channel, type(exc).__name__, exc))
+            return
         if kind == wire.MSG:
             msg = wire.decode_msg(payload)
             handler = getattr(self, "on_" + msg["type"], None)
@@ -392,6 +403,17 @@ class Agent:
             if msg.get("machine_id"):
                 set_machine_id(str(msg["machine_id"]))
         self.chan.msg(channel, {"type": "ok"})
+
+    def on_net_start(self, channel: int, msg: Dict[str, Any]) -> None:
+        """Offer the host's egress proxy on the guest's loopback (idempotent)."""
+        from stoker.agent import netfwd
+
+        if self.net is None:
+            self.net = netfwd.Forwarder(self.chan, int(msg.get("port", wire.NET_PROXY_PORT)))
+        if self.pid1:  # never rewrite a host's /etc when run there by the tests
+            env = msg.get("env") or {}
+            netfwd.write_proxy_config({str(k): str(v) for k, v in env.items()})
+        self.chan.msg(channel, {"type": "net_started", "port": self.net.port})
 
     def on_shutdown(self, channel: int, msg: Dict[str, Any]) -> None:
         self.chan.msg(channel, {"type": "ok"})

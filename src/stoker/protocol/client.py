@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 OutputSink = Callable[[bytes], Awaitable[None] | None]
+#: Receives every frame on a guest-opened network channel (``kind, stream,
+#: channel, payload``); called by the reader, so it must never wait on the guest.
+NetHandler = Callable[[int, int, int, bytes], Awaitable[None]]
 
 #: Events queued per operation before the reader stops reading (back-pressure).
 QUEUE_DEPTH = 64
@@ -131,6 +134,7 @@ class AgentClient:
         self._failure: BaseException | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._log = log.getChild(name)
+        self._net: NetHandler | None = None
         self.ready: m.Ready | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -188,6 +192,28 @@ class AgentClient:
             request["device"] = device
         await self._request(request, m.Done, timeout=timeout)
 
+    def attach_network(self, handler: NetHandler) -> None:
+        """Route the guest's network channels to ``handler`` (see :mod:`stoker.net.channel`).
+
+        Without a handler a guest that opens one breaks the protocol: the VM has
+        no network.
+        """
+        self._net = handler
+
+    async def net_start(self, port: int, env: Mapping[str, str], timeout: float = 30.0) -> int:
+        """Have the agent offer the proxy on the guest's loopback ``port``.
+
+        ``env`` goes into the guest's configuration files (profile, apt).  Returns
+        the port the agent listens on (``port`` 0: one the guest picked).
+        """
+        request = {"type": "net_start", "port": port, "env": dict(env)}
+        reply = await self._request(request, m.NetStarted, timeout=timeout)
+        return reply.port
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Write one encoded frame (serialised with every other writer)."""
+        await self._send(frame)
+
     async def ping(self) -> None:
         await self._request({"type": "ping"}, m.Pong)
 
@@ -235,6 +261,14 @@ class AgentClient:
             self._fail_all(ChannelClosed(f"agent channel failed: {exc}"))
 
     async def _route(self, kind: int, stream: int, channel: int, payload: bytes) -> None:
+        if channel & wire.NET_CHANNEL_BIT:
+            if self._net is None:
+                raise GuestProtocolError(
+                    f"guest sent a frame for network channel {channel:#x}, "
+                    "but the VM has no network"
+                )
+            await self._net(kind, stream, channel, payload)
+            return
         if channel > self._highest:
             raise GuestProtocolError(f"guest sent a frame for channel {channel}, never opened")
         op = self._ops.get(channel)

@@ -65,6 +65,13 @@ class Done(_Msg):
     missing: Annotated[list[ShortStr], Field(max_length=1024)] = []
 
 
+class NetStarted(_Msg):
+    """The agent listens for proxied connections on the guest's loopback ``port``."""
+
+    type: Literal["net_started"]
+    port: int = Field(ge=1, le=65535)
+
+
 class Error(_Msg):
     type: Literal["error"]
     message: Text
@@ -72,6 +79,6 @@ class Error(_Msg):
 
 
 GuestMessage = Annotated[
-    Ready | Ok | Pong | Started | Exit | Done | Error, Field(discriminator="type")
+    Ready | Ok | Pong | Started | Exit | Done | NetStarted | Error, Field(discriminator="type")
 ]
 guest_message: TypeAdapter[GuestMessage] = TypeAdapter(GuestMessage)

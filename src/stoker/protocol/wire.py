@@ -40,6 +40,16 @@ PORT_NAME = "org.stoker.agent"
 #: virtio-serial (Firecracker, Cloud Hypervisor: kernel parameter stoker.transport=vsock).
 VSOCK_PORT = 1024
 
+#: Channels of proxied network connections, opened by the guest, have this bit
+#: set; the host numbers its operations from 1 upward, so the two never meet.
+NET_CHANNEL_BIT = 0x80000000
+#: Bytes either side may send on one network connection before the receiver
+#: grants more with a ``net_window`` message (per-connection flow control: a
+#: slow connection never stalls the channel or another connection).
+NET_WINDOW = 256 * 1024
+#: Guest loopback port of the agent's HTTP proxy (``http_proxy`` in the guest).
+NET_PROXY_PORT = 3128
+
 HEADER = struct.Struct(">IBBI")
 HEADER_SIZE = HEADER.size  # 10
 
