@@ -568,7 +568,9 @@ needs_busybox = pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static 
 def test_initramfs_layout(tmp_path: Path) -> None:
     k = fake_kernel(tmp_path / "k")
     dirs = Dirs(cache=tmp_path / "cache", runtime=tmp_path / "run")
-    ir = build_initramfs(dirs, k, agent_files=AGENT, modules=["a", "f", "bi"], pci_modules=())
+    ir = build_initramfs(
+        dirs, k, agent_files=AGENT, modules=["a", "f", "bi"], pci_modules=(), nic_modules=()
+    )
     assert ir.modules == ("c", "b", "a", "g", "f")
     assert ir.path == dirs.initramfs / f"{ir.digest}.cpio.gz"
     archive = gzip.decompress(ir.path.read_bytes())
@@ -595,7 +597,9 @@ def test_pci_modules_are_listed_apart(tmp_path: Path) -> None:
     """virtio-pci (Cloud Hypervisor) loads only with stoker.pci=1: its own list."""
     k = fake_kernel(tmp_path / "k")
     dirs = Dirs(cache=tmp_path / "cache", runtime=tmp_path / "run")
-    ir = build_initramfs(dirs, k, agent_files=AGENT, modules=["a"], pci_modules=["f"])
+    ir = build_initramfs(
+        dirs, k, agent_files=AGENT, modules=["a"], pci_modules=["f"], nic_modules=()
+    )
     out = tmp_path / "x"
     cpio_extract(gzip.decompress(ir.path.read_bytes()), out)
     main = (out / "lib/modules/load.order").read_text().split()
@@ -606,7 +610,30 @@ def test_pci_modules_are_listed_apart(tmp_path: Path) -> None:
     for name in pci:
         assert (out / "lib/modules" / name).read_bytes().startswith(b"\x7fELF")
     assert "stoker.pci=*) PCI=" in init_script()
-    without = build_initramfs(dirs, k, agent_files=AGENT, modules=["a"], pci_modules=())
+    without = build_initramfs(
+        dirs, k, agent_files=AGENT, modules=["a"], pci_modules=(), nic_modules=()
+    )
+    assert without.digest != ir.digest
+
+
+@needs_busybox
+def test_nic_modules_are_listed_apart(tmp_path: Path) -> None:
+    """virtio-net loads only with stoker.nic=1 (nat mode): its own list."""
+    k = fake_kernel(tmp_path / "k")
+    dirs = Dirs(cache=tmp_path / "cache", runtime=tmp_path / "run")
+    ir = build_initramfs(
+        dirs, k, agent_files=AGENT, modules=["a"], pci_modules=["f"], nic_modules=["f"]
+    )
+    out = tmp_path / "x"
+    cpio_extract(gzip.decompress(ir.path.read_bytes()), out)
+    main = (out / "lib/modules/load.order").read_text().split()
+    nic = (out / "lib/modules/load.nic").read_text().split()
+    assert nic == (out / "lib/modules/load.pci").read_text().split()  # stored once, listed twice
+    assert nic and nic[-1] == "f.ko" and not set(nic) & set(main)
+    assert "stoker.nic=*) NIC=" in init_script()
+    without = build_initramfs(
+        dirs, k, agent_files=AGENT, modules=["a"], pci_modules=["f"], nic_modules=()
+    )
     assert without.digest != ir.digest
 
 
@@ -614,7 +641,9 @@ def test_pci_modules_are_listed_apart(tmp_path: Path) -> None:
 def test_initramfs_decompresses_modules(tmp_path: Path) -> None:
     k = fake_kernel(tmp_path / "k")
     dirs = Dirs(cache=tmp_path / "cache", runtime=tmp_path / "run")
-    ir = build_initramfs(dirs, k, agent_files=AGENT, modules=["gzmod"], pci_modules=())
+    ir = build_initramfs(
+        dirs, k, agent_files=AGENT, modules=["gzmod"], pci_modules=(), nic_modules=()
+    )
     assert ir.modules == ("c", "xzmod", "gzmod")
     entries = {n: b for n, _, b in parse_newc(gzip.decompress(ir.path.read_bytes()))}
     assert entries["lib/modules/xzmod.ko"] == read_module(k.modules_dir / "kernel/comp/xzmod.ko.xz")
@@ -628,9 +657,14 @@ def test_initramfs_is_reproducible_and_cached(
     k = fake_kernel(tmp_path / "k")
     d1 = Dirs(cache=tmp_path / "c1", runtime=tmp_path / "run")
     d2 = Dirs(cache=tmp_path / "c2", runtime=tmp_path / "run")
-    first = build_initramfs(d1, k, agent_files=AGENT, modules=["a"], pci_modules=())
+    first = build_initramfs(d1, k, agent_files=AGENT, modules=["a"], pci_modules=(), nic_modules=())
     second = build_initramfs(
-        d2, k, agent_files=dict(reversed(AGENT.items())), modules=["a"], pci_modules=()
+        d2,
+        k,
+        agent_files=dict(reversed(AGENT.items())),
+        modules=["a"],
+        pci_modules=(),
+        nic_modules=(),
     )
     assert first.digest == second.digest
     assert first.path.read_bytes() == second.path.read_bytes()
@@ -642,7 +676,7 @@ def test_initramfs_is_reproducible_and_cached(
     monkeypatch.setattr(initramfs_mod, "resolve_closure", boom)
     monkeypatch.setattr(initramfs_mod, "_write_archive", boom)
     start = time.perf_counter()
-    again = build_initramfs(d1, k, agent_files=AGENT, modules=["a"], pci_modules=())
+    again = build_initramfs(d1, k, agent_files=AGENT, modules=["a"], pci_modules=(), nic_modules=())
     assert time.perf_counter() - start < 0.2
     assert again == first
     assert not list(d1.initramfs.glob(".tmp-*"))
@@ -652,18 +686,34 @@ def test_initramfs_is_reproducible_and_cached(
 def test_initramfs_digest_covers_its_inputs(tmp_path: Path) -> None:
     k = fake_kernel(tmp_path / "k")
     dirs = Dirs(cache=tmp_path / "c", runtime=tmp_path / "run")
-    base = build_initramfs(dirs, k, agent_files=AGENT, modules=["a"], pci_modules=()).digest
+    base = build_initramfs(
+        dirs, k, agent_files=AGENT, modules=["a"], pci_modules=(), nic_modules=()
+    ).digest
     changed_agent = {**AGENT, "stoker/agent/__main__.py": b"print('v2')\n"}
     assert (
-        build_initramfs(dirs, k, agent_files=changed_agent, modules=["a"], pci_modules=()).digest
+        build_initramfs(
+            dirs, k, agent_files=changed_agent, modules=["a"], pci_modules=(), nic_modules=()
+        ).digest
         != base
     )
-    assert build_initramfs(dirs, k, agent_files=AGENT, modules=["b"], pci_modules=()).digest != base
+    assert (
+        build_initramfs(
+            dirs, k, agent_files=AGENT, modules=["b"], pci_modules=(), nic_modules=()
+        ).digest
+        != base
+    )
     (k.modules_dir / "kernel/drivers/c.ko").write_bytes(make_module("c") + b"\0" * 8)
-    assert build_initramfs(dirs, k, agent_files=AGENT, modules=["a"], pci_modules=()).digest != base
+    assert (
+        build_initramfs(
+            dirs, k, agent_files=AGENT, modules=["a"], pci_modules=(), nic_modules=()
+        ).digest
+        != base
+    )
     newer = Kernel.from_json({**k.to_json(), "version": "1.0-2"})
     assert (
-        build_initramfs(dirs, newer, agent_files=AGENT, modules=["a"], pci_modules=()).digest
+        build_initramfs(
+            dirs, newer, agent_files=AGENT, modules=["a"], pci_modules=(), nic_modules=()
+        ).digest
         != base
     )
 
@@ -695,7 +745,9 @@ def test_initramfs_unknown_module(tmp_path: Path) -> None:
     k = fake_kernel(tmp_path / "k")
     dirs = Dirs(cache=tmp_path / "c", runtime=tmp_path / "run")
     with pytest.raises(ProvisionError, match="'nonexistent'"):
-        build_initramfs(dirs, k, agent_files=AGENT, modules=["nonexistent"], pci_modules=())
+        build_initramfs(
+            dirs, k, agent_files=AGENT, modules=["nonexistent"], pci_modules=(), nic_modules=()
+        )
 
 
 @needs_busybox

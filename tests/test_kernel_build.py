@@ -590,7 +590,14 @@ async def test_real_build_boots_the_default_image(
     from stoker.artifacts import BootArtifacts, resolve_artifacts
 
     kernel = await asyncio.to_thread(kb.build_microvm_kernel, dirs)
-    initramfs = build_initramfs(dirs, kernel.as_kernel(), agent_files=agent_files(), modules=())
+    initramfs = build_initramfs(
+        dirs,
+        kernel.as_kernel(),
+        agent_files=agent_files(),
+        modules=(),
+        pci_modules=(),
+        nic_modules=(),
+    )
 
     # The default image with this kernel and its initramfs (until images built
     # with kernel = "stoker-microvm" boot it through resolve_artifacts itself).
@@ -622,7 +629,14 @@ def test_probe_boot_powers_off(dirs: Dirs, image: str) -> None:
     from stoker.backends.qemu import host_tsc_khz
 
     kernel = kb.build_microvm_kernel(dirs)
-    initramfs = build_initramfs(dirs, kernel.as_kernel(), agent_files=agent_files(), modules=())
+    initramfs = build_initramfs(
+        dirs,
+        kernel.as_kernel(),
+        agent_files=agent_files(),
+        modules=(),
+        pci_modules=(),
+        nic_modules=(),
+    )
     tsc = host_tsc_khz()
     cmdline = "console=ttyS0 panic=-1 quiet stoker.probe=1" + (
         f" tsc_early_khz={tsc}" if tsc else ""

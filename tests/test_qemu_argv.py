@@ -46,6 +46,7 @@ CASES = {
         scratch=Path("/run/stoker/vm/scratch.qcow2"),
         scratch_format="qcow2",
     ),
+    "nat": _spec(nic=True),
 }
 
 
@@ -85,6 +86,16 @@ def test_no_network_device() -> None:
     argv = qemu_argv(_spec(), QemuFds(3, 4, 5))
     assert argv[argv.index("-nic") + 1] == "none"
     assert not any("virtio-net" in a for a in argv)
+
+
+def test_nat_mode_has_user_networking_and_loads_the_driver() -> None:
+    spec = _spec(nic=True)
+    argv = qemu_argv(spec, QemuFds(3, 4, 5))
+    assert "-nic" not in argv
+    assert argv[argv.index("-netdev") + 1] == "user,id=net0,ipv6=off"
+    assert "virtio-net-device,netdev=net0" in argv
+    assert "stoker.nic=1" in spec.kernel_cmdline().split()
+    assert "stoker.nic=1" not in _spec().kernel_cmdline().split()
 
 
 def test_tsc_rate_from_cpuinfo() -> None:

@@ -18,7 +18,7 @@ from stoker.images.catalog import shipped_specs
 from stoker.kernel import GUEST_MODULES, Kernel, build_initramfs, provision_kernel
 from stoker.kernel.build import KERNEL_NAME as MICROVM
 from stoker.kernel.build import BuiltKernel, build_microvm_kernel, entry_name, load_entry
-from stoker.kernel.modules import PCI_MODULES
+from stoker.kernel.modules import NIC_MODULES, PCI_MODULES
 from stoker.paths import Dirs
 
 DEFAULT_IMAGE = "default"
@@ -77,6 +77,7 @@ def resolve_artifacts(
         agent_files=agent_files() if agent is None else agent,
         modules=modules,
         pci_modules=() if not modules else PCI_MODULES,
+        nic_modules=() if not modules else NIC_MODULES,
     )
     return BootArtifacts(kernel=kernel, initrd=initramfs.path, image=found)
 

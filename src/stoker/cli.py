@@ -28,6 +28,7 @@ from stoker.units import parse_duration
 
 if TYPE_CHECKING:
     from stoker.images import ImageStore
+    from stoker.net.policy import NetworkPolicy
 
 EXIT_TIMEOUT = 124
 EXIT_INFRA = 125
@@ -171,6 +172,23 @@ def run(
     vmm: Annotated[
         str, typer.Option(help="The VMM: qemu, firecracker or cloud-hypervisor.")
     ] = "qemu",
+    network: Annotated[
+        str | None,
+        typer.Option(
+            help="none (no network), egress (only --allow destinations, through a "
+            "host-side proxy) or nat (unfiltered; unsafe for untrusted code) "
+            "[default: the image's, else none].",
+        ),
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Allowed destination for --network egress: HOST[:PORT] (globs within a "
+            "label: *.example.com), IP[/BITS][:PORT], or a preset @NAME "
+            "(see `stoker network presets`). Implies --network egress.",
+        ),
+    ] = None,
     stdin: Annotated[
         bool, typer.Option("--stdin", help="Forward stoker's standard input to the command.")
     ] = False,
@@ -202,6 +220,7 @@ def run(
             accel=accel,  # type: ignore[arg-type]
             snapshot=_snapshot_mode(snapshot),
             vmm=vmm,
+            network=_network_policy(network, allow or []),
         )
         out_stream = sys.stderr.buffer if json_summary else sys.stdout.buffer
         summary = _run_async(
@@ -221,6 +240,7 @@ def run(
         raise _fail(exc) from None
     if summary.timed_out:
         err.print(f"[red]stoker: command timed out after {timeout} and was killed[/]")
+    _report_denied(summary.denied_connections(), summary.network)
     if json_summary:
         sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
     elif summary.artifacts or summary.missing_artifacts:
@@ -233,6 +253,28 @@ def run(
                 "matched nothing"
             )
     raise typer.Exit(summary.returncode if summary.returncode is not None else EXIT_INFRA)
+
+
+def _network_policy(mode: str | None, allow: list[str]) -> NetworkPolicy | None:
+    """The policy the flags ask for; None: none given, the image decides."""
+    from stoker.net.policy import NetworkPolicy
+
+    if mode is None and not allow:
+        return None
+    return NetworkPolicy.from_options(mode=mode, allow=allow)
+
+
+def _report_denied(denied: list[str], network: dict[str, Any]) -> None:
+    """Say which connections the policy denied: a build failing for it must show why."""
+    if not denied:
+        return
+    count = network.get("connections", {}).get("denied", len(denied))
+    err.print(f"[yellow]stoker: the network policy denied {count} connection(s):[/]")
+    for line in denied:
+        err.print(f"  {_safe(line)}")
+    err.print(
+        "[dim]stoker: allow a destination with --allow HOST[:PORT] (or the image's [network])[/]"
+    )
 
 
 async def _read_stdin() -> AsyncIterator[bytes]:
@@ -1131,6 +1173,50 @@ def token_hash() -> None:
     if not token:
         raise _fail(UsageError("no token on standard input"))
     typer.echo(hash_token(token))
+
+
+network_app = typer.Typer(
+    help="Guest network policies: presets, entry checks.", no_args_is_help=True
+)
+app.add_typer(network_app, name="network")
+
+
+@network_app.command("presets", help="List the allowlist presets (--allow @NAME) and their hosts.")
+def network_presets(
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    from stoker.net.policy import load_presets
+
+    presets = load_presets()
+    if json_out:
+        data = {
+            name: {"description": p.description, "docs": p.docs, "allow": list(p.entries)}
+            for name, p in sorted(presets.items())
+        }
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for name, preset in sorted(presets.items()):
+        typer.echo(f"@{name}: {preset.description}\n  source: {preset.docs}")
+        for entry in preset.entries:
+            typer.echo(f"    {entry}")
+
+
+@network_app.command(
+    "check", help="Parse allowlist entries (as for --allow) and print what each one allows."
+)
+def network_check(
+    entries: Annotated[
+        list[str], typer.Argument(help="Entries: HOST[:PORT], IP[/BITS][:PORT], @NAME.")
+    ],
+) -> None:
+    from stoker.net.policy import parse_entry
+
+    try:
+        for text in entries:
+            for entry in parse_entry(text):
+                typer.echo(f"{text}: {entry}")
+    except StokerError as exc:
+        raise _fail(exc) from None
 
 
 def main() -> None:

@@ -90,6 +90,8 @@ def run_checks(dirs: Dirs | None = None) -> Report:
         # Optional: QEMU serves every host; these need their binary and KVM.
         add(Check(f"vmm {vmm}", "ok" if usable else "warn", why))
 
+    report.checks.extend(network_checks())
+
     kvm_ok, kvm_why = kvm_device_status()
     kernel = cached_kernel(dirs)
     verdict = None
@@ -170,6 +172,34 @@ def run_checks(dirs: Dirs | None = None) -> Report:
         )
     )
     return report
+
+
+def network_checks() -> list[Check]:
+    """Which network modes this host can give VMs, per VMM, and why not."""
+    from stoker.backends import VMMS, get_backend
+
+    checks = [
+        Check("network none", "ok", "the default: no network device, no way out"),
+        Check(
+            "network egress",
+            "ok",
+            "allowlisted HTTP(S) through a host-side proxy per VM, over the agent channel "
+            "(every VMM; no tap, no root); names are resolved by this host",
+        ),
+    ]
+    for vmm in VMMS:
+        backend = get_backend(vmm)
+        if not backend.usable()[0]:
+            continue
+        offered, how = backend.nat_support()
+        checks.append(
+            Check(
+                f"network nat ({vmm})",
+                "ok" if offered else "warn",
+                (how + "; unfiltered: unsafe for untrusted code") if offered else how,
+            )
+        )
+    return checks
 
 
 def _free_bytes(path: Path) -> int:

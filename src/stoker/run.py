@@ -20,6 +20,7 @@ from stoker.archive import ExtractLimits
 from stoker.backends import VMMS, get_backend
 from stoker.backends.accel import AccelRequest
 from stoker.errors import CommandTimeout, UsageError
+from stoker.net.policy import NetworkPolicy
 from stoker.paths import Dirs
 from stoker.protocol.client import OutputSink
 from stoker.vm import VM, SnapshotMode
@@ -50,6 +51,8 @@ class RunRequest:
     snapshot: SnapshotMode = "auto"
     #: The VMM: ``qemu``, ``firecracker`` or ``cloud-hypervisor``.
     vmm: str = "qemu"
+    #: The network policy; None: the image's (its spec's ``[network]``, else none).
+    network: NetworkPolicy | None = None
 
     def validate(self) -> None:
         if not self.argv:
@@ -98,9 +101,16 @@ class RunSummary:
     artifacts: list[str] = field(default_factory=list)
     missing_artifacts: list[str] = field(default_factory=list)
     artifact_dir: str | None = None
+    #: The network policy in force and what the guest's connections came to.
+    network: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def denied_connections(self) -> list[str]:
+        """One line per denied destination (grouped), for the end of ``stoker run``."""
+        denied = self.network.get("denied", [])
+        return [str(line) for line in denied] if isinstance(denied, list) else []
 
 
 async def run_job(
@@ -135,6 +145,7 @@ async def run_job(
         seed=(req.src, req.guest_dir),
         snapshot=req.snapshot,
         backend=get_backend(req.vmm),
+        network=req.network,
     )
     summary.vm = vm.name
     try:
@@ -185,10 +196,28 @@ async def run_job(
                 summary.artifact_dir = str(req.out.resolve())
                 summary.timings["copy_out"] = time.monotonic() - t
     finally:
+        summary.network = network_summary(vm)
         summary.timings.update(vm.timings.as_dict())
         summary.timings["total"] = time.monotonic() - t0
         summary.timings = {k: round(v, 4) for k, v in summary.timings.items()}
     return summary
+
+
+def network_summary(vm: VM) -> dict[str, Any]:
+    """The policy in force and the guest's connections, for ``--json`` and the CLI."""
+    out: dict[str, Any] = dict(vm.network.summary())
+    proxy = vm.proxy
+    if proxy is not None:
+        stats = proxy.stats
+        out["connections"] = {
+            "allowed": stats.allowed,
+            "denied": stats.denied,
+            "errors": stats.errors,
+            "bytes_up": stats.bytes_up,
+            "bytes_down": stats.bytes_down,
+        }
+        out["denied"] = proxy.denied_summary()
+    return out
 
 
 async def _maybe_await(value: object) -> None:

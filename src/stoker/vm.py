@@ -52,6 +52,9 @@ from stoker.errors import (
     VMError,
     VMMCrashed,
 )
+from stoker.net.channel import GuestNetwork, proxy_env
+from stoker.net.policy import NetworkPolicy, image_network_policy
+from stoker.net.proxy import ConnectionRecord, EgressProxy, Resolver
 from stoker.paths import Dirs
 from stoker.protocol.client import AgentClient, ChannelClosed, ChannelLimits, ExecResult, OutputSink
 from stoker.snapshots import (
@@ -71,6 +74,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 DEFAULT_BOOT_TIMEOUT = 120.0
+#: QEMU user-mode networking's DNS forwarder, as seen from a nat-mode guest.
+NAT_DNS = "10.0.2.3"
 SnapshotMode = Literal["never", "auto", "create"]
 #: VM shape when neither the caller nor the image says otherwise.
 DEFAULT_CPUS = 2
@@ -151,6 +156,10 @@ class VM:
         seed_timeout: float = 900.0,
         snapshot: SnapshotMode = "never",
         template_dir: Path | None = None,
+        network: NetworkPolicy | None = None,
+        job: str | None = None,
+        on_connection: Callable[[ConnectionRecord], None] | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         # None: the image's [defaults] decide (see _apply_image_defaults).
         if cpus is not None and not 1 <= cpus <= MAX_CPUS:
@@ -167,6 +176,20 @@ class VM:
         )
         #: Environment of every command, from the image (``env`` of its spec).
         self.image_env: dict[str, str] = {}
+        #: The network policy asked for; None: the image's (its spec's ``[network]``).
+        self._network_request = network
+        #: The policy in force, once the VM started.
+        self.network = network or NetworkPolicy()
+        #: The job this VM serves (for connection records), if any.
+        self.job = job
+        self._on_connection = on_connection
+        #: How the proxy resolves names (None: the host's resolver).
+        self._resolver = resolver
+        #: The egress proxy (``egress`` mode), whose records and counters say
+        #: what the guest connected to and what was denied.
+        self.proxy: EgressProxy | None = None
+        #: Environment pointing the guest's tools at its proxy (``egress`` mode).
+        self.network_env: dict[str, str] = {}
         if accel not in ("auto", "kvm", "tcg"):
             raise UsageError(f"accel must be auto, kvm or tcg, not {accel!r}")
         self.image = image
@@ -263,6 +286,7 @@ class VM:
                 await self._restore(artifacts, accel, snapshot, t0)
             else:
                 await self._boot(artifacts, accel, t0)
+            await self._start_network()
             self.state = VMState.READY
             self._log.debug("ready in %.2fs (accel=%s)", self.timings.agent_ready, accel)
             if snapshot is not None and self._seed is not None:
@@ -360,6 +384,46 @@ class VM:
         self.timings.agent_ready = time.monotonic() - t1
         self.restored_from = snapshot
 
+    async def _start_network(self) -> None:
+        """Give the guest the network its policy allows (after boot or restore).
+
+        ``egress``: the agent offers a proxy on the guest's loopback and carries
+        each connection over the agent channel to this VM's own
+        :class:`~stoker.net.proxy.EgressProxy`, which enforces the allowlist.
+        The guest has no network device, so there is no other way out.
+        """
+        if self.network.mode == "none":
+            return
+        assert self._client is not None
+        if self.network.mode == "nat":
+            # The device and its address came up in init (stoker.nic=1).
+            await self._guarded(self._client.net_start(0, {}, mode="nat", nameserver=NAT_DNS))
+            return
+        self.proxy = EgressProxy(
+            self.network,
+            vm=self.name,
+            job=self.job,
+            resolver=self._resolver,
+            on_record=self._connection_ended,
+        )
+        self._stack.push_async_callback(self.proxy.aclose)
+        net = GuestNetwork(
+            self._client,
+            self.proxy,
+            # Beyond the proxy's own limit (which answers with a reason), streams
+            # are refused silently: a flood costs the host nothing.
+            max_streams=2 * self.network.limits.max_connections + 16,
+            name=self.name,
+        )
+        self._stack.push_async_callback(net.aclose)
+        wanted = self.backend.guest_proxy_port
+        port = await self._guarded(net.start(proxy_env(wanted), port=wanted))
+        self.network_env = proxy_env(port)
+
+    def _connection_ended(self, record: ConnectionRecord) -> None:
+        if self._on_connection is not None:
+            self._on_connection(record)
+
     async def _launch(self, spec: MachineSpec) -> None:
         assert self.workdir is not None
         self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
@@ -383,6 +447,9 @@ class VM:
     async def _find_snapshot(self, artifacts: BootArtifacts, accel: str) -> Snapshot | None:
         """The snapshot to restore from, per the ``snapshot`` mode (None: boot)."""
         if self.snapshot_mode == "never" or self._template_dir is not None:
+            return None
+        if self.network.mode == "nat":
+            # Templates have no network device; a nat VM always boots with one.
             return None
         if not self.backend.snapshots:
             if self.snapshot_mode == "create":
@@ -446,6 +513,8 @@ class VM:
         self.cpus = pick(cpus, "cpus", DEFAULT_CPUS, 1, MAX_CPUS)
         self.memory_mb = pick(memory, "memory", DEFAULT_MEMORY_MB, 128, 1 << 24)
         self.disk_mb = pick(disk, "disk", DEFAULT_DISK_MB, 64, 1 << 24)
+        if self._network_request is None:
+            self.network = image_network_policy(manifest)
         env = manifest.get("env")
         if isinstance(env, dict):
             self.image_env = {
@@ -466,7 +535,16 @@ class VM:
     def _machine_spec(
         self, artifacts: BootArtifacts, accel: str, scratch: Path, seed: Path | None
     ) -> MachineSpec:
+        nat = self.network.mode == "nat"
+        if nat:
+            offered, why = self.backend.nat_support()
+            if not offered:
+                raise UsageError(
+                    f"network mode 'nat' is not available: {why}",
+                    hint="use --vmm qemu, or --network egress with --allow entries",
+                )
         return MachineSpec(
+            nic=nat,
             name=self.name,
             kernel=artifacts.kernel.vmlinuz,
             initrd=artifacts.initrd,
@@ -580,7 +658,7 @@ class VM:
         ``LANG`` are added where missing).  With ``check=True`` a command that
         does not exit 0 raises :class:`~stoker.errors.JobFailed`.
         """
-        full_env = {**default_guest_env(), **self.image_env, **(env or {})}
+        full_env = {**default_guest_env(), **self.image_env, **self.network_env, **(env or {})}
         result = await self._guarded(
             self._agent().exec(
                 argv,

@@ -408,6 +408,12 @@ class Agent:
         """Offer the host's egress proxy on the guest's loopback (idempotent)."""
         from stoker.agent import netfwd
 
+        if msg.get("mode") == "nat":
+            # The device was configured by init; names resolve through QEMU's forwarder.
+            if self.pid1 and msg.get("nameserver"):
+                netfwd.write_resolv_conf(str(msg["nameserver"]))
+            self.chan.msg(channel, {"type": "net_started", "port": 0})
+            return
         if self.net is None:
             self.net = netfwd.Forwarder(self.chan, int(msg.get("port", wire.NET_PROXY_PORT)))
         if self.pid1:  # never rewrite a host's /etc when run there by the tests

@@ -206,6 +206,13 @@ def write_proxy_config(env: Dict[str, str]) -> None:
         )
 
 
+def write_resolv_conf(nameserver: str) -> None:
+    """nat mode: resolve names through the VMM's DNS forwarder."""
+    with contextlib.suppress(OSError):
+        os.unlink("/etc/resolv.conf")  # may be a dangling symlink in the image
+    _write("/etc/resolv.conf", "nameserver %s\n" % nameserver)
+
+
 def _write(path: str, text: str) -> None:
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -21,6 +21,7 @@ from typing import Literal
 
 from stoker.errors import InfrastructureError
 from stoker.protocol.transport import Transport
+from stoker.protocol.wire import NET_PROXY_PORT
 
 Accel = Literal["kvm", "tcg"]
 
@@ -61,6 +62,10 @@ class MachineSpec:
     #: Format of the scratch disk file: ``"raw"``, or ``"qcow2"`` for a clone's
     #: copy-on-write overlay on the template's disk.
     scratch_format: str = "raw"
+    #: A network device with unfiltered outbound access (``nat`` mode; QEMU's
+    #: user-mode networking).  Off for ``none`` and ``egress``: those guests
+    #: have no network device at all.
+    nic: bool = False
 
     def kernel_cmdline(self) -> str:
         """The guest kernel command line (a pure function of the spec)."""
@@ -90,6 +95,8 @@ class MachineSpec:
             params.append("stoker.scratch=/dev/vdb")
         if self.tsc_khz:
             params += [f"tsc_early_khz={self.tsc_khz}", "tsc=reliable"]
+        if self.nic:
+            params.append("stoker.nic=1")
         if self.probe:
             params.append("stoker.probe=1")
         params.extend(self.cmdline_extra)
@@ -193,9 +200,18 @@ class Backend(ABC):
     def describe(self) -> dict[str, str]:
         """Version and capability facts for ``stoker doctor``."""
 
+    def nat_support(self) -> tuple[bool, str]:
+        """Whether this backend can give a guest an unfiltered network device
+        without root (``nat`` mode), and how, or why not."""
+        return False, f"{self.name} would need a tap device and host NAT rules (root)"
+
     def usable(self) -> tuple[bool, str]:
         """Whether this host can run this VMM at all, and why not (cheap, no VM)."""
         return True, ""
+
+    #: Guest loopback port of the egress proxy (``http_proxy`` in the guest).  0
+    #: lets the agent pick one: for stand-in backends whose "guest" is the host.
+    guest_proxy_port: int = NET_PROXY_PORT
 
     #: Whether VMs of this backend can be saved and restored through
     #: :meth:`LaunchedVM.save_state` / :meth:`LaunchedVM.load_state`.

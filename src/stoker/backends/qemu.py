@@ -64,6 +64,17 @@ def _escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def _network(spec: MachineSpec) -> list[str]:
+    if not spec.nic:
+        return ["-nic", "none"]
+    # nat mode: user-mode networking (slirp) inside QEMU's own process, IPv4
+    # only; unfiltered, which is why it is an explicit opt-in.
+    return [
+        "-netdev", "user,id=net0,ipv6=off",
+        "-device", "virtio-net-device,netdev=net0",
+    ]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class QemuFds:
     """Descriptor numbers (identical in parent and child) of the pre-connected sockets."""
@@ -104,7 +115,7 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
         "-no-user-config",
         "-display", "none",
         "-no-reboot",
-        "-nic", "none",
+        *_network(spec),
         # Defence in depth: QEMU's seccomp filter (no spawning, no privilege changes).
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-kernel", _escape(str(spec.kernel)),
@@ -285,6 +296,12 @@ class QemuBackend(Backend):
             return False, f"{self.binary} not found (apt-get install qemu-system-x86)"
         return True, f"{self.binary} {version} (-M microvm; KVM when usable, else TCG)"
 
+    def nat_support(self) -> tuple[bool, str]:
+        # User-mode networking runs inside QEMU's own process: no tap, no root.
+        if has_user_networking(self.binary):
+            return True, "QEMU user-mode networking (no tap, no root)"
+        return False, f"{self.binary} was built without user-mode networking (libslirp)"
+
     async def launch(self, spec: MachineSpec, workdir: Path, stack: AsyncExitStack) -> LaunchedVM:
         pairs = {name: socket.socketpair() for name in ("agent", "qmp", "console")}
         for ours, theirs in pairs.values():
@@ -356,6 +373,20 @@ def qemu_version(binary: str = QEMU_BINARY) -> str | None:
     except OSError:
         return None
     return _version_of(path, st.st_mtime_ns, st.st_size)
+
+
+def has_user_networking(binary: str = QEMU_BINARY) -> bool:
+    """Whether this QEMU was built with user-mode networking (libslirp)."""
+    path = shutil.which(binary)
+    if path is None:
+        return False
+    try:
+        out = subprocess.run(
+            [path, "-netdev", "help"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "user" in out.split()
 
 
 @functools.lru_cache(maxsize=8)

@@ -253,6 +253,7 @@ class SpecBuilder:
             "kernel": self.kernel.to_json(),
             "env": dict(spec.env),
             "defaults": spec.defaults.model_dump(mode="json"),
+            **({"network": spec.network.model_dump(mode="json")} if spec.network else {}),
             "artifacts": [
                 {"name": f.artifact.name, "sha256": f.artifact.sha256, "source": f.source}
                 for f in fetched

@@ -71,6 +71,11 @@ Keys of an image (all but ``base`` are optional):
     ``cpus`` (default 2), ``memory`` (default ``"1G"``), ``disk`` (the writable
     layer, default ``"4G"``) for VMs made from the image.  Sizes are strings with
     a K/M/G/T suffix or integers in MiB and are stored as MiB.
+``[network]``
+    The network VMs made from the image get unless the run says otherwise:
+    ``mode`` (``"none"``, ``"egress"`` or ``"nat"``), ``allow`` (allowlist
+    entries for egress: ``"HOST[:PORT]"``, ``"IP[/BITS][:PORT]"``, presets
+    ``"@NAME"``) and ``[network.limits]`` (see :class:`stoker.net.policy.Limits`).
 ``[agent]``
     ``python``: absolute path of python3 in the image (default ``/usr/bin/python3``).
 ``[[artifacts]]``
@@ -136,6 +141,7 @@ from stoker.images.base import canonical_digest
 from stoker.images.debian import _PACKAGE_RE as DEBIAN_PACKAGE_RE
 from stoker.images.debian import DEFAULT_PACKAGES, DebianSpec
 from stoker.images.pack import COMPRESSORS
+from stoker.net.policy import NetworkPolicy
 from stoker.units import parse_size_mb
 
 #: Bump when the digest document changes shape (every image is rebuilt then).
@@ -473,6 +479,8 @@ class ImageSpec(_Model):
     defaults: VMDefaults = Field(default_factory=VMDefaults)
     agent: AgentOptions = Field(default_factory=AgentOptions)
     artifacts: Items[Artifact] = ()
+    #: The network of VMs made from the image (None: no network unless asked for).
+    network: NetworkPolicy | None = None
     #: Root filesystem format: ``"erofs"``, ``"squashfs"`` or ``"ext4"``.
     format: Literal["erofs", "squashfs", "ext4"] = "erofs"
     #: Compressor; ``None``: the format's default (lz4hc for erofs, zstd for squashfs).
@@ -1048,6 +1056,9 @@ def digest_document(spec: ImageSpec) -> dict[str, Any]:
     through the input digests) and artifact override variables.
     """
     data = spec.model_dump(mode="json", exclude={"name"})
+    if data["network"] is None:
+        # Images that say nothing about networking keep the digests they had.
+        del data["network"]
     for file in data["files"]:
         del file["src"]
     for artifact in data["artifacts"]:

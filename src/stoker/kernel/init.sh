@@ -9,6 +9,7 @@
 #                              without it the writable layer is a tmpfs
 #     stoker.tmpfs_size=SIZE   size of that tmpfs (default 512m)
 #     stoker.python=PATH       interpreter inside the root (default /usr/bin/python3)
+#     stoker.nic=1             load the NIC driver and configure eth0 (nat mode)
 #     stoker.probe=1           print STOKER-PROBE-OK after loading modules, power off
 #     stoker.debug=1           trace every step on the console
 #   on success: exec PYTHON -B -S -m stoker.agent as PID 1 of the overlay root
@@ -75,6 +76,7 @@ PYTHON=/usr/bin/python3
 PROBE=0
 DEBUG=0
 PCI=0
+NIC=0
 read -r cmdline </proc/cmdline
 set -f  # the command line is split into words, never globbed
 for arg in $cmdline; do
@@ -87,6 +89,7 @@ for arg in $cmdline; do
     stoker.probe=*) PROBE=${arg#*=} ;;
     stoker.debug=*) DEBUG=${arg#*=} ;;
     stoker.pci=*) PCI=${arg#*=} ;;
+    stoker.nic=*) NIC=${arg#*=} ;;
     esac
 done
 set +f
@@ -110,6 +113,17 @@ load_modules() {
 load_modules /lib/modules/load.order
 if [ "$PCI" = 1 ] && [ -f /lib/modules/load.pci ]; then
     load_modules /lib/modules/load.pci
+fi
+# The network device's driver only for VMs that have one (stoker.nic=1: nat
+# mode), configured with QEMU user-mode networking's fixed addresses: the guest
+# is 10.0.2.15/24, 10.0.2.2 the host side, 10.0.2.3 its DNS forwarder.
+if [ "$NIC" = 1 ]; then
+    [ -f /lib/modules/load.nic ] && load_modules /lib/modules/load.nic
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    must "cannot bring up eth0" ip link set eth0 up
+    must "cannot address eth0" ip addr add 10.0.2.15/24 dev eth0
+    must "cannot add the default route" ip route add default via 10.0.2.2
 fi
 
 # 3. Probe mode: the accelerator boots a guest; nothing more to check.

@@ -35,6 +35,7 @@ from stoker.kernel.cpio import CpioWriter, Writable
 from stoker.kernel.debian import Kernel
 from stoker.kernel.modules import (
     GUEST_MODULES,
+    NIC_MODULES,
     PCI_MODULES,
     is_static_elf,
     module_name,
@@ -73,6 +74,7 @@ def build_initramfs(
     busybox: Path = Path("/bin/busybox"),
     modules: Iterable[str] = GUEST_MODULES,
     pci_modules: Iterable[str] = PCI_MODULES,
+    nic_modules: Iterable[str] = NIC_MODULES,
 ) -> Initramfs:
     """Return the initramfs for these inputs, building it on a cache miss.
 
@@ -81,13 +83,15 @@ def build_initramfs(
     ``pci_modules`` (and what they need beyond ``modules``) are loaded only
     when the kernel command line says ``stoker.pci=1``: VMMs with virtio-pci
     devices (Cloud Hypervisor) need them, QEMU microvm's virtio-mmio guests
-    would only pay their load time.
+    would only pay their load time.  ``nic_modules`` likewise, with
+    ``stoker.nic=1``: only VMs given a network device (``nat`` mode) load them.
 
     Raises :class:`ProvisionError` (missing or dynamic busybox, unknown module,
     bad agent path).
     """
     wanted = tuple(normalize_name(m) for m in modules)
     wanted_pci = tuple(normalize_name(m) for m in pci_modules)
+    wanted_nic = tuple(normalize_name(m) for m in nic_modules)
     agent = _check_agent_files(agent_files)
     busybox_data = _read_busybox(busybox)
     init_text = init_script()
@@ -96,6 +100,11 @@ def build_initramfs(
     pci_closure = [
         (name, path)
         for name, path in (_closure(dirs, kernel, wanted + wanted_pci) if wanted_pci else [])
+        if name not in base_names
+    ]
+    nic_closure = [
+        (name, path)
+        for name, path in (_closure(dirs, kernel, wanted + wanted_nic) if wanted_nic else [])
         if name not in base_names
     ]
     module_data = [(name, path.read_bytes()) for name, path in closure]
@@ -107,6 +116,8 @@ def build_initramfs(
         _feed(h, b"module", name.encode() + b"\0" + hashlib.sha256(data).digest())
     for name, path in pci_closure:
         _feed(h, b"pci-module", name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    for name, path in nic_closure:
+        _feed(h, b"nic-module", name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     _feed(h, b"busybox", hashlib.sha256(busybox_data).digest())
     _feed(h, b"init", init_text.encode())
     for rel, data in agent:
@@ -135,6 +146,7 @@ def build_initramfs(
                 applets=applets,
                 modules=closure,
                 pci_modules=pci_closure,
+                nic_modules=nic_closure,
                 agent=agent,
             )
         tmp.chmod(0o644)
@@ -158,6 +170,7 @@ def _write_archive(
     applets: list[str],
     modules: list[tuple[str, Path]],
     pci_modules: list[tuple[str, Path]],
+    nic_modules: list[tuple[str, Path]],
     agent: list[tuple[str, bytes]],
 ) -> None:
     cpio = CpioWriter(out)
@@ -176,12 +189,16 @@ def _write_archive(
         cpio.add_file(f"lib/modules/{filename}", read_module(path))
         order.append(filename)
     cpio.add_file("lib/modules/load.order", "".join(f"{f}\n" for f in order).encode())
-    pci_order = []
-    for name, path in pci_modules:
-        filename = f"{name}.ko"
-        cpio.add_file(f"lib/modules/{filename}", read_module(path))
-        pci_order.append(filename)
-    cpio.add_file("lib/modules/load.pci", "".join(f"{f}\n" for f in pci_order).encode())
+    added = {f"{name}.ko" for name, _ in modules}
+    for group, members in (("pci", pci_modules), ("nic", nic_modules)):
+        group_order = []
+        for name, path in members:
+            filename = f"{name}.ko"
+            if filename not in added:  # a module two groups need is stored once
+                cpio.add_file(f"lib/modules/{filename}", read_module(path))
+                added.add(filename)
+            group_order.append(filename)
+        cpio.add_file(f"lib/modules/load.{group}", "".join(f"{f}\n" for f in group_order).encode())
     cpio.add_dir(AGENT_DIR)
     made: set[str] = set()
     for rel, data in agent:

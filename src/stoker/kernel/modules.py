@@ -40,6 +40,10 @@ GUEST_MODULES: tuple[str, ...] = (
 #: (Cloud Hypervisor); QEMU microvm and Firecracker use virtio-mmio.
 PCI_MODULES: tuple[str, ...] = ("virtio_pci",)
 
+#: Loaded only with ``stoker.nic=1``: the network device of ``nat``-mode VMs
+#: (``egress`` and ``none`` VMs have none, and skip the load time).
+NIC_MODULES: tuple[str, ...] = ("virtio_net",)
+
 MODULE_SUFFIXES: tuple[str, ...] = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 _XZ_MAGIC = b"\xfd7zXZ\x00"

@@ -200,13 +200,26 @@ class AgentClient:
         """
         self._net = handler
 
-    async def net_start(self, port: int, env: Mapping[str, str], timeout: float = 30.0) -> int:
-        """Have the agent offer the proxy on the guest's loopback ``port``.
+    async def net_start(
+        self,
+        port: int,
+        env: Mapping[str, str],
+        *,
+        mode: str = "egress",
+        nameserver: str | None = None,
+        timeout: float = 30.0,
+    ) -> int:
+        """Have the agent set up the guest's side of its network.
 
-        ``env`` goes into the guest's configuration files (profile, apt).  Returns
-        the port the agent listens on (``port`` 0: one the guest picked).
+        ``egress``: offer the proxy on the guest's loopback ``port``; ``env`` goes
+        into the guest's configuration files (profile, apt).  Returns the port
+        the agent listens on (``port`` 0: one the guest picked).  ``nat``: the
+        device is up already (init configured it); only ``nameserver`` is set.
         """
-        request = {"type": "net_start", "port": port, "env": dict(env)}
+        request: dict[str, object] = {"type": "net_start", "mode": mode, "port": port}
+        request["env"] = dict(env)
+        if nameserver is not None:
+            request["nameserver"] = nameserver
         reply = await self._request(request, m.NetStarted, timeout=timeout)
         return reply.port
 

@@ -69,7 +69,8 @@ class NetStarted(_Msg):
     """The agent listens for proxied connections on the guest's loopback ``port``."""
 
     type: Literal["net_started"]
-    port: int = Field(ge=1, le=65535)
+    #: 0 in ``nat`` mode (no proxy: the guest has a network device).
+    port: int = Field(ge=0, le=65535)
 
 
 class Error(_Msg):

@@ -202,6 +202,8 @@ class FakeBackend(Backend):
     """
 
     name = "fake"
+    #: The "guest" is this host: its proxy listener takes any free loopback port.
+    guest_proxy_port = 0
 
     def __init__(self, *, boot_seconds: float = 0.0, on_launch: LaunchHook | None = None) -> None:
         self.boot_seconds = boot_seconds
