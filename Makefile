@@ -22,3 +22,4 @@ bench: setup
 	.venv/bin/python bench/snapshots.py
 	.venv/bin/python bench/images.py
 	.venv/bin/python bench/scheduler.py
+	.venv/bin/python bench/network.py

@@ -102,6 +102,36 @@ def own_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+async def curl(vm: VM, url: str, metric: str, env: dict[str, str]) -> float:
+    res = await vm.exec(
+        ["curl", "-sS", "-o", "/dev/null", "-w", f"%{{{metric}}}", url],
+        env=env,
+        timeout=900,
+        check=True,
+    )
+    return float(res.stdout)
+
+
+async def downloads(
+    vm: VM, url: str, runs: int, env: dict[str, str], out: dict[str, Any], key: str
+) -> None:
+    """Median time, stoker CPU and QEMU CPU of ``runs`` downloads of ``url``."""
+    assert vm.vmm_pid is not None
+    times, cpu_self, cpu_qemu = [], [], []
+    for _ in range(runs):
+        s0, q0 = own_cpu(), cpu_seconds(vm.vmm_pid)
+        times.append(await curl(vm, url, "time_total", env))
+        cpu_self.append(own_cpu() - s0)
+        cpu_qemu.append(cpu_seconds(vm.vmm_pid) - q0)
+    out[f"{key}_s"] = statistics.median(times)
+    out[f"{key}_cpu_stoker_s"] = statistics.median(cpu_self)
+    out[f"{key}_cpu_qemu_s"] = statistics.median(cpu_qemu)
+
+
+async def setup_latency(vm: VM, url: str, runs: int, env: dict[str, str]) -> float:
+    return statistics.median([await curl(vm, url, "time_starttransfer", env) for _ in range(runs)])
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     ca = trustme.CA()
     size = args.mb << 20
@@ -112,49 +142,22 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         async with VM("test-net", network=policy, resolver=resolver) as vm:
             await vm.exec(["sh", "-c", f"cat > {GUEST_CA}"], stdin=ca.cert_pem.bytes(), check=True)
             env = {"CURL_CA_BUNDLE": GUEST_CA}
-            assert vm.vmm_pid is not None
             for scheme in ("http", "https"):
-                times, cpu_self, cpu_qemu = [], [], []
-                for _ in range(args.runs):
-                    s0, q0 = own_cpu(), cpu_seconds(vm.vmm_pid)
-                    res = await vm.exec(
-                        [
-                            "curl",
-                            "-sS",
-                            "-o",
-                            "/dev/null",
-                            "-w",
-                            "%{time_total}",
-                            f"{scheme}://bench.test/big",
-                        ],
-                        env=env,
-                        timeout=900,
-                        check=True,
-                    )
-                    cpu_self.append(own_cpu() - s0)
-                    cpu_qemu.append(cpu_seconds(vm.vmm_pid) - q0)
-                    times.append(float(res.stdout))
-                out[f"vm_{scheme}_s"] = statistics.median(times)
-                out[f"vm_{scheme}_cpu_stoker_s"] = statistics.median(cpu_self)
-                out[f"vm_{scheme}_cpu_qemu_s"] = statistics.median(cpu_qemu)
-            setup = []
-            for _ in range(args.runs * 4):
-                res = await vm.exec(
-                    [
-                        "curl",
-                        "-sS",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{time_starttransfer}",
-                        "https://bench.test/small",
-                    ],
-                    env=env,
-                    timeout=60,
-                    check=True,
-                )
-                setup.append(float(res.stdout))
-            out["vm_setup_s"] = statistics.median(setup)
+                url = f"{scheme}://bench.test/big"
+                await downloads(vm, url, args.runs, env, out, f"vm_{scheme}")
+            out["vm_setup_https_s"] = await setup_latency(
+                vm, "https://bench.test/small", args.runs * 4, env
+            )
+            out["vm_setup_http_s"] = await setup_latency(
+                vm, "http://bench.test/small", args.runs * 4, env
+            )
+        # The same download through a real NIC (nat: QEMU user-mode networking,
+        # no proxy; 10.0.2.2 is the namespace's loopback): what the proxy costs.
+        async with VM("test-net", network=NetworkPolicy(mode="nat")) as vm:
+            await downloads(vm, "http://10.0.2.2/big", args.runs, {}, out, "nat_http")
+            out["nat_setup_http_s"] = await setup_latency(
+                vm, "http://10.0.2.2/small", args.runs * 4, {}
+            )
         out["host_http_s"] = statistics.median(host_download_plain(size) for _ in range(args.runs))
         out["host_setup_s"] = statistics.median(host_setup() for _ in range(args.runs * 4))
     return out
@@ -183,30 +186,33 @@ def host_setup() -> float:
 
 def table(r: dict[str, Any]) -> str:
     mb = r["mb"]
+
+    def rate(key: str) -> str:
+        return f"{mb / r[key]:.1f} MB/s"
+
+    def ms(value: float) -> str:
+        return f"{value * 1000:.1f} ms"
+
     rows = [
-        ("host direct, plain HTTP (no proxy)", f"{mb / r['host_http_s']:.0f} MB/s"),
-        ("VM through the proxy, plain HTTP", f"{mb / r['vm_http_s']:.1f} MB/s"),
+        ("host direct, plain HTTP (no VM, no proxy)", rate("host_http_s")),
+        ("VM, nat NIC (QEMU user networking, no proxy), plain HTTP", rate("nat_http_s")),
+        ("VM, egress proxy, plain HTTP", rate("vm_http_s")),
+        ("VM, egress proxy, HTTPS (CONNECT tunnel; TLS in the guest)", rate("vm_https_s")),
+        ("ratio egress proxy HTTP / nat NIC HTTP", f"{r['nat_http_s'] / r['vm_http_s']:.2f}"),
+        ("ratio egress proxy HTTP / host direct", f"{r['host_http_s'] / r['vm_http_s']:.4f}"),
+        ("connection set-up to first byte, host direct", ms(r["host_setup_s"])),
+        ("connection set-up to first byte, VM nat NIC, HTTP", ms(r["nat_setup_http_s"])),
+        ("connection set-up to first byte, VM egress proxy, HTTP", ms(r["vm_setup_http_s"])),
+        ("connection set-up to first byte, VM egress proxy, HTTPS", ms(r["vm_setup_https_s"])),
         (
-            "VM through the proxy, HTTPS (CONNECT; TLS in the guest)",
-            f"{mb / r['vm_https_s']:.1f} MB/s",
+            "host CPU per MB, stoker process (proxy + channel), HTTP",
+            ms(r["vm_http_cpu_stoker_s"] / mb),
         ),
-        ("ratio VM proxied HTTP / host direct", f"{r['host_http_s'] / r['vm_http_s']:.3f}"),
-        ("connection set-up, host direct (median)", f"{r['host_setup_s'] * 1000:.1f} ms"),
+        ("host CPU per MB, stoker process, HTTPS", ms(r["vm_https_cpu_stoker_s"] / mb)),
+        ("host CPU per MB, QEMU (emulated guest), egress HTTP", ms(r["vm_http_cpu_qemu_s"] / mb)),
         (
-            "connection set-up, VM through the proxy, HTTPS (median)",
-            f"{r['vm_setup_s'] * 1000:.1f} ms",
-        ),
-        (
-            "host CPU per MB proxied: stoker (proxy + channel), HTTP",
-            f"{r['vm_http_cpu_stoker_s'] / mb * 1000:.2f} ms",
-        ),
-        (
-            "host CPU per MB proxied: QEMU (guest emulation), HTTP",
-            f"{r['vm_http_cpu_qemu_s'] / mb * 1000:.2f} ms",
-        ),
-        (
-            "host CPU per MB proxied: stoker, HTTPS",
-            f"{r['vm_https_cpu_stoker_s'] / mb * 1000:.2f} ms",
+            "host CPU per MB, QEMU (emulated guest + slirp), nat HTTP",
+            ms(r["nat_http_cpu_qemu_s"] / mb),
         ),
     ]
     lines = ["| measurement | value |", "|---|---|"]

@@ -20,7 +20,8 @@ PACKAGES=(
   build-essential flex bison bc libelf-dev   # `stoker kernel build` (the microVM kernel)
   xz-utils          # the linux-source tarball
   postgresql        # `stoker serve` on PostgreSQL (the multi-host tests start a throw-away cluster)
-  git               # `stoker serve` jobs whose source is a git URL + ref
+  git               # `stoker serve` jobs whose source is a git URL + ref; the network tests' git server
+  iproute2 util-linux   # the network tests and bench run in their own namespace (ip, unshare)
   ca-certificates
 )
 

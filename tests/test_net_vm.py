@@ -365,3 +365,60 @@ def test_floods_and_slow_clients_are_bounded(scenario: dict[str, Any]) -> None:
     slow = cmd(scenario, "slowloris")
     assert slow["code"] == 0 and slow["stdout"].startswith("closed 5"), slow
     assert scenario["stats"]["active"] == 0
+
+
+def test_stoker_run_reports_denied_connections(net_image: str, tmp_path: Path) -> None:
+    # The CLI end to end, in a namespace of its own: the denial happens by name,
+    # before any lookup, and the user is told which connection and why.
+    project = tmp_path / "proj"
+    project.mkdir()
+    proc = in_namespace(
+        [
+            sys.executable,
+            "-m",
+            "stoker.cli",
+            "run",
+            "--image",
+            net_image,
+            "--allow",
+            "allowed.test",
+            "--json",
+            str(project),
+            "--",
+            "curl",
+            "-sS",
+            "https://denied.test/",
+        ],
+        tmp_path,
+        600,
+    )
+    assert proc.returncode == 56, proc.stderr  # curl: CONNECT refused
+    assert "the network policy denied 1 connection(s)" in proc.stderr, proc.stderr
+    assert "denied.test:443" in proc.stderr and "not in allowlist" in proc.stderr
+    summary = json.loads(proc.stdout)
+    network = summary["network"]
+    assert network["mode"] == "egress" and network["allow"] == ["allowed.test"]
+    assert network["connections"]["denied"] == 1 and network["connections"]["allowed"] == 0
+    assert any("denied.test:443" in line for line in network["denied"])
+
+
+def test_bad_allowlist_entries_fail_before_boot(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stoker.cli",
+            "run",
+            "--allow",
+            "https://x.test/path",
+            str(tmp_path),
+            "--",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "https://x.test/path" in proc.stderr and "hint: write 'x.test'" in proc.stderr
