@@ -1,0 +1,174 @@
+"""The ``stoker`` command line.  The only place that turns errors into exit statuses.
+
+Exit statuses of ``stoker run``: the command's own status (128+N when it was
+killed by signal N), 124 when it timed out, 125 when stoker or the VM failed
+(infrastructure), 2 for bad usage, 130/143 when stoker itself was interrupted.
+
+This package holds the root ``app``, the helpers every command shares and
+``main()``; each command group lives in its own module (``run``, ``images``,
+``snapshots``, ``kernel``, ``runners``, ``jobs``, ``network``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from stoker.errors import InfrastructureError, StokerError, UsageError
+from stoker.units import parse_duration
+
+__all__ = ["app", "main", "parse_duration", "parse_env"]
+
+EXIT_TIMEOUT = 124
+EXIT_INFRA = 125
+EXIT_USAGE = 2
+#: Exit status of `stoker job submit --follow` / `job logs --follow` for a cancelled job.
+EXIT_CANCELLED = 130
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="stoker",
+    help="Build and test untrusted code in throw-away microVMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _safe(text: object) -> str:
+    """Text for the terminal: no control characters, no rich markup.
+
+    Error messages carry guest console output and agent messages; a hostile
+    guest must not be able to send escape sequences to the user's terminal or
+    break (or fake) our output with markup.
+    """
+    return escape(_CONTROL.sub("\ufffd", str(text)))
+
+
+def _fail(exc: StokerError) -> typer.Exit:
+    kind = "error" if isinstance(exc, UsageError) else "infrastructure error"
+    err.print(f"[bold red]stoker: {kind}:[/] {_safe(exc)}")
+    if exc.hint:
+        err.print(f"[yellow]hint:[/] {_safe(exc.hint)}")
+    return typer.Exit(EXIT_USAGE if isinstance(exc, UsageError) else EXIT_INFRA)
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; SIGINT and SIGTERM cancel it so every VM is torn down first."""
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        received: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if received:
+                raise _Interrupted(received[0]) from None
+            raise
+
+    return asyncio.run(main())
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        # qemu.qmp logs a failed negotiation as ERROR; we report those failures ourselves.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``K=V`` sets a value; a bare ``K`` passes the host's value through."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            if key not in os.environ:
+                raise UsageError(f"--env {key}: not set on the host (use --env {key}=VALUE)")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def _writer(stream: Any) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+
+    return write
+
+
+def _progress(msg: str) -> None:
+    err.print(f"[dim]stoker: {_safe(msg)}[/]")
+
+
+def _warning(msg: str) -> None:
+    err.print(f"[yellow]stoker: warning:[/] {_safe(msg)}")
+
+
+def _read_secret(path: Path, what: str) -> str:
+    """A secret from a file, or from standard input for ``-`` (never from the command line)."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the {what} from {path}: {exc}") from None
+    return text
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except InfrastructureError as exc:  # pragma: no cover - commands catch their own
+        _fail(exc)
+        sys.exit(EXIT_INFRA)
+
+
+# The command groups, imported last: they register on `app` and use the helpers above.
+# `run` first, so that its `run` and `doctor` lead `stoker --help` (before `serve`, in jobs).
+from stoker.cli import run  # noqa: E402, F401 (imported for its commands)
+
+# isort: split
+from stoker.cli import images, jobs, kernel, network, runners, snapshots  # noqa: E402
+
+app.add_typer(images.image_app, name="image")
+app.add_typer(kernel.kernel_app, name="kernel")
+app.add_typer(runners.runner_app, name="runner")
+app.add_typer(snapshots.snapshot_app, name="snapshot")
+app.add_typer(jobs.job_app, name="job")
+app.add_typer(jobs.token_app, name="token")
+app.add_typer(network.network_app, name="network")

@@ -1,0 +1,217 @@
+"""``stoker run`` (a command on a copy of a project in a fresh microVM) and ``stoker doctor``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stoker.cli import (
+    EXIT_INFRA,
+    _fail,
+    _Interrupted,
+    _run_async,
+    _safe,
+    _setup_logging,
+    _writer,
+    app,
+    err,
+    parse_env,
+)
+from stoker.errors import StokerError, UsageError
+from stoker.units import parse_duration
+
+if TYPE_CHECKING:
+    from stoker.net.policy import NetworkPolicy
+
+
+@app.command(
+    help="Copy SRC into a fresh microVM, run CMD there, stream its output, exit with its status.",
+)
+def run(
+    src: Annotated[Path, typer.Argument(help="Project directory to copy into the VM.")],
+    command: Annotated[list[str], typer.Argument(help="Command to run (after --).")],
+    image: Annotated[
+        str, typer.Option(help="Image to boot: a name from `stoker image ls`.")
+    ] = "default",
+    cpus: Annotated[
+        int | None, typer.Option(help="Virtual CPUs \\[default: the image's, else 2].")
+    ] = None,
+    memory: Annotated[
+        str | None, typer.Option(help="Guest memory, e.g. 2G \\[default: the image's, else 1G].")
+    ] = None,
+    disk: Annotated[
+        str | None,
+        typer.Option(help="Size of the writable layer, e.g. 8G \\[default: the image's, else 4G]."),
+    ] = None,
+    timeout: Annotated[
+        str | None, typer.Option(help="Kill the command after this long (30s, 10m, 1h).")
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="K=V (or K to pass the host's value).")
+    ] = None,
+    artifacts: Annotated[
+        list[str] | None,
+        typer.Option("--artifacts", "-a", help="Glob (relative to SRC) to copy back."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where artifacts go.")] = Path("stoker-out"),
+    accel: Annotated[str, typer.Option(help="auto, kvm or tcg.")] = "auto",
+    snapshot: Annotated[
+        str,
+        typer.Option(
+            help="auto: restore from a matching snapshot if one exists; create: make it "
+            "first if needed; never: always boot.",
+        ),
+    ] = "auto",
+    vmm: Annotated[
+        str, typer.Option(help="The VMM: qemu, firecracker or cloud-hypervisor.")
+    ] = "qemu",
+    network: Annotated[
+        str | None,
+        typer.Option(
+            help="none (no network), egress (only --allow destinations, through a "
+            "host-side proxy) or nat (unfiltered; unsafe for untrusted code) "
+            "\\[default: the image's, else none].",
+        ),
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Allowed destination for --network egress: HOST[:PORT] (globs within a "
+            "label: *.example.com), IP\\[/BITS][:PORT], or a preset @NAME "
+            "(see `stoker network presets`). Implies --network egress.",
+        ),
+    ] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help="Forward stoker's standard input to the command.")
+    ] = False,
+    json_summary: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print a JSON summary on stdout (command output goes to stderr)."
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    from stoker.run import RunRequest, run_job
+
+    _setup_logging(verbose)
+    try:
+        if accel not in ("auto", "kvm", "tcg"):
+            raise UsageError(f"--accel must be auto, kvm or tcg, not {accel!r}")
+        req = RunRequest(
+            src=src,
+            argv=tuple(command),
+            image=image,
+            cpus=cpus,
+            memory=memory,
+            disk=disk,
+            timeout=parse_duration(timeout) if timeout else None,
+            env=parse_env(env or []),
+            artifacts=tuple(artifacts or ()),
+            out=out,
+            accel=accel,  # type: ignore[arg-type]
+            snapshot=_snapshot_mode(snapshot),
+            vmm=vmm,
+            network=_network_policy(network, allow or []),
+        )
+        out_stream = sys.stderr.buffer if json_summary else sys.stdout.buffer
+        summary = _run_async(
+            run_job(
+                req,
+                stdout=_writer(out_stream),
+                stderr=_writer(sys.stderr.buffer),
+                stdin=_read_stdin() if stdin else None,
+                on_progress=lambda msg: err.print(f"[dim]stoker: {_safe(msg)}[/]"),
+                on_warning=lambda msg: err.print(f"[yellow]stoker: warning:[/] {_safe(msg)}"),
+            )
+        )
+    except _Interrupted as exc:
+        err.print(f"stoker: interrupted by signal {exc.signum}; the VM was destroyed")
+        raise typer.Exit(128 + exc.signum) from None
+    except StokerError as exc:
+        raise _fail(exc) from None
+    if summary.timed_out:
+        err.print(f"[red]stoker: command timed out after {timeout} and was killed[/]")
+    _report_denied(summary.denied_connections(), summary.network)
+    if json_summary:
+        sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
+    elif summary.artifacts or summary.missing_artifacts:
+        err.print(
+            f"stoker: {len(summary.artifacts)} artifact path(s) copied to {summary.artifact_dir}"
+        )
+        for pattern in summary.missing_artifacts:
+            err.print(
+                f"[yellow]stoker: warning:[/] artifact pattern {_safe(repr(pattern))} "
+                "matched nothing"
+            )
+    raise typer.Exit(summary.returncode if summary.returncode is not None else EXIT_INFRA)
+
+
+def _network_policy(mode: str | None, allow: list[str]) -> NetworkPolicy | None:
+    """The policy the flags ask for; None: none given, the image decides."""
+    from stoker.net.policy import NetworkPolicy
+
+    if mode is None and not allow:
+        return None
+    return NetworkPolicy.from_options(mode=mode, allow=allow)
+
+
+def _report_denied(denied: list[str], network: dict[str, Any]) -> None:
+    """Say which connections the policy denied: a build failing for it must show why."""
+    if not denied:
+        return
+    count = network.get("connections", {}).get("denied", len(denied))
+    err.print(f"[yellow]stoker: the network policy denied {count} connection(s):[/]")
+    for line in denied:
+        err.print(f"  {_safe(line)}")
+    err.print(
+        "[dim]stoker: allow a destination with --allow HOST[:PORT] (or the image's [network])[/]"
+    )
+
+
+async def _read_stdin() -> AsyncIterator[bytes]:
+    """Our stdin, chunk by chunk, read in a thread (it may be a terminal or a pipe)."""
+    fd = sys.stdin.fileno()
+    while chunk := await asyncio.to_thread(os.read, fd, 65536):
+        yield chunk
+
+
+def _snapshot_mode(value: str) -> Any:
+    if value not in ("auto", "create", "never"):
+        raise UsageError(f"--snapshot must be auto, create or never, not {value!r}")
+    return value
+
+
+@app.command(help="Show what this host offers and whether `stoker run` can work here.")
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    from stoker.doctor import run_checks
+
+    report = run_checks()
+    if json_out:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        console = Console()
+        table = Table(title="stoker doctor", show_lines=False)
+        table.add_column("check")
+        table.add_column("status")
+        table.add_column("details")
+        for check in report.checks:
+            status = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+            table.add_row(check.name, status[check.status], check.detail)
+        console.print(table)
+        for check in report.checks:
+            if check.status == "fail" and check.fix:
+                console.print(f"[red]{check.name}[/]: {check.fix}")
+    raise typer.Exit(0 if report.ok else 1)
