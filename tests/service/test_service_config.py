@@ -206,3 +206,22 @@ def test_json_logs(capsys: pytest.CaptureFixture[str]) -> None:
     entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert entry["msg"] == "job j1 done" and entry["job"] == "j1" and entry["level"] == "info"
     assert entry["state"] == "succeeded" and entry["logger"] == "stoker.test" and "ts" in entry
+
+
+def test_pool_network_policy() -> None:
+    config = parse_config_text(
+        '[pools.ci.network]\nmode = "egress"\nallow = ["@pypi", "github.com:443"]\n'
+        "[pools.ci.network.limits]\nmax_connections = 8\n[pools.plain]\n",
+        origin=ORIGIN,
+    )
+    net = config.pools["ci"].network
+    assert net is not None and net.mode == "egress" and net.limits.max_connections == 8
+    assert net.match_host("pypi.org", 443) is not None and net.match_host("evil.test", 443) is None
+    assert config.pools["plain"].network is None  # the image's policy, else none
+    assert ServiceConfig.model_validate_json(config.model_dump_json()) == config
+
+
+def test_pool_network_errors_name_the_pool_and_entry() -> None:
+    message = _error('[pools.ci]\nnetwork = { mode = "egress", allow = ["https://github.com"] }\n')
+    assert f"{ORIGIN}:2:" in message and "pools.ci.network" in message
+    assert "https://github.com" in message

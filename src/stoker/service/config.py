@@ -53,6 +53,7 @@ unchanged).  Example, with the defaults of every optional key::
     max = 4                             # idle + busy VMs of this pool on one host
     timeout = "30m"                     # default and maximum job timeout
     snapshot = "auto"                   # restore warm VMs from a snapshot when one exists
+    network = { mode = "egress", allow = ["@pypi", "github.com"] }   # default: the image's
 
     [[tokens]]                          # read by the REST API
     name = "ci"
@@ -101,6 +102,7 @@ from stoker.images.spec import (
     _Locator,
     _toml_type,
 )
+from stoker.net.policy import NetworkPolicy
 from stoker.paths import Dirs
 from stoker.units import parse_duration
 
@@ -281,6 +283,8 @@ class PoolConfig(_Model):
     #: Default and maximum timeout of a job's command.
     timeout: Seconds = 3600.0
     snapshot: Literal["never", "auto", "create"] = "auto"
+    #: The network of the pool's VMs (None: the image's ``[network]``, else none).
+    network: NetworkPolicy | None = None
 
     @model_validator(mode="after")
     def _min_idle_within_max(self) -> PoolConfig:

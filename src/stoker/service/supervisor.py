@@ -1070,6 +1070,7 @@ class Supervisor:
             dirs=self.dirs,
             seed=(seed, GUEST_DIR) if seed is not None else None,
             snapshot=cfg.snapshot,
+            network=cfg.network,
         )
 
     async def _warm_one(self, pool: WarmPool) -> None:
