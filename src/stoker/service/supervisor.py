@@ -1003,8 +1003,7 @@ class Supervisor:
 
     def _discard(self, vm: VM, pool: WarmPool) -> None:
         """Destroy a VM that is no longer in ``pool``'s idle list, releasing its capacity."""
-        self._release(pool.config.cpus, pool.config.memory)
-        self._spawn(self._destroy(vm))
+        self._spawn(self._destroy(vm, release=(pool.config.cpus, pool.config.memory)))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a clean-up in the task group (or, while it shuts down, beside it)."""
@@ -1018,11 +1017,17 @@ class Supervisor:
         self._stray.add(task)
         task.add_done_callback(self._stray.discard)
 
-    async def _destroy(self, vm: VM) -> None:
+    async def _destroy(self, vm: VM, *, release: tuple[float, float] | None = None) -> None:
+        """Destroy ``vm``; then (never before: the host holds it until it is gone)
+        give its capacity back to the ledger."""
         try:
             await vm.destroy()
         except Exception as exc:
             self._log.error("destroying VM %s failed: %s", vm.name, exc)
+        finally:
+            if release is not None:
+                self._release(*release)
+                self._wake.set()
         await self._forget_vm(vm.name)
 
     async def _forget_vm(self, name: str) -> None:
@@ -1115,8 +1120,7 @@ class Supervisor:
                 pool.idle.append(vm)
                 self._wake.set()
             else:
-                self._release(pool.config.cpus, pool.config.memory)
-                self._spawn(self._destroy(vm))
+                self._spawn(self._destroy(vm, release=(pool.config.cpus, pool.config.memory)))
             self._publish_vms()
 
     async def _record_vm(self, record: VMRecord) -> None:
