@@ -421,7 +421,13 @@ def test_initramfs_for_the_built_kernel_loads_nothing(
     # What kbuild writes for these drivers when they are built in.
     builtin = "".join(
         f"kernel/drivers/x/{name}.ko\n"
-        for name in (*GUEST_MODULES, "virtio_pci", "ext4", "vmw_vsock_virtio_transport_common")
+        for name in (
+            *GUEST_MODULES,
+            "virtio_pci",
+            "virtio_net",
+            "ext4",
+            "vmw_vsock_virtio_transport_common",
+        )
     )
     _make_entry(kernel.root, kernel, builtin=builtin)
     initramfs = build_initramfs(dirs, kernel.as_kernel(), agent_files=AGENT, modules=modules)
