@@ -583,6 +583,8 @@ class JobRun:
     pool: str
     vm: VM | None = None
     evicted: list[VM] = field(default_factory=list)
+    #: vCPUs and MiB the evicted VMs hold in the ledger until they are destroyed.
+    evicted_capacity: tuple[float, float] = (0.0, 0.0)
     task: asyncio.Task[None] | None = None
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     stop_reason: StopReason | None = None
@@ -981,12 +983,21 @@ class Supervisor:
         if assignment.warm:
             run.vm = self._take_idle(pool)
         if run.vm is None:
+            freed_cpus = freed_memory = 0.0
             for donor in assignment.evict:
                 victim = self._take_idle(self.pools[donor])
                 if victim is not None:
-                    self._release(self.pools[donor].config.cpus, self.pools[donor].config.memory)
+                    freed_cpus += self.pools[donor].config.cpus
+                    freed_memory += self.pools[donor].config.memory
                     run.evicted.append(victim)
-            self._reserve(pool.config.cpus, pool.config.memory)
+            # The victims keep their capacity until they are destroyed (the host
+            # holds them until then): the job takes now only what they do not
+            # cover, and the rest in _settle_evicted.
+            run.evicted_capacity = (freed_cpus, freed_memory)
+            self._reserve(
+                max(0.0, pool.config.cpus - freed_cpus),
+                max(0.0, pool.config.memory - freed_memory),
+            )
         pool.busy += 1
         self.jobs[job.id] = run
         run.task = self._tg.create_task(self._run_job(run), name=f"stoker-job-{job.id}")
@@ -1188,6 +1199,7 @@ class Supervisor:
             for victim in run.evicted:
                 await self._destroy(victim)
             run.evicted.clear()
+            self._settle_evicted(run)
             files = JobFiles.of(self.config.jobs_dir, job.id)
             kind = _Kind.WARM if run.vm is not None else _Kind.COLD
             # A git source is fetched after the job is booting; anything else is ready now.
@@ -1415,6 +1427,17 @@ class Supervisor:
         self.notifier.notify(job_id)
         return job, logs
 
+    def _settle_evicted(self, run: JobRun) -> None:
+        """The evicted VMs are gone: their capacity becomes the job's (idempotent)."""
+        cpus, memory = run.evicted_capacity
+        if not cpus and not memory:
+            return
+        run.evicted_capacity = (0.0, 0.0)
+        pool = self.pools[run.pool]
+        self._release(cpus, memory)
+        self._reserve(min(pool.config.cpus, cpus), min(pool.config.memory, memory))
+        self._wake.set()
+
     async def _finish(self, run: JobRun, writer: LogWriter, outcome: Outcome | None) -> None:
         """Destroy the VM, then record the outcome with the last output; never raises."""
         job = run.job
@@ -1427,6 +1450,7 @@ class Supervisor:
         except Exception as exc:
             self._log.error("destroying the VM of job %s failed: %s", job.id, exc)
         finally:
+            self._settle_evicted(run)
             self._release(pool.config.cpus, pool.config.memory)
             pool.busy -= 1
         try:
