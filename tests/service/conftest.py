@@ -122,6 +122,7 @@ class RecordingObserver:
         self.depths: dict[str, int] = {}
         self.vm_counts: list[dict[str, int]] = []
         self.failures: list[str] = []
+        self.connections: list[tuple[str, str, int, int]] = []
 
     def job_transition(self, job: JobView, from_state: JobState | None, to_state: JobState) -> None:
         assert job.state is to_state
@@ -141,6 +142,9 @@ class RecordingObserver:
 
     def infrastructure_failure(self, reason: str) -> None:
         self.failures.append(reason)
+
+    def connection(self, pool: str, decision: str, bytes_up: int, bytes_down: int) -> None:
+        self.connections.append((pool, decision, bytes_up, bytes_down))
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ ConfigFactory = Callable[..., ServiceConfig]
 def _check_schema(url: str) -> None:
     upgrade(url)
     upgrade(url)  # idempotent
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == "0002"
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
@@ -53,6 +53,46 @@ def test_sqlite_schema(tmp_path: Path) -> None:
 
 def test_postgres_schema(pg_url: str) -> None:
     _check_schema(pg_url)
+
+
+def _job_columns(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {c["name"] for c in inspect(conn).get_columns("jobs")}
+    finally:
+        engine.dispose()
+
+
+def test_network_columns_migrate_both_ways(tmp_path: Path) -> None:
+    from alembic import command
+
+    from stoker.service.db import alembic_config
+
+    url = f"sqlite:///{tmp_path}/stoker.db"
+    upgrade(url, "0001")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, submitter, state, image, cpus, memory_mb, disk_mb, timeout_s,"
+            " argv, env, secret_keys, artifacts, labels, priority, source_kind, attempt,"
+            " cancel_requested, created_at, updated_at, queued_at, log_bytes, log_truncated,"
+            " event_seq) VALUES ('j1', 'a', 'queued', 'debian', 1, 256, 1024, 60, '[]', '{}',"
+            " '[]', '[]', '[]', 0, 'none', 0, 0, '2030-01-01', '2030-01-01', '2030-01-01', 0, 0, 1)"
+        )
+    engine.dispose()
+    assert not {"network", "network_summary"} & _job_columns(url)
+    upgrade(url)
+    assert current_revision(url) == "0002"
+    assert {"network", "network_summary"} <= _job_columns(url)
+    db = Database(url)
+    try:
+        job = db.call(lambda s: s.get(Job, "j1"), write=False)
+        assert job is not None and job.network is None and job.network_summary is None
+    finally:
+        db.close()
+    command.downgrade(alembic_config(url), "0001")
+    assert not {"network", "network_summary"} & _job_columns(url)
 
 
 def _queue(db: Database, make_config: ConfigFactory, per_submitter: dict[str, int]) -> None:

@@ -7,7 +7,12 @@ The pieces, each in its module:
   (SQLite or PostgreSQL), migrations, the claim;
 * :mod:`~stoker.service.jobs` - submissions and the job state machine;
 * :mod:`~stoker.service.scheduler` - placement and fairness (pure);
-* :mod:`~stoker.service.supervisor` - VMs, warm pools, leases, recovery;
+* :mod:`~stoker.service.supervisor` - runs the claimed jobs: scheduling passes,
+  execution, leases, recovery; with :mod:`~stoker.service.runs` (one run and
+  its outcome), :mod:`~stoker.service.pools` (the host's VMs, warm pools and
+  capacity ledger), :mod:`~stoker.service.logs` (bounded, masked job output)
+  :mod:`~stoker.service.files` (uploads, git sources, artifacts) and
+  :mod:`~stoker.service.network` (a job's connection records and their summary);
 * :mod:`~stoker.service.service` - :class:`Service`, the facade the API and CLI use;
 * :mod:`~stoker.service.fake_backend` - an in-process FAKE backend for scale tests.
 """

@@ -339,3 +339,50 @@ def forget_vms(session: Session, *, host: str) -> int:
     """Delete every VM record of ``host`` (its VMs are gone); return how many there were."""
     result = session.execute(delete(VMRecord).where(VMRecord.host == host))
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def register_host(
+    session: Session,
+    *,
+    name: str,
+    capacity: tuple[int, int, float],
+    version: str,
+    incarnation: str,
+    now: datetime,
+) -> Host:
+    """Record that ``name`` (re)started now with ``capacity`` (cpus, MiB, overcommit)."""
+    row = session.get(Host, name, with_for_update=True)
+    if row is None:
+        row = Host(name=name, started_at=now)
+        session.add(row)
+    row.cpus, row.memory_mb, row.overcommit = capacity
+    row.started_at = now
+    row.heartbeat_at = now
+    row.version = version
+    row.status = "running"
+    row.incarnation = incarnation
+    return row
+
+
+def cancel_requests(session: Session, *, job_ids: Collection[str]) -> set[str]:
+    """Which of ``job_ids`` someone asked to cancel."""
+    if not job_ids:
+        return set()
+    query = select(Job.id).where(Job.id.in_(list(job_ids)), Job.cancel_requested.is_(True))
+    return set(session.scalars(query))
+
+
+def existing_job_ids(session: Session, *, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` have a job row."""
+    found: set[str] = set()
+    for i in range(0, len(ids), 500):
+        found.update(session.scalars(select(Job.id).where(Job.id.in_(ids[i : i + 500]))))
+    return found
+
+
+def queue_depth(session: Session) -> dict[str, int]:
+    """Queued jobs by pool (``""``: jobs without one)."""
+    rows = session.execute(
+        select(Job.pool, func.count()).where(Job.state == JobState.QUEUED.value).group_by(Job.pool)
+    )
+    return {pool or "": n for pool, n in rows}

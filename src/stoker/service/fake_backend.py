@@ -11,7 +11,9 @@ configuration is refused unless ``STOKER_ALLOW_FAKE_BACKEND=1``.
 
 :class:`FakeVM` differs from :class:`~stoker.vm.VM` only in ``start()``: it
 skips what a fake does not use (kernel, image, accelerator probe, scratch
-disk) and copies a seed tree over the channel instead of a seed disk.
+disk) and copies a seed tree over the channel instead of a seed disk.  Its
+network policy is the one given (there is no image manifest): ``egress`` works
+as in a VM, through the agent's loopback listener and the host's proxy.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 from stoker.agent.main import Agent, Channel, spawn_thread
 from stoker.backends.base import Backend, LaunchedVM, MachineSpec
+from stoker.errors import UsageError
 from stoker.protocol import wire
 from stoker.protocol.client import AgentClient
 from stoker.protocol.transport import SocketTransport
@@ -323,6 +326,12 @@ class FakeVM(VM):
                 await self._guarded(self._client.wait_ready(self.boot_timeout))
             await self._guarded(self._client.init(hostname=self.hostname))
             self.timings.agent_ready = time.monotonic() - t1
+            # egress works as in a VM (the agent's listener is on this host's loopback);
+            # nat would need a network device the fake does not have.
+            if self.network.mode == "nat":
+                _, why = self.backend.nat_support()
+                raise UsageError(f"network mode 'nat' is not available: {why}")
+            await self._start_network()
             self.state = VMState.READY
             if self._seed is not None:
                 t2 = time.monotonic()

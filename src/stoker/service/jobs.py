@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -288,6 +288,8 @@ class ResolvedJob(BaseModel):
     disk_mb: int
     timeout_s: float
     priority: int
+    #: The pool's network policy (its summary); None: the image's, known once the VM runs.
+    network: dict[str, Any] | None = None
 
 
 def resolve(request: JobRequest, config: ServiceConfig, submitter: str) -> ResolvedJob:
@@ -329,6 +331,7 @@ def resolve(request: JobRequest, config: ServiceConfig, submitter: str) -> Resol
         disk_mb=pool.disk,
         timeout_s=timeout,
         priority=priority,
+        network=pool.network.summary() if pool.network is not None else None,
     )
 
 
@@ -430,6 +433,7 @@ def new_job(
         log_bytes=0,
         log_truncated=False,
         event_seq=1,
+        network=resolved.network,
     )
     event = JobEvent(
         job_id=job_id,
@@ -490,6 +494,35 @@ class SourceView(_View):
     ref: str | None = None
 
 
+class NetworkView(_View):
+    """The network policy of a job's VM (see :class:`stoker.net.policy.NetworkPolicy`)."""
+
+    #: ``none`` (no network), ``egress`` (through an allowlisting proxy) or ``nat``.
+    mode: str
+    #: Allowlist entries as configured (``egress``), presets as ``@name``.
+    allow: tuple[str, ...] = ()
+    #: The egress proxy's limits (:class:`stoker.net.policy.Limits`).
+    limits: dict[str, int | float | None] = Field(default_factory=dict)
+
+
+class ConnectionCounts(_View):
+    """What a job's guest did through its egress proxy."""
+
+    allowed: int = 0
+    denied: int = 0
+    errors: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class NetworkSummaryView(_View):
+    """A job's connections, counted when its (last) attempt ended."""
+
+    connections: ConnectionCounts = ConnectionCounts()
+    #: The most frequent refusals and errors, e.g. ``evil.example:443: not in allowlist (3x)``.
+    denied: tuple[str, ...] = ()
+
+
 class JobView(_View):
     """A job as the API returns it: secret values left out."""
 
@@ -526,6 +559,11 @@ class JobView(_View):
     finished_at: datetime | None
     log_bytes: int
     log_truncated: bool
+    #: The network policy of the job's VM: its pool's, then the one in force once it runs
+    #: (None: not known yet, the image decides).
+    network: NetworkView | None = None
+    #: Its connections (egress mode), once an attempt ended.
+    network_summary: NetworkSummaryView | None = None
     #: Every transition (filled in by ``Service.get``; empty in listings).
     events: tuple[EventView, ...] = ()
 
@@ -569,8 +607,28 @@ class JobView(_View):
             finished_at=job.finished_at,
             log_bytes=job.log_bytes,
             log_truncated=job.log_truncated,
+            network=_network_view(job.network),
+            network_summary=_network_summary_view(job.network_summary),
             events=tuple(EventView.of(e) for e in events),
         )
+
+
+def _network_view(data: dict[str, Any] | None) -> NetworkView | None:
+    if not isinstance(data, dict) or not isinstance(data.get("mode"), str):
+        return None
+    try:
+        return NetworkView.model_validate(data)
+    except ValueError:  # written by another version: show what is certain
+        return NetworkView(mode=data["mode"])
+
+
+def _network_summary_view(data: dict[str, Any] | None) -> NetworkSummaryView | None:
+    if not isinstance(data, dict):
+        return None
+    try:
+        return NetworkSummaryView.model_validate(data)
+    except ValueError:
+        return NetworkSummaryView()
 
 
 class LogChunkView(_View):
@@ -633,3 +691,16 @@ def job_env(job: Job) -> dict[str, str]:
         "STOKER_JOB_ATTEMPT": str(job.attempt),
         "CI": "true",
     }
+
+
+def recover(session: Session, job: Job, why: str, retry_limit: int, now: datetime) -> JobState:
+    """Requeue a job whose host lost it, or end it (cancelling, or out of retries)."""
+    if job.cancel_requested:
+        target, reason = JobState.CANCELLED, f"cancelled ({why})"
+    elif job.attempt < retry_limit:
+        target, reason = JobState.QUEUED, why
+    else:
+        target = JobState.ERRORED
+        reason = f"{why}; gave up after {job.attempt + 1} attempts"
+    transition(session, job, target, reason=reason, now=now)
+    return target

@@ -12,12 +12,16 @@ do not share or collide on counters.  Names::
     stoker_failures_total{reason}               counter    infrastructure failures, by kind
     stoker_capacity_used{resource=cpus|memory_mb} gauge    what this host's VMs hold
     stoker_capacity_total{resource=cpus|memory_mb} gauge   this host's budget (after overcommit)
+    stoker_egress_connections_total{pool,decision} counter guest connections through egress
+                                                           proxies (allowed, denied, error)
+    stoker_egress_bytes_total{pool,direction=up|down} counter bytes they carried (up: sent)
 
 :class:`Metrics` implements the service's
 :class:`~stoker.service.service.Observer` protocol: the service reports
-transitions, boots, failures, capacity, VM counts and queue depths as they
-change (the REST API also refreshes the queue depths from the database just
-before each scrape, since other hosts' submissions change them too).
+transitions, boots, failures, capacity, VM counts, queue depths and guest
+connections as they change (the REST API also refreshes the queue depths from
+the database just before each scrape, since other hosts' submissions change
+them too).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 _WAIT_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _BOOT_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 _VM_STATES: Final = ("booting", "idle", "busy", "stopping")
+_DECISIONS: Final = ("allowed", "denied", "error")
 _LABEL_RE: Final = re.compile(r"[^a-z0-9_]+")
 
 
@@ -106,6 +111,18 @@ class Metrics:
             ["resource"],
             registry=self.registry,
         )
+        self.egress_connections = Counter(
+            "stoker_egress_connections",
+            "Guest connections through the egress proxies of a pool's VMs, by decision.",
+            ["pool", "decision"],
+            registry=self.registry,
+        )
+        self.egress_bytes = Counter(
+            "stoker_egress_bytes",
+            "Bytes carried by the egress proxies of a pool's VMs (up: from the guest).",
+            ["pool", "direction"],
+            registry=self.registry,
+        )
         for outcome in sorted(TERMINAL):
             self.jobs.labels(outcome=outcome.value)  # export zeros: rate() needs the series early
         for kind in ("cold", "warm"):
@@ -144,6 +161,16 @@ class Metrics:
     def infrastructure_failure(self, reason: str) -> None:
         """An attempt failed for a reason that is not the job's (``reason``: its kind)."""
         self.failures.labels(reason=failure_kind(reason)).inc()
+
+    def connection(self, pool: str, decision: str, bytes_up: int, bytes_down: int) -> None:
+        """A guest connection through an egress proxy ended."""
+        if decision not in _DECISIONS:
+            decision = "error"  # bounded labels, whatever a caller passes
+        self.egress_connections.labels(pool=pool, decision=decision).inc()
+        if bytes_up > 0:
+            self.egress_bytes.labels(pool=pool, direction="up").inc(bytes_up)
+        if bytes_down > 0:
+            self.egress_bytes.labels(pool=pool, direction="down").inc(bytes_down)
 
     # --- exposition
 

@@ -106,6 +106,12 @@ class Job(Base):
     log_truncated: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Number of events recorded (the seq of the last :class:`JobEvent`).
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    #: The network policy of the job's VM (:meth:`stoker.net.policy.NetworkPolicy.summary`):
+    #: the pool's when it names one, then the one in force once the VM runs.
+    network: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The guest's connections through its egress proxy (counts and the most
+    #: frequent refusals), set when an attempt ends; None without an egress proxy.
+    network_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     __table_args__ = (
         # The scheduler's scan: queued jobs by submitter in priority and FIFO order.

@@ -236,3 +236,35 @@ def replenish(
         state[name] = replace(p, warming=p.warming + 1, total=p.total + 1)
         free = free.minus(p.cpus, p.memory_mb)
         out[name] = out.get(name, 0) + 1
+
+
+def can_place_any(states: Mapping[str, PoolState], free: Capacity) -> bool:
+    """Whether a job of some pool could start now (an idle VM, or room for a new one)."""
+    idle_room = {
+        name: Capacity(p.idle * p.cpus, p.idle * p.memory_mb) for name, p in states.items()
+    }
+    for name, p in states.items():
+        if p.idle > 0:
+            return True
+        if p.total >= p.max:
+            continue
+        room = free
+        for other, extra in idle_room.items():
+            if other != name:
+                room = room.plus(extra.cpus, extra.memory_mb)
+        if room.fits(p.cpus, p.memory_mb):
+            return True
+    return False
+
+
+def slots(states: Mapping[str, PoolState], free: Capacity) -> int:
+    """About how many jobs one pass can start (how deep to look into each queue)."""
+    idle = sum(p.idle for p in states.values())
+    new = max(
+        (
+            min(p.max - p.total, int(min(free.cpus / p.cpus, free.memory_mb / p.memory_mb)))
+            for p in states.values()
+        ),
+        default=0,
+    )
+    return min(16, max(1, idle + new))

@@ -52,9 +52,11 @@ from stoker import __version__
 from stoker.backends.base import Backend
 from stoker.backends.qemu import QemuBackend
 from stoker.errors import StokerError, UsageError
+from stoker.net.policy import NetworkPolicy
 from stoker.service.config import NAME_RE, ServiceConfig, load_config
 from stoker.service.db import Database, upgrade
 from stoker.service.fake_backend import FakeBackend
+from stoker.service.files import JobFiles, unpack_upload
 from stoker.service.jobs import (
     ArtifactView,
     Conflict,
@@ -63,6 +65,7 @@ from stoker.service.jobs import (
     JobState,
     JobView,
     LogChunkView,
+    NetworkView,
     NotFound,
     QuotaExceeded,
     TooLarge,
@@ -71,8 +74,9 @@ from stoker.service.jobs import (
     resolve,
     transition,
 )
+from stoker.service.logs import Notifier
 from stoker.service.models import Artifact, Host, Job, JobEvent, LogChunk, VMRecord, utcnow
-from stoker.service.supervisor import JobFiles, Notifier, Supervisor, unpack_upload
+from stoker.service.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,10 @@ class Observer(Protocol):
         """An attempt failed for a reason that is not the job's: ``boot``, ``vmm_crash``,
         ``guest_panic``, ``guest``, ``infrastructure``, ``internal``, ``host_lost``."""
 
+    def connection(self, pool: str, decision: str, bytes_up: int, bytes_down: int) -> None:
+        """A guest connection of a VM of ``pool`` through its egress proxy ended:
+        ``decision`` is ``allowed``, ``denied`` or ``error``; bytes both ways."""
+
 
 class NullObserver:
     """An :class:`Observer` that discards everything."""
@@ -122,6 +130,9 @@ class NullObserver:
         pass
 
     def infrastructure_failure(self, reason: str) -> None:
+        pass
+
+    def connection(self, pool: str, decision: str, bytes_up: int, bytes_down: int) -> None:
         pass
 
 
@@ -150,6 +161,8 @@ class PoolView(_View):
     busy: int
     #: Jobs waiting for this pool (all hosts).
     queued: int
+    #: The network policy of its VMs (None: each image's own ``[network]``).
+    network: NetworkView | None = None
 
 
 class VMView(_View):
@@ -592,6 +605,7 @@ class Service:
                     warming=local.warming if local else 0,
                     busy=local.busy if local else 0,
                     queued=queued.get(name, 0),
+                    network=_network_view(cfg.network),
                 )
             )
         return out
@@ -670,6 +684,10 @@ class Service:
         )
 
 
+def _network_view(policy: NetworkPolicy | None) -> NetworkView | None:
+    return None if policy is None else NetworkView.model_validate(policy.summary())
+
+
 def _size_of(source: Path | IO[bytes]) -> int:
     if isinstance(source, Path):
         try:
@@ -709,7 +727,7 @@ def _read_logs(
 
 # --- running it -----------------------------------------------------------------------------------
 
-_LOG_FIELDS = ("job", "pool", "vm", "host", "state")
+_LOG_FIELDS = ("job", "pool", "vm", "host", "state", "connection")
 
 
 class JsonFormatter(logging.Formatter):
@@ -725,6 +743,13 @@ class JsonFormatter(logging.Formatter):
         for key in _LOG_FIELDS:
             if key in record.__dict__:
                 entry[key] = record.__dict__[key]
+        connection = entry.get("connection")
+        if isinstance(connection, dict):
+            # An egress proxy's record (logger stoker.net): its job and VM at the top
+            # level too, so that one filter finds everything about a job.
+            for key in ("job", "vm"):
+                if key not in entry and connection.get(key) is not None:
+                    entry[key] = connection[key]
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
