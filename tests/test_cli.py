@@ -62,8 +62,15 @@ def _start_long_run(project: Path) -> tuple[subprocess.Popen[str], list[int]]:
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "started"
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline().strip()
+        if line != "started":
+            # Say why stoker stopped early (a flake on a fresh machine once gave only EOF).
+            proc.kill()
+            _, stderr = proc.communicate(timeout=30)
+            raise AssertionError(
+                f"expected 'started', got {line!r}; exit {proc.returncode}; stderr:\n{stderr}"
+            )
         return proc, _qemu_children_of(proc.pid)
     except BaseException:
         proc.kill()

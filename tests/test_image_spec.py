@@ -990,3 +990,53 @@ def test_parse_spec_text_resolves_against_origin(project: Path) -> None:
         origin=project / "virtual.toml",
     )
     assert specs["x"].files[0].src == str((project / "motd").resolve())
+
+
+# --- pinning an artifact to another release ----------------------------------------------------
+
+
+def test_the_github_runner_can_be_pinned_to_another_release() -> None:
+    from stoker.images.catalog import load_specs
+    from stoker.images.spec import digest_document
+
+    spec = load_specs("github-runner")["github-runner"]
+    (runner,) = spec.artifacts
+    assert runner.version == "2.321.0"
+    pinned = spec.pin("actions-runner", "2.330.0", "a" * 64)
+    (new,) = pinned.artifacts
+    assert new.url == (
+        "https://github.com/actions/runner/releases/download/v2.330.0/"
+        "actions-runner-linux-x64-2.330.0.tar.gz"
+    )
+    assert (new.version, new.sha256, new.dest) == ("2.330.0", "a" * 64, runner.dest)
+    assert digest_document(pinned) != digest_document(spec)
+    assert spec.artifacts[0].version == "2.321.0"  # the original is unchanged
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("nope", "2.330.0", "a" * 64), "has no artifact of that name"),
+        (("actions-runner", "2.330.0", "xyz"), "sha256"),
+        (("actions-runner", "../../evil", "a" * 64), "version"),
+    ],
+)
+def test_bad_pins_are_refused(args: tuple[str, str, str], message: str) -> None:
+    from stoker.images.catalog import load_specs
+
+    spec = load_specs("github-runner")["github-runner"]
+    with pytest.raises(UsageError, match=message):
+        spec.pin(*args)
+
+
+def test_a_version_must_appear_in_the_url() -> None:
+    with pytest.raises(ValidationError, match="does not appear in the url"):
+        Artifact.model_validate(
+            {
+                "name": "x",
+                "url": "https://example.com/x-1.0.tar.gz",
+                "sha256": "a" * 64,
+                "dest": "/opt/x",
+                "version": "2.0",
+            }
+        )

@@ -14,6 +14,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
+import stoker.ci.github.models  # noqa: F401  (the GitHub tables share the service's metadata)
 from stoker.service.config import ServiceConfig
 from stoker.service.db import Database, claim_jobs, current_revision, make_engine, upgrade
 from stoker.service.jobs import ACTIVE, JobRequest, JobState, new_job, resolve
@@ -26,7 +27,7 @@ ConfigFactory = Callable[..., ServiceConfig]
 def _check_schema(url: str) -> None:
     upgrade(url)
     upgrade(url)  # idempotent
-    assert current_revision(url) == "0002"
+    assert current_revision(url) == "0004"
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
@@ -83,7 +84,7 @@ def test_network_columns_migrate_both_ways(tmp_path: Path) -> None:
     engine.dispose()
     assert not {"network", "network_summary"} & _job_columns(url)
     upgrade(url)
-    assert current_revision(url) == "0002"
+    assert current_revision(url) == "0004"
     assert {"network", "network_summary"} <= _job_columns(url)
     db = Database(url)
     try:

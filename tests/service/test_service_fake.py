@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import pwd
 import shutil
 import subprocess
 import tarfile
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
 from stoker.errors import BootError, UsageError
@@ -658,3 +660,49 @@ async def test_the_same_on_postgres(
     assert [j.id for j in page] == [slow.id]
     assert [j.id for j in await service.list(JobFilter(before=slow.id))] == [job.id]
     assert {p.name: p.queued for p in await service.pools()} == {"small": 0}
+
+
+# ------------------------------------------------------------------ user, workdir, retries
+
+
+async def test_a_job_runs_as_the_account_it_names_in_its_workdir(
+    fake_service: ServiceFactory,
+) -> None:
+    service = await fake_service()
+    # The fake backend's "guest" is this host under a private root directory (0700
+    # parents): only root can enter it, so root is the account named here; the real-VM
+    # GitHub tests run the runner as the image's `runner` user.
+    job = await service.submit(
+        sh('id -un; echo "$HOME $USER"; pwd', user="root", workdir="/work"), "alice"
+    )
+    done = await service.wait(job.id, timeout=20)
+    assert done.state is JobState.SUCCEEDED, done.reason
+    assert (done.user, done.workdir) == ("root", "/work")
+    home = pwd.getpwnam("root").pw_dir
+    out = (await output(service, job.id))["stdout"].splitlines()
+    assert out[:2] == ["root", f"{home} root"]
+    assert out[2].endswith("/work") and not out[2].endswith("/work/src")
+
+
+async def test_an_account_the_image_lacks_fails_the_job_without_retries(
+    fake_service: ServiceFactory,
+) -> None:
+    service = await fake_service()
+    job = await service.submit(sh("true", user="no-such-user-here"), "alice")
+    done = await service.wait(job.id, timeout=20)
+    assert done.state is JobState.FAILED and done.attempt == 0
+    assert "no user 'no-such-user-here'" in (done.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"workdir": "relative/dir"}, "absolute guest path"),
+        ({"workdir": "/a/../b"}, "absolute guest path"),
+        ({"user": "bad user"}, "expected a name"),
+        ({"retries": -1}, "greater than or equal to 0"),
+    ],
+)
+def test_bad_user_workdir_and_retries_are_refused(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        JobRequest.model_validate({"command": ["true"], **spec})

@@ -8,3 +8,21 @@ command's arguments or environment, and disappears with the VM.
 * :mod:`~stoker.ci.github`: ``run.sh --jitconfig`` (a just-in-time runner);
 * :mod:`~stoker.ci.gitlab`: ``gitlab-runner run-single`` for one build.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stoker.service.config import ServiceConfig
+    from stoker.service.integrations import Integration
+
+
+def integrations_for(config: ServiceConfig) -> list[Integration]:
+    """The CI integrations a ``stoker serve`` configuration asks for."""
+    found: list[Integration] = []
+    if config.github is not None:
+        from stoker.ci.github.integration import GitHubIntegration
+
+        found.append(GitHubIntegration(config.github))
+    return found

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from stoker.ci.runner import guest_user
+from stoker.accounts import guest_user
 from stoker.errors import UsageError
 from stoker.protocol.client import ExecResult, OutputSink
 from stoker.vm import VM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -14,6 +15,7 @@ from stoker.errors import StokerError, UsageError
 
 if TYPE_CHECKING:
     from stoker.images import ImageStore
+    from stoker.images.spec import ImageSpec
 
 image_app: typer.Typer = typer.Typer(
     help="Build and list root filesystem images.", no_args_is_help=True
@@ -66,6 +68,20 @@ class _BuildProgress:
         self._progress.update(task, completed=done, total=total)
 
 
+def _pinned(specs: dict[str, ImageSpec], item: str) -> dict[str, ImageSpec]:
+    """``specs`` with one ``--pin NAME=VERSION:SHA256`` applied to every image having NAME."""
+    name, eq, rest = item.partition("=")
+    version, colon, sha256 = rest.rpartition(":")
+    if not eq or not colon or not name or not version:
+        raise UsageError(f"--pin {item!r}: expected NAME=VERSION:SHA256")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise UsageError(f"--pin {item!r}: the SHA-256 must be 64 hex digits")
+    having = [n for n, s in specs.items() if any(a.name == name for a in s.artifacts)]
+    if not having:
+        raise UsageError(f"--pin {name}: no image being built has an artifact of that name")
+    return {n: s.pin(name, version, sha256.lower()) if n in having else s for n, s in specs.items()}
+
+
 @image_app.command(
     "build",
     help="Build images from a spec file, or a shipped spec by name (default, python, "
@@ -86,6 +102,14 @@ def image_build(
             help="NAME=PATH: take artifact NAME from a local file (its SHA-256 is still checked).",
         ),
     ] = None,
+    pin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pin",
+            help="NAME=VERSION:SHA256: build with another release of artifact NAME "
+            "(its version swapped in the URL; the new checksum is checked).",
+        ),
+    ] = None,
 ) -> None:
     from stoker.images import ImageStore, builder_for
     from stoker.images.catalog import load_specs
@@ -95,6 +119,8 @@ def image_build(
     dirs = Dirs.from_env()
     try:
         specs = load_specs(spec)
+        for item in pin or []:
+            specs = _pinned(specs, item)
         overrides = parse_overrides(artifact or [])
         wanted = list(only or specs)
         unknown = [name for name in wanted if name not in specs]

@@ -255,7 +255,12 @@ class SpecBuilder:
             "defaults": spec.defaults.model_dump(mode="json"),
             **({"network": spec.network.model_dump(mode="json")} if spec.network else {}),
             "artifacts": [
-                {"name": f.artifact.name, "sha256": f.artifact.sha256, "source": f.source}
+                {
+                    "name": f.artifact.name,
+                    "sha256": f.artifact.sha256,
+                    "source": f.source,
+                    **({"version": f.artifact.version} if f.artifact.version else {}),
+                }
                 for f in fetched
             ],
             "step_seconds": steps,

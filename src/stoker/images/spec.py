@@ -408,6 +408,31 @@ class Artifact(_Model):
     extract: bool = False
     #: Environment variable naming a local file with the same bytes.
     override_env: EnvName | None = None
+    #: The release the URL names (``2.321.0``): ``stoker image build --pin NAME=VERSION:SHA256``
+    #: swaps it, in the URL too, for another release.
+    version: Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")] | None = None
+
+    @model_validator(mode="after")
+    def _version_in_url(self) -> Artifact:
+        if self.version is not None and self.version not in self.url:
+            raise ValueError(f"version {self.version!r} does not appear in the url")
+        return self
+
+    def pinned(self, version: str, sha256: str) -> Artifact:
+        """This artifact at another release: the URL's version swapped, the new checksum."""
+        if self.version is None:
+            raise UsageError(
+                f"artifact {self.name!r} has no version in its spec, so it cannot be pinned",
+                hint="give --artifact NAME=PATH with a file matching its sha256 instead",
+            )
+        return Artifact.model_validate(
+            {
+                **self.model_dump(),
+                "url": self.url.replace(self.version, version),
+                "version": version,
+                "sha256": sha256,
+            }
+        )
 
     @model_validator(mode="before")
     @classmethod
@@ -597,6 +622,28 @@ class ImageSpec(_Model):
     def base_ref(self) -> str:
         """What follows the kind in :attr:`base`: a suite, a path or a flake reference."""
         return self.base.partition(":")[2]
+
+    def pin(self, artifact: str, version: str, sha256: str) -> ImageSpec:
+        """This spec with ``artifact`` at another release (``--pin NAME=VERSION:SHA256``).
+
+        Raises :class:`UsageError` for an unknown artifact, one whose spec names
+        no version, or a malformed version or checksum.
+        """
+        names = [a.name for a in self.artifacts]
+        if artifact not in names:
+            raise UsageError(
+                f"--pin {artifact}: image {self.name!r} has no artifact of that name",
+                hint=f"artifacts: {', '.join(names) or 'none'}",
+            )
+        try:
+            artifacts = tuple(
+                a.pinned(version, sha256) if a.name == artifact else a for a in self.artifacts
+            )
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"])
+            raise UsageError(f"--pin {artifact}={version}: {where}: {problem['msg']}") from None
+        return self.model_copy(update={"artifacts": artifacts})
 
 
 def _reject_duplicates(field: str, key: str, values: Iterable[object]) -> None:
@@ -1063,6 +1110,9 @@ def digest_document(spec: ImageSpec) -> dict[str, Any]:
         del file["src"]
     for artifact in data["artifacts"]:
         del artifact["override_env"]
+        if artifact["version"] is None:
+            # Specs that name no version keep the digests they had.
+            del artifact["version"]
     if spec.kernel not in KERNELS:
         data["kernel"] = "path"
     if spec.base_kind == "oci":

@@ -37,37 +37,41 @@ import logging
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import JsonSchemaMode
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import stoker
 from stoker.errors import StokerError, UsageError
-from stoker.service.auth import Principal, Scope, TokenTable
+from stoker.service.apiutil import (
+    ERRORS,
+    ApiError,
+    ErrorBody,
+    Reader,
+    Submitter,
+    error_response,
+    from_stoker,
+)
+from stoker.service.auth import TokenTable
 from stoker.service.config import ServiceConfig
 from stoker.service.jobs import (
     ArtifactView,
-    Conflict,
     JobFilter,
     JobRequest,
     JobState,
     JobView,
     LogChunkView,
-    NotFound,
-    QuotaExceeded,
-    TooLarge,
     redact,
 )
 from stoker.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -88,25 +92,6 @@ MAX_LOG_PAGE_BYTES: Final = 4 << 20
 #: A comment line is sent on an idle event stream this often (proxies close silent ones).
 SSE_KEEPALIVE_SECONDS: Final = 15.0
 SECRET_MASK: Final = "***"  # noqa: S105 - the mask, not a secret
-
-_bearer = HTTPBearer(
-    auto_error=False,
-    scheme_name="bearerToken",
-    description="A token made by `stoker token new`; the service stores only its SHA-256.",
-)
-
-
-# --- response models ----------------------------------------------------------------------------
-
-
-class ErrorBody(BaseModel):
-    """Every error response: a one-line message and optional details."""
-
-    error: str = Field(description="What went wrong, in one line.")
-    detail: Any = Field(
-        default=None,
-        description="Details: the validation problems, or a hint with the known names.",
-    )
 
 
 class Job(JobView):
@@ -197,44 +182,6 @@ class ArtifactList(BaseModel):
 # --- errors -------------------------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """An error response (raised inside handlers, rendered by :func:`_api_error`)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        detail: object = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.detail = detail
-        self.headers = headers
-
-
-_STATUS_OF: Final[tuple[tuple[type[StokerError], int], ...]] = (
-    (NotFound, 404),
-    (Conflict, 409),
-    (TooLarge, 413),
-    (QuotaExceeded, 429),
-    (UsageError, 400),
-)
-
-
-def _from_stoker(exc: StokerError) -> ApiError:
-    """The HTTP error for a service exception (infrastructure errors are 503)."""
-    status = next((code for kind, code in _STATUS_OF if isinstance(exc, kind)), 503)
-    detail = {"hint": exc.hint} if exc.hint else None
-    return ApiError(status, str(exc), detail)
-
-
-def _error_response(exc: ApiError) -> JSONResponse:
-    body = ErrorBody(error=exc.message, detail=exc.detail)
-    return JSONResponse(body.model_dump(mode="json"), status_code=exc.status, headers=exc.headers)
-
-
 def _validation_problems(
     errors: Iterable[Any], secrets: Iterable[str] = (), *, strip: int = 0
 ) -> list[dict[str, Any]]:
@@ -273,47 +220,8 @@ def _raw_secrets(spec: bytes) -> list[str]:
 # --- authentication -----------------------------------------------------------------------------
 
 
-def _require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
-    """A dependency: the caller's principal, which must hold ``scope``."""
-
-    async def dependency(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> Principal:
-        tokens: TokenTable = request.app.state.tokens
-        if credentials is None:
-            raise ApiError(
-                401,
-                "missing bearer token (send 'Authorization: Bearer <token>')",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        principal = tokens.authenticate(credentials.credentials)
-        if principal is None:
-            raise ApiError(
-                401,
-                "invalid bearer token",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        if not principal.allows(scope):
-            raise ApiError(
-                403,
-                f"token {principal.name!r} lacks the {scope!r} scope",
-                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
-            )
-        return principal
-
-    dependency.__name__ = f"require_{scope}"
-    return dependency
-
-
-Submitter = Annotated[Principal, Depends(_require("submit"))]
-Reader = Annotated[Principal, Depends(_require("read"))]
 JobId = Annotated[str, PathParam(description="The job's id.", pattern=r"^[0-9a-f]{32}$")]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "No bearer token, or an unknown one."},
-    403: {"model": ErrorBody, "description": "The token lacks the scope."},
-}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such job."}
 }
@@ -329,12 +237,12 @@ async def _call(awaitable: Awaitable[T]) -> T:
     try:
         return await awaitable
     except StokerError as exc:
-        raise _from_stoker(exc) from None
+        raise from_stoker(exc) from None
 
 
 # --- routes -------------------------------------------------------------------------------------
 
-jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=_ERRORS)
+jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 _SUBMIT_BODY: Final[dict[str, Any]] = {
     "requestBody": {
@@ -658,7 +566,7 @@ async def get_artifact(
     )
 
 
-fleet = APIRouter(prefix="/v1", tags=["fleet"], responses=_ERRORS)
+fleet = APIRouter(prefix="/v1", tags=["fleet"], responses=ERRORS)
 
 
 @fleet.get("/pools", summary="List pools", response_model=list[PoolView])
@@ -700,7 +608,7 @@ async def health(request: Request) -> JSONResponse:
     summary="Prometheus metrics",
     response_class=Response,
     responses={
-        **_ERRORS,
+        **ERRORS,
         200: {
             "description": "Metrics in the Prometheus text format.",
             "content": {"text/plain": {"schema": {"type": "string"}}},
@@ -751,6 +659,11 @@ def create_app(service: Service, config: ServiceConfig) -> FastAPI:
     app.include_router(jobs)
     app.include_router(fleet)
     app.include_router(ops)
+    for integration in service.integrations:
+        router = integration.router()
+        if router is not None:
+            app.include_router(router)
+        integration.register_metrics(app.state.metrics.registry)
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
@@ -761,20 +674,20 @@ def create_app(service: Service, config: ServiceConfig) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = _validation_problems(exc.errors())
-        return _error_response(ApiError(422, f"invalid request: {_summary(problems)}", problems))
+        return error_response(ApiError(422, f"invalid request: {_summary(problems)}", problems))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error_response(ApiError(exc.status_code, str(exc.detail), headers=exc.headers))
+        return error_response(ApiError(exc.status_code, str(exc.detail), headers=exc.headers))
 
     @app.exception_handler(StokerError)
     async def _stoker_error(request: Request, exc: StokerError) -> JSONResponse:
-        return _error_response(_from_stoker(exc))
+        return error_response(from_stoker(exc))
 
     return app
 
@@ -871,8 +784,10 @@ async def serve(
     ``on_ready`` is called with the base URL once connections are accepted.
     """
     listener = sock or listen_socket(config.listen.host, config.listen.port)
+    from stoker.ci import integrations_for
+
     metrics = Metrics()
-    service = Service(config, observer=metrics)
+    service = Service(config, observer=metrics, integrations=integrations_for(config))
     stopper: asyncio.Task[bool] | None = None
     try:
         await service.start()

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, get_args
 
-from stoker.service.config import NAME_RE, Scope
+from stoker.fields import NAME_RE, Scope
 
 __all__ = [
     "SCOPES",

@@ -91,7 +91,18 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from stoker.ci.github.config import GitHubConfig
 from stoker.errors import UsageError
+from stoker.fields import (
+    Bytes,
+    HostPath,
+    Name,
+    Scope,
+    Seconds,
+    _check_name,
+    _check_sha256,
+    _parse_duration,
+)
 from stoker.images.spec import (
     DiskMB,
     ImageName,
@@ -104,76 +115,9 @@ from stoker.images.spec import (
 )
 from stoker.net.policy import NetworkPolicy
 from stoker.paths import Dirs
-from stoker.units import parse_duration
 
 #: Environment variable that must be ``1`` for ``backend = "fake"`` to be accepted.
 ALLOW_FAKE_ENV = "STOKER_ALLOW_FAKE_BACKEND"
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-Scope = Literal["submit", "read", "admin"]
-
-
-# --- field types --------------------------------------------------------------------------------
-
-
-def _parse_bytes(value: object) -> object:
-    """``"64M"`` -> bytes; plain integers are bytes."""
-    if isinstance(value, bool) or not isinstance(value, str):
-        return value
-    match = _SIZE_RE.match(value)
-    if not match:
-        raise ValueError(f"expected a size like 64M or 1G, got {value!r}")
-    number, unit = match.groups()
-    return int(number) * 1024 ** " KMGT".index(unit.upper() or " ")
-
-
-def _parse_duration(value: object) -> object:
-    """``"30m"`` -> seconds; plain numbers are seconds."""
-    if isinstance(value, bool) or not isinstance(value, str):
-        return value
-    try:
-        return parse_duration(value)
-    except UsageError:
-        raise ValueError(f"expected a duration like 90, 30s, 10m or 2h, got {value!r}") from None
-
-
-def _check_name(value: str) -> str:
-    if not NAME_RE.fullmatch(value):
-        raise ValueError(
-            "expected a name of letters, digits, '.', '_' and '-' "
-            f"(not starting with a symbol, at most 64 characters), got {value!r}"
-        )
-    return value
-
-
-def _check_sha256(value: str) -> str:
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise ValueError(f"expected the SHA-256 of the token as 64 hex digits, got {value!r}")
-    return value.lower()
-
-
-def _to_path(value: object, info: ValidationInfo) -> object:
-    """A host path; relative ones are relative to the configuration file."""
-    if isinstance(value, Path):
-        return value
-    if not isinstance(value, str):
-        return value
-    if not value or "\0" in value:
-        raise ValueError(f"expected a path, got {value!r}")
-    path = Path(value)
-    if not path.is_absolute():
-        base = info.context.get("base_dir") if isinstance(info.context, Mapping) else None
-        if not isinstance(base, Path):
-            raise ValueError(f"expected an absolute path, got {value!r}")
-        path = base / path
-    # Strict validation takes Path objects from Python but strings from JSON.
-    return path if info.mode == "python" else str(path)
-
-
-Bytes = Annotated[int, BeforeValidator(_parse_bytes), Field(ge=1)]
-Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
-Name = Annotated[str, AfterValidator(_check_name)]
-HostPath = Annotated[Path, BeforeValidator(_to_path)]
 
 
 def _host_cpus() -> int:
@@ -324,6 +268,8 @@ class ServiceConfig(_Model):
     submitters: SubmittersConfig = Field(default_factory=SubmittersConfig)
     pools: dict[Name, PoolConfig] = Field(default_factory=lambda: {"default": PoolConfig()})
     tokens: Items[TokenConfig] = ()
+    #: GitHub Actions runners for the pools (see :mod:`stoker.ci.github.config`).
+    github: GitHubConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -410,6 +356,13 @@ class ServiceConfig(_Model):
                 f"this host's budget ({budget.cpu_budget:g} vCPUs, "
                 f"{budget.memory_budget_mb:g} MiB)"
             )
+        if self.github is not None:
+            unknown = sorted(set(self.github.pools) - set(self.pools))
+            if unknown:
+                raise ValueError(
+                    f"github.pools names {', '.join(unknown)}, not a [pools.NAME] of this "
+                    f"file (pools: {', '.join(sorted(self.pools))})"
+                )
         return self
 
     # resolved locations

@@ -37,8 +37,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from sqlalchemy.orm import Session
 
 from stoker.errors import UsageError
+from stoker.fields import Name, Seconds
 from stoker.images.spec import DiskMB, EnvName, EnvValue, ImageName, Items, MemoryMB
-from stoker.service.config import Name, PoolConfig, Seconds, ServiceConfig, _redact_url
+from stoker.service.config import PoolConfig, ServiceConfig, _redact_url
 from stoker.service.models import Job, JobEvent, utcnow
 
 
@@ -196,6 +197,13 @@ def _check_argv_item(value: str) -> str:
     return value
 
 
+def _check_workdir(value: str) -> str:
+    path = PurePosixPath(value)
+    if "\0" in value or not path.is_absolute() or ".." in path.parts or len(value) > 4096:
+        raise ValueError(f"workdir {value!r} must be an absolute guest path without '..'")
+    return value
+
+
 def _check_pattern(value: str) -> str:
     path = PurePosixPath(value)
     if not value or "\0" in value or path.is_absolute() or ".." in path.parts:
@@ -263,6 +271,14 @@ class JobRequest(BaseModel):
     labels: Annotated[Items[Name], Field(max_length=MAX_LABELS)] = ()
     priority: int | None = Field(default=None, ge=-1000, le=1000)
     git: GitSource | None = None
+    #: Run the command as this account of the image (its uid, gid and home);
+    #: default root.
+    user: Name | None = None
+    #: The command's working directory in the guest (default: the job's source, /work/src).
+    workdir: Annotated[str, AfterValidator(_check_workdir)] | None = None
+    #: Infrastructure retries of this job, at most the service's ``retry_limit``
+    #: (0: never run twice, e.g. a CI runner whose registration is single-use).
+    retries: int | None = Field(default=None, ge=0, le=100)
 
     @model_validator(mode="after")
     def _consistent(self) -> JobRequest:
@@ -434,6 +450,9 @@ def new_job(
         log_truncated=False,
         event_seq=1,
         network=resolved.network,
+        user=request.user,
+        workdir=request.workdir,
+        retries=request.retries,
     )
     event = JobEvent(
         job_id=job_id,
@@ -544,6 +563,12 @@ class JobView(_View):
     labels: tuple[str, ...]
     priority: int
     source: SourceView
+    #: The guest account the command runs as (None: root).
+    user: str | None = None
+    #: The command's working directory (None: the job's source directory).
+    workdir: str | None = None
+    #: Infrastructure retries it asked for (None: the service's retry_limit).
+    retries: int | None = None
     attempt: int
     exit_code: int | None
     signal: int | None
@@ -592,6 +617,9 @@ class JobView(_View):
             labels=tuple(job.labels),
             priority=job.priority,
             source=source,
+            user=job.user,
+            workdir=job.workdir,
+            retries=job.retries,
             attempt=job.attempt,
             exit_code=job.exit_code,
             signal=job.signal,
@@ -693,8 +721,14 @@ def job_env(job: Job) -> dict[str, str]:
     }
 
 
+def retry_limit_of(job: Job, retry_limit: int) -> int:
+    """How many infrastructure retries ``job`` gets: the service's, or fewer if it asked."""
+    return retry_limit if job.retries is None else min(retry_limit, job.retries)
+
+
 def recover(session: Session, job: Job, why: str, retry_limit: int, now: datetime) -> JobState:
     """Requeue a job whose host lost it, or end it (cancelling, or out of retries)."""
+    retry_limit = retry_limit_of(job, retry_limit)
     if job.cancel_requested:
         target, reason = JobState.CANCELLED, f"cancelled ({why})"
     elif job.attempt < retry_limit:

@@ -112,6 +112,12 @@ class Job(Base):
     #: The guest's connections through its egress proxy (counts and the most
     #: frequent refusals), set when an attempt ends; None without an egress proxy.
     network_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The guest account the command runs as (None: root) and its working directory
+    #: (None: the job's source directory).
+    user: Mapped[str | None] = mapped_column(String(64))
+    workdir: Mapped[str | None] = mapped_column(Text)
+    #: Infrastructure retries it asked for (None: the service's ``retry_limit``).
+    retries: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         # The scheduler's scan: queued jobs by submitter in priority and FIFO order.

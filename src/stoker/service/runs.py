@@ -16,7 +16,7 @@ from typing import Literal
 from stoker.errors import BootError, GuestPanic, GuestProtocolError, VMMCrashed
 from stoker.protocol.client import ExecResult
 from stoker.service.files import ArtifactFile
-from stoker.service.jobs import JobState, redact, secret_values
+from stoker.service.jobs import JobState, redact, retry_limit_of, secret_values
 from stoker.service.models import Job
 from stoker.service.network import JobConnections
 from stoker.vm import VM
@@ -56,7 +56,7 @@ class Outcome:
         if target is None:
             if job.cancel_requested:
                 return JobState.CANCELLED, f"cancelled ({reason})"
-            if self.retry and job.attempt < retry_limit:
+            if self.retry and job.attempt < retry_limit_of(job, retry_limit):
                 return JobState.QUEUED, reason
             if self.retry:
                 reason = f"{reason}; gave up after {job.attempt + 1} attempts"

@@ -39,7 +39,7 @@ import shutil
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
@@ -52,11 +52,13 @@ from stoker import __version__
 from stoker.backends.base import Backend
 from stoker.backends.qemu import QemuBackend
 from stoker.errors import StokerError, UsageError
+from stoker.fields import NAME_RE
 from stoker.net.policy import NetworkPolicy
-from stoker.service.config import NAME_RE, ServiceConfig, load_config
+from stoker.service.config import ServiceConfig, load_config
 from stoker.service.db import Database, upgrade
 from stoker.service.fake_backend import FakeBackend
 from stoker.service.files import JobFiles, unpack_upload
+from stoker.service.integrations import Integration
 from stoker.service.jobs import (
     ArtifactView,
     Conflict,
@@ -205,6 +207,8 @@ class HealthView(_View):
     cpu_budget: float
     memory_budget_mb: float
     detail: str | None = None
+    #: Each integration's own summary (``github``: its loop, webhooks, API budget).
+    integrations: dict[str, dict[str, Any]] = {}
 
 
 # --- the service ----------------------------------------------------------------------------------
@@ -219,6 +223,7 @@ class Service:
         *,
         observer: Observer | None = None,
         backend: Backend | None = None,
+        integrations: Sequence[Integration] = (),
     ) -> None:
         if isinstance(backend, FakeBackend) and config.backend != "fake":
             raise UsageError('a FakeBackend needs backend = "fake" in the configuration')
@@ -234,6 +239,8 @@ class Service:
         self._db: Database | None = None
         self._supervisor: Supervisor | None = None
         self._lock_fd: int | None = None
+        #: Started after the supervisor, stopped before it (see :mod:`.integrations`).
+        self.integrations: tuple[Integration, ...] = tuple(integrations)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -284,6 +291,18 @@ class Service:
             self.status = "stopped"
             raise
         self._supervisor = supervisor
+        started: list[Integration] = []
+        try:
+            for integration in self.integrations:
+                await integration.start(self)
+                started.append(integration)
+        except BaseException:
+            for integration in reversed(started):
+                with contextlib.suppress(Exception):
+                    await integration.stop()
+            self.status = "ok"  # so that stop() runs the whole teardown
+            await self.stop(grace=0)
+            raise
         self.status = "ok"
         log.info(
             "stoker serve %s on host %s: %d pools, database %s",
@@ -300,6 +319,11 @@ class Service:
             return
         self.status = "stopping"
         try:
+            for integration in reversed(self.integrations):
+                try:
+                    await integration.stop()
+                except Exception:
+                    log.exception("stopping the %s integration failed", integration.name)
             if self._supervisor is not None:
                 await self._supervisor.stop(
                     self.config.shutdown_grace_seconds if grace is None else grace
@@ -681,6 +705,7 @@ class Service:
             cpu_budget=budget.cpu_budget,
             memory_budget_mb=budget.memory_budget_mb,
             detail=detail,
+            integrations={i.name: i.status() for i in self.integrations},
         )
 
 

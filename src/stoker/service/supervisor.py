@@ -40,9 +40,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from stoker.accounts import guest_user
 from stoker.archive import ExtractLimits
 from stoker.backends.base import Backend
-from stoker.errors import CommandTimeout, GuestProtocolError, InfrastructureError, UsageError
+from stoker.errors import (
+    CommandTimeout,
+    GuestProtocolError,
+    InfrastructureError,
+    ProvisionError,
+    UsageError,
+)
 from stoker.net.proxy import ConnectionRecord
 from stoker.service.config import ServiceConfig
 from stoker.service.db import (
@@ -471,12 +478,23 @@ class Supervisor:
                 record=vm_record(vm, pool, job.id, "busy"),
             )
             phase = "running the command"
+            env, uid, gid = job_env(job), None, None
+            if job.user is not None:
+                try:
+                    account = await guest_user(vm, job.user)
+                except ProvisionError as exc:
+                    # The job named an account its image does not have: its own mistake.
+                    raise JobInputError(f"{exc}") from None
+                env = {"HOME": account.home, "USER": account.name, "LOGNAME": account.name, **env}
+                uid, gid = account.uid, account.gid
             result = None
             try:
                 result = await vm.exec(
                     list(job.argv),
-                    env=job_env(job),
-                    cwd=GUEST_DIR,
+                    env=env,
+                    cwd=job.workdir or GUEST_DIR,
+                    uid=uid,
+                    gid=gid,
                     stdout=functools.partial(writer.write, "stdout"),
                     stderr=functools.partial(writer.write, "stderr"),
                     capture=False,

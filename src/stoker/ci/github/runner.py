@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from stoker.ci.runner import guest_user
+from stoker.accounts import guest_user
 from stoker.errors import UsageError
 from stoker.protocol.client import ExecResult, OutputSink
 from stoker.vm import VM

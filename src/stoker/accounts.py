@@ -1,4 +1,4 @@
-"""What the GitHub and GitLab runners share: finding the runner's account in the guest."""
+"""Accounts inside a guest: run a command as a user of the image (CI runners, service jobs)."""
 
 from __future__ import annotations
 
