@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import posixpath
 import shutil
@@ -28,7 +29,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,12 @@ class FakeAgent(Agent):
         return str(self.root / normal) if normal else str(self.root)
 
     def on_exec(self, channel: int, msg: dict[str, Any]) -> None:
+        argv = msg.get("argv")
+        if isinstance(argv, list) and argv and isinstance(argv[0], str) and argv[0][:1] == "/":
+            # A program named by its guest path (a runner's run.sh): the image's file, if any.
+            mapped = self.host_path(argv[0])
+            if Path(mapped).exists():
+                msg = {**msg, "argv": [mapped, *argv[1:]]}
         super().on_exec(channel, {**msg, "cwd": self.host_path(msg.get("cwd") or "/")})
 
     def on_put(self, channel: int, msg: dict[str, Any]) -> None:
@@ -194,6 +201,8 @@ class FakeLaunchedVM(LaunchedVM):
 
 
 LaunchHook = Callable[[MachineSpec], Awaitable[None] | None]
+#: JSON object of guest path -> host path: the fake image's files (see ``image_files``).
+IMAGE_FILES_ENV = "STOKER_FAKE_IMAGE_FILES"
 
 
 class FakeBackend(Backend):
@@ -208,9 +217,22 @@ class FakeBackend(Backend):
     #: The "guest" is this host: its proxy listener takes any free loopback port.
     guest_proxy_port = 0
 
-    def __init__(self, *, boot_seconds: float = 0.0, on_launch: LaunchHook | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        boot_seconds: float = 0.0,
+        on_launch: LaunchHook | None = None,
+        image_files: Mapping[str, Path] | None = None,
+    ) -> None:
         self.boot_seconds = boot_seconds
         self.on_launch = on_launch
+        #: The fake "image": guest path -> host file or directory, linked into every VM's root
+        #: (``stoker serve`` processes in tests get it from $STOKER_FAKE_IMAGE_FILES, JSON).
+        if image_files is None:
+            image_files = {
+                k: Path(v) for k, v in json.loads(os.environ.get(IMAGE_FILES_ENV, "{}")).items()
+            }
+        self.image_files = dict(image_files)
         self.live: dict[str, FakeLaunchedVM] = {}
         self.launched = 0
         self.peak_cpus = 0
@@ -241,6 +263,10 @@ class FakeBackend(Backend):
             await asyncio.sleep(self.boot_seconds)
         root = workdir / "root"
         root.mkdir()
+        for guest, host in self.image_files.items():
+            link = root / posixpath.normpath("/" + guest).lstrip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(host)
         host_end, agent_end = socket.socketpair()
         stack.callback(agent_end.close)
         agent = FakeAgent(_FakeChannel(agent_end.fileno()), root)

@@ -60,6 +60,8 @@ log = logging.getLogger("stoker.github")
 SUBMITTER = "github"
 #: The environment variable actions/runner reads its JIT configuration from (then unsets).
 JITCONFIG_ENV = "ACTIONS_RUNNER_INPUT_JITCONFIG"
+#: How the reason of a runner whose deadline passed begins.
+EXPIRED = "expired: "
 #: History entries kept per runner.
 MAX_HISTORY = 20
 #: A host whose heartbeat is older than this is not counted for the pools' capacity.
@@ -181,15 +183,6 @@ class Reconciler:
             for runner in runners:
                 state = RunnerState(runner.state)
                 job_state, reason = states.get(runner.job_id or "", (None, None))
-                if job_state in TERMINAL_JOB:
-                    _move(
-                        runner,
-                        RunnerState.FINISHED,
-                        now,
-                        f"its job {runner.job_id} ended {job_state}: {reason or ''}".strip(": "),
-                    )
-                    report.finished += 1
-                    continue
                 if state is RunnerState.BOOTING and job_state is JobState.RUNNING:
                     runner.online_at = now
                     _move(
@@ -201,16 +194,23 @@ class Reconciler:
                     report.online += 1
                     state = RunnerState.IDLE
                 gh_job = taken.get(runner.name)
-                if gh_job is not None and state in (RunnerState.BOOTING, RunnerState.IDLE):
+                if gh_job is not None and runner.github_job_id is None:
                     runner.github_job_id = gh_job.id
-                    _move(
-                        runner,
-                        RunnerState.BUSY,
-                        now,
-                        f"runs {gh_job.repository} job {gh_job.id}",
-                        deadline=now + timedelta(seconds=cfg.job_timeout),
-                    )
-                    report.busy += 1
+                    if state in (RunnerState.BOOTING, RunnerState.IDLE):
+                        _move(
+                            runner,
+                            RunnerState.BUSY,
+                            now,
+                            f"runs {gh_job.repository} job {gh_job.id}",
+                            deadline=now + timedelta(seconds=cfg.job_timeout),
+                        )
+                        report.busy += 1
+                if job_state in TERMINAL_JOB:
+                    why = f"its job {runner.job_id} ended {job_state}"
+                    if runner.reason and runner.reason.startswith(EXPIRED):
+                        why, reason = runner.reason, why
+                    _move(runner, RunnerState.FINISHED, now, f"{why}: {reason}" if reason else why)
+                    report.finished += 1
 
         await self.service.db.run(follow)
 
@@ -243,7 +243,7 @@ class Reconciler:
                     _move(runner, RunnerState.FINISHED, now, why)
                     report.finished += 1
                 else:
-                    runner.reason = why
+                    runner.reason = f"{EXPIRED}{why}"
                     # Checked again next pass; the job's end moves it to finished.
                     runner.deadline = now + timedelta(seconds=60)
                     cancel.append((runner.name, runner.job_id))
