@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from ipaddress import ip_address
 from typing import Literal
+from urllib.parse import urlsplit
 
 from stoker.ci.github.client import GitHubClient, GitHubConfigError, RunnerDownload
 from stoker.ci.github.config import GitHubConfig, read_secret_file
@@ -35,6 +37,14 @@ class Finding:
     level: Literal["ok", "warning", "error"]
     subject: str
     message: str
+
+
+def _reaches(policy: NetworkPolicy, host: str, port: int) -> bool:
+    try:
+        address = ip_address(host)
+    except ValueError:
+        return policy.match_host(host, port) is not None
+    return policy.match_ip(address, port) is not None
 
 
 def runner_version(text: str) -> tuple[int, int, int] | None:
@@ -80,10 +90,14 @@ def pool_network_findings(pool: str, policy: NetworkPolicy | None, api_url: str)
                 'mode = "egress" with allow = ["@github-actions"]',
             )
         ]
-    hosts = list(_MUST_REACH)
-    if api_url != "https://api.github.com":
-        hosts = [re.sub(r"^https?://([^/:]+).*$", r"\1", api_url)]
-    missing = [h for h in hosts if policy.match_host(h, 443) is None]
+    if api_url == "https://api.github.com":
+        places = [(h, 443) for h in _MUST_REACH]
+    else:
+        # GitHub Enterprise Server (or another API URL): its own host and port.
+        url = urlsplit(api_url)
+        default = 443 if url.scheme == "https" else 80
+        places = [(url.hostname or "", url.port or default)]
+    missing = [f"{h}:{port}" for h, port in places if not _reaches(policy, h, port)]
     if missing:
         return [
             Finding(

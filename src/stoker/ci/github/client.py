@@ -366,7 +366,9 @@ class GitHubClient:
                 return self._token
             installation = await self.installation_id()
             path = f"/app/installations/{installation}/access_tokens"
-            answer = await self._call("POST", path, auth="app")
+            # Not through _call: a mutation waiting for its token holds the mutation lock,
+            # and a token is not a change GitHub asks integrations to serialise.
+            answer, _ = await self._retrying("POST", path, "app", None, None, ())
             token = _parse(_Token, answer, "POST", path)
             self._token, self._token_expires = token.token, token.expires_at
             return token.token

@@ -288,7 +288,12 @@ class FakeGitHub:
         runner_version: str = "2.321.0",
         api_prefix: str = "",
         lost_after: float = 60.0,
+        host: str = "127.0.0.1",
+        token_lifetime: float = 3600.0,
     ) -> None:
+        if not host.startswith("127."):
+            raise ValueError("the fake GitHub listens on loopback addresses only")
+        self.host = host
         self.app_id = app_id
         self.client_id = client_id
         self.public_key_pem = public_key_pem
@@ -298,6 +303,7 @@ class FakeGitHub:
         #: A busy runner silent this long has lost communication: its job fails, it goes
         #: offline (what GitHub does when a runner's machine dies mid-job).
         self.lost_after = lost_after
+        self.token_lifetime = token_lifetime
         self.prefix = api_prefix.rstrip("/")
         self.lock = threading.RLock()
         self._ids = itertools.count(1000)
@@ -326,10 +332,10 @@ class FakeGitHub:
     def __enter__(self) -> FakeGitHub:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((self.host, 0))
         sock.listen(128)
         self._sock = sock
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}{self.prefix}"
+        self.url = f"http://{self.host}:{sock.getsockname()[1]}{self.prefix}"
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -689,7 +695,7 @@ def _routes(app: FastAPI, fake: FakeGitHub) -> None:
             if installation not in fake.installations.values():
                 return _error(404, "Not Found")
             token = "ghs_" + secrets.token_hex(18)
-            expires = _now() + timedelta(hours=1)
+            expires = _now() + timedelta(seconds=fake.token_lifetime)
             fake.tokens[token] = (installation, expires)
         return JSONResponse(
             {
