@@ -23,3 +23,4 @@ bench: setup
 	.venv/bin/python bench/images.py
 	.venv/bin/python bench/scheduler.py
 	.venv/bin/python bench/network.py
+	.venv/bin/python bench/github.py

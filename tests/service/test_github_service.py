@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -44,7 +45,7 @@ from sqlalchemy import select
 from conftest import ConfigFactory
 from stoker.ci.github.models import GitHubJob, GitHubRunner
 from stoker.ci.github.webhook import signature
-from stoker.service.config import ServiceConfig
+from stoker.service.config import ServiceConfig, TokenConfig
 from stoker.service.jobs import JobState
 
 
@@ -312,13 +313,31 @@ async def test_a_github_outage_never_touches_running_runners(
         await until(lambda: all_settled(running, github, [job]), 30, "clean-up after the outage")
 
 
-async def test_health_and_metrics_show_the_integration(
+async def test_health_metrics_and_the_runner_listing_show_the_integration(
     make_config: ConfigFactory, tmp_path: Path, github: FakeGitHub, sock: Any, runner_dir: Path
 ) -> None:
-    config = config_for(make_config, tmp_path, github)
+    token = "ops-token-for-tests"
+    config = config_for(make_config, tmp_path, github).model_copy(
+        update={
+            "tokens": (
+                TokenConfig(
+                    name="ops", sha256=hashlib.sha256(token.encode()).hexdigest(), scopes=("read",)
+                ),
+            )
+        }
+    )
     async with serving(config, sock, backend=fake_backend(runner_dir)) as running:
         job = github.queue_job(REPO, LABELS)
         await until(lambda: all_settled(running, github, [job]), 30, "the job to finish")
+        async with httpx.AsyncClient(base_url=running.url) as client:
+            anonymous = await client.get("/v1/github/runners")
+            auth = {"Authorization": f"Bearer {token}"}
+            live = (await client.get("/v1/github/runners", headers=auth)).json()
+            everything = (await client.get("/v1/github/runners?all=true", headers=auth)).json()
+        assert anonymous.status_code == 401
+        assert live == []
+        assert [r["state"] for r in everything] == ["destroyed"]
+        assert everything[0]["github_job_id"] == job
         await running.integration.run_once(full=True)
         health = await running.service.health()
         state = health.integrations["github"]
