@@ -64,7 +64,10 @@ def build_image(work: Path) -> None:
     sha = build_tarball(tarball)
     assert sha == hashlib.sha256(tarball.read_bytes()).hexdigest()
     text = re.sub(
-        r'(?m)^name = ".*"$', f'name = "{IMAGE}"', (SPECS_DIR / "github-runner.toml").read_text()
+        r'(?m)^name = ".*"$',
+        f'name = "{IMAGE}"',
+        (SPECS_DIR / "github-runner.toml").read_text(),
+        count=1,
     )
     spec = work / "spec.toml"
     spec.write_text(text)
@@ -113,6 +116,7 @@ def config(work: Path, github: FakeGitHub, *, fake: bool, min_idle: int = 0) -> 
             work,
             github.url,
             reconcile_seconds=5.0,
+            recheck_after=120.0,
             **({"runner_user": "root"} if fake else {}),
         ),
     }

@@ -654,14 +654,22 @@ class GitHubClient:
         answer = await self._call("GET", path, allow=(404,))
         return None if answer is None else _parse(WorkflowJob, answer, "GET", path)
 
-    async def queued_jobs(self, repository: str) -> list[WorkflowJob]:
-        """Every queued job of ``repository``'s queued workflow runs."""
+    async def queued_jobs(
+        self, repository: str, *, known_runs: frozenset[int] = frozenset()
+    ) -> list[WorkflowJob]:
+        """Every queued job of ``repository``'s queued workflow runs.
+
+        Runs in ``known_runs`` (whose jobs stoker recorded already) are not
+        asked about: one listing call per 100 runs plus one per new run.
+        """
         path = f"/repos/{repository}/actions/runs?status=queued"
         runs = [
             _parse(_Runs._Run, r, "GET", path) for r in await self._pages(path, "workflow_runs")
         ]
         jobs: list[WorkflowJob] = []
         for run in runs:
+            if run.id in known_runs:
+                continue
             jobs_path = f"/repos/{repository}/actions/runs/{run.id}/jobs"
             for item in await self._pages(jobs_path, "jobs"):
                 job = _parse(WorkflowJob, item, "GET", jobs_path)

@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from stoker.ci.github.config import GitHubConfig
-from stoker.ci.github.models import GitHubJob, JobStatus
+from stoker.ci.github.models import GitHubJob, GitHubRunner, JobStatus, RunnerState
 from stoker.service.db import Database
 from stoker.service.models import utcnow
 
@@ -39,6 +39,8 @@ log = logging.getLogger("stoker.github")
 
 Source = Literal["webhook", "sweep", "recheck"]
 Recorded = Literal["new", "advanced", "unchanged", "ignored"]
+#: Jobs re-checked with GitHub per pass at most.
+MAX_RECHECKS = 20
 #: Repositories swept besides the configured ones: those with jobs seen this recently.
 SWEEP_SEEN_WITHIN = timedelta(days=1)
 
@@ -241,30 +243,56 @@ class ApiSweep:
         names.update(await self.db.run(read))
         return sorted(names)
 
+    async def known_runs(self, now: datetime) -> frozenset[int]:
+        """Workflow runs whose jobs are recorded (the sweep does not ask about them again;
+        the re-check of stale queued jobs covers their changes)."""
+        since = now - SWEEP_SEEN_WITHIN
+
+        def read(session: Session) -> frozenset[int]:
+            return frozenset(
+                session.execute(
+                    select(GitHubJob.run_id).where(GitHubJob.seen_at >= since).distinct()
+                ).scalars()
+            )
+
+        return await self.db.run(read, write=False)
+
     async def poll(self, now: datetime) -> list[Sighting]:
-        """Every queued job of the swept repositories."""
+        """Every queued job of the swept repositories (runs already recorded skipped)."""
         found: list[Sighting] = []
+        known = await self.known_runs(now)
         for repository in await self.repositories(now):
-            for job in await self.client.queued_jobs(repository):
+            for job in await self.client.queued_jobs(repository, known_runs=known):
                 sighting = Sighting.of_api(repository, job, "sweep")
                 if sighting is not None:
                     found.append(sighting)
         return found
 
     async def recheck(self, now: datetime) -> list[Sighting]:
-        """Jobs queued longer than ``recheck_after`` and not asked about since: ask GitHub."""
+        """Ask GitHub about jobs that look stuck: queued longer than ``recheck_after``
+        (and not asked about since) while a runner of their pool sits idle.
+
+        A job waiting for capacity is not asked about: no runner of ours could
+        have started it, so the answer could only be "queued" (or cancelled,
+        which the idle runner it will get reveals).  That keeps a long queue
+        from costing a call per job per period.
+        """
         stale = now - timedelta(seconds=self.config.recheck_after)
 
         def read(session: Session) -> list[tuple[int, str]]:
+            idle_pools = select(GitHubRunner.pool).where(
+                GitHubRunner.state == RunnerState.IDLE.value
+            )
             rows = session.execute(
                 select(GitHubJob.id, GitHubJob.repository)
                 .where(
                     GitHubJob.status == int(JobStatus.QUEUED),
                     GitHubJob.seen_at <= stale,
                     (GitHubJob.checked_at.is_(None)) | (GitHubJob.checked_at <= stale),
+                    GitHubJob.pool.in_(idle_pools),
                 )
                 .order_by(GitHubJob.seen_at)
-                .limit(100)
+                .limit(MAX_RECHECKS)
             )
             return [(r[0], r[1]) for r in rows]
 
