@@ -91,7 +91,8 @@ class FakeJob:
             "runner_id": self.runner_id,
             "runner_name": self.runner_name,
             "created_at": _iso(self.created_at),
-            "started_at": _iso(self.started_at),
+            # GitHub reports a queued job's started_at as its creation time, never null.
+            "started_at": _iso(self.started_at or self.created_at),
             "completed_at": _iso(self.completed_at),
             "name": f"job-{self.id}",
             "workflow_name": "ci",
@@ -168,8 +169,9 @@ class Webhooks:
         self._held: list[Delivery] | None = None
         self.delay = 0.0
         self._thread: threading.Thread | None = None
-        self._idle = threading.Event()
-        self._idle.set()
+        #: Deliveries queued and not yet sent (or failed): wait_idle waits for 0.
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
 
     def start(self) -> None:
         """Start the sender thread."""
@@ -203,13 +205,39 @@ class Webhooks:
         with self._lock:
             held, self._held = self._held or [], None
         for delivery in reversed(held) if reverse else held:
-            self._queue.put(delivery)
+            self._put(Delivery(delivery.delivery_id, delivery.event, delivery.body))
 
     def redeliver(self, delivery_id: str) -> None:
         """Send a delivery again, same body and id (what GitHub's redeliver button does)."""
         with self._lock:
-            original = next(d for d in self.deliveries if d.delivery_id == delivery_id)
-        self._queue.put(Delivery(original.delivery_id, original.event, original.body))
+            found = [d for d in self.deliveries if d.delivery_id == delivery_id]
+        if not found:
+            raise KeyError(f"no delivery {delivery_id}")
+        self._put(Delivery(found[0].delivery_id, found[0].event, found[0].body))
+
+    def ping(self, hook_id: int = 1, app_id: int | None = None) -> None:
+        """Send a ``ping``, as GitHub does when a webhook is created."""
+        self.emit(
+            "ping",
+            {
+                "zen": "Keep it logically awesome.",
+                "hook_id": hook_id,
+                "hook": {
+                    "type": "App" if app_id is not None else "Repository",
+                    "id": hook_id,
+                    "name": "web",
+                    "active": True,
+                    "events": ["workflow_job"],
+                    "config": {"content_type": "json", "insecure_ssl": "0", "url": self.url},
+                    **({"app_id": app_id} if app_id is not None else {}),
+                },
+            },
+        )
+
+    def _put(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._pending += 1
+        self._queue.put(delivery)
 
     def emit(self, event: str, payload: dict[str, Any]) -> None:
         """Queue one delivery, subject to the controls."""
@@ -229,24 +257,22 @@ class Webhooks:
                 self._held.extend([delivery] * copies)
                 return
         for _ in range(copies):
-            self._queue.put(Delivery(delivery.delivery_id, event, body))
+            self._put(Delivery(delivery.delivery_id, event, body))
 
     def wait_idle(self, timeout: float = 30) -> None:
-        """Wait until every queued delivery was sent."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.empty() and self._idle.is_set():
-                return
-            time.sleep(0.02)
-        raise TimeoutError("webhook deliveries still pending")
+        """Wait until every queued delivery was sent (held ones are not queued)."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._pending == 0, timeout):
+                raise TimeoutError("webhook deliveries still pending")
 
     def _send_loop(self) -> None:
-        with httpx.Client(timeout=30) as client:
+        # trust_env=False: deliveries go to the configured URL only, never through a
+        # proxy named by the environment of whoever runs the tests.
+        with httpx.Client(timeout=30, trust_env=False) as client:
             while True:
                 delivery = self._queue.get()
                 if delivery is None:
                     return
-                self._idle.clear()
                 try:
                     if self.delay:
                         time.sleep(self.delay)
@@ -269,8 +295,9 @@ class Webhooks:
                     with self._lock:
                         self.deliveries.append(delivery)
                 finally:
-                    if self._queue.empty():
-                        self._idle.set()
+                    with self._idle:
+                        self._pending -= 1
+                        self._idle.notify_all()
 
 
 class FakeGitHub:
