@@ -269,8 +269,14 @@ async def test_runner_groups_and_queued_jobs(client_of: Any, github: FakeGitHub)
         await client.runner_group_id(org, "gpu")
     repo_client: GitHubClient = client_of()
     job_ids = [github.queue_job(REPO, ["self-hosted"]) for _ in range(3)]
+    with github.lock:  # one finished run: the listing must not ask for its jobs
+        github.job_table[job_ids[0]].status = "completed"
     queued = await repo_client.queued_jobs(REPO)
-    assert sorted(j.id for j in queued) == job_ids
-    job = await repo_client.get_job(REPO, job_ids[0])
+    assert sorted(j.id for j in queued) == job_ids[1:]
+    # Two runs listed (the status filter reached GitHub), then one call per queued run.
+    listing = [c for c in github.calls if c[1] == f"/repos/{REPO}/actions/runs"]
+    per_run = [c for c in github.calls if c[1].endswith("/jobs")]
+    assert len(listing) == 1 and len(per_run) == 2
+    job = await repo_client.get_job(REPO, job_ids[1])
     assert job is not None and job.status == "queued"
     assert await repo_client.get_job(REPO, 1) is None

@@ -543,11 +543,15 @@ class GitHubClient:
         delay = min(60.0, 2.0 ** (attempt - 1)) * (0.5 + random.random() / 2)  # noqa: S311
         await self._sleep(delay)
 
-    async def _pages(self, path: str, key: str) -> list[Any]:
-        """Every item under ``key`` of a paginated listing (same origin, bounded)."""
+    async def _pages(self, path: str, key: str, query: dict[str, Any] | None = None) -> list[Any]:
+        """Every item under ``key`` of a paginated listing (same origin, bounded).
+
+        ``query`` goes into the first request's parameters: httpx replaces a query
+        written into the path when parameters are given, so it must not be there.
+        """
         items: list[Any] = []
         url: str | None = path
-        params: dict[str, Any] | None = {"per_page": 100}
+        params: dict[str, Any] | None = {**(query or {}), "per_page": 100}
         for _ in range(MAX_PAGES):
             assert url is not None
             response_items, next_url = await self._page(url, key, params)
@@ -662,10 +666,9 @@ class GitHubClient:
         Runs in ``known_runs`` (whose jobs stoker recorded already) are not
         asked about: one listing call per 100 runs plus one per new run.
         """
-        path = f"/repos/{repository}/actions/runs?status=queued"
-        runs = [
-            _parse(_Runs._Run, r, "GET", path) for r in await self._pages(path, "workflow_runs")
-        ]
+        path = f"/repos/{repository}/actions/runs"
+        listed = await self._pages(path, "workflow_runs", {"status": "queued"})
+        runs = [_parse(_Runs._Run, r, "GET", path) for r in listed]
         jobs: list[WorkflowJob] = []
         for run in runs:
             if run.id in known_runs:
