@@ -1,45 +1,59 @@
-"""FakeGitHub (a **fake** GitHub, on 127.0.0.1 only) and the stand-in runner: their contract.
+"""FakeGitHub (a **fake** GitHub, on 127.0.0.1 only): its REST, runner and webhook contract.
 
 The contract is ``docs/github-design.md`` ("The fake GitHub") and, for the
 shapes, GitHub's own descriptions in ``../shared/reference/github/``: every
 field the fake returns must be one GitHub documents, with the documented type
 (the fake returns a subset, so GitHub's ``required`` lists are not enforced).
 Those descriptions are not vendored; the shape checks skip where they are absent.
+The stand-in runner's tests are in ``test_github_stand_in.py``.
 
-Everything listens on 127.0.0.1: the fake, the webhook receiver and the
-recording proxy of these tests.  Every server, thread and process a test
-starts is stopped and reaped by that test's fixtures.
+Everything listens on 127.0.0.1.  Every server and thread a test starts is
+stopped by that test's fixtures.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
-import http.client
 import json
-import os
 import re
-import socket
-import subprocess
-import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from fake_support import (
+    APP_ID,
+    CLIENT_ID,
+    INSTALLATION,
+    JOB_FIELDS,
+    LABELS,
+    OWNER,
+    PAT,
+    RATE_HEADERS,
+    REFERENCE,
+    REPO,
+    SECRET,
+    Receiver,
+    app_jwt,
+    bearer,
+    jit_identity,
+    make_fake,
+    payloads,
+    register,
+    runner_call,
+    take_job,
+    until,
+)
 from openapi_schema_validator import (
     OAS30Validator,
     OAS31Validator,
@@ -48,214 +62,8 @@ from openapi_schema_validator import (
 )
 
 from stoker.ci.github.fake_github import FakeGitHub
-from stoker.ci.github.stand_in import RUN_SH, build_tarball
 
-APP_ID = 4242
-CLIENT_ID = "Iv1.fake"
-INSTALLATION = 77
-OWNER = "acme"
-REPO = "acme/app"
-PAT = "github_pat_static_for_tests"
-SECRET = b"webhook-secret-for-fake-tests"
-LABELS = ["self-hosted", "linux", "x64"]
-RATE_HEADERS = (
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-    "x-ratelimit-used",
-    "x-ratelimit-resource",
-)
-#: The workflow job fields the design doc promises (REST and webhooks alike).
-JOB_FIELDS = {
-    "id",
-    "run_id",
-    "status",
-    "conclusion",
-    "labels",
-    "runner_id",
-    "runner_name",
-    "created_at",
-    "started_at",
-    "completed_at",
-    "name",
-    "workflow_name",
-    "head_branch",
-    "html_url",
-}
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "github"
-
-
-# --------------------------------------------------------------------------- keys and JWTs
-
-
-@pytest.fixture(scope="module")
-def app_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def other_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def public_pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def app_jwt(
-    key: rsa.RSAPrivateKey, *, iss: str = str(APP_ID), age: float = 30, lifetime: float = 540
-) -> str:
-    """An App JWT as GitHub documents it: issued ``age`` seconds ago, valid ``lifetime``."""
-    now = int(time.time())
-    claims = {"iat": int(now - age), "exp": int(now - age + lifetime), "iss": iss}
-    return jwt.encode(claims, key, algorithm="RS256")
-
-
-def bearer(token: str) -> dict[str, str]:
-    """Request headers with ``token`` (none when empty)."""
-    accept = {"Accept": "application/vnd.github+json"}
-    return {"Authorization": f"Bearer {token}", **accept} if token else accept
-
-
-# --------------------------------------------------------------------------- webhook receiver
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1: records each delivery, answers ``status``."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.status = 200
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with receiver.lock:
-                    receiver.received.append((dict(self.headers.items()), body))
-                    status = receiver.status
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # keep the test output clean
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        # A short poll interval: shutdown() waits for the next poll.
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-receiver"
-        )
-
-    def __enter__(self) -> Receiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-    def wait_for(self, count: int, timeout: float = 10) -> list[tuple[dict[str, str], bytes]]:
-        """The first ``count`` deliveries, once they arrived."""
-        until(lambda: len(self.received) >= count, timeout, f"{count} deliveries")
-        with self.lock:
-            return list(self.received)
-
-
-def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``check`` until it returns something true."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
-    return value
-
-
-def payloads(received: list[tuple[dict[str, str], bytes]]) -> list[dict[str, Any]]:
-    return [json.loads(body) for _, body in received]
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def no_threads_left() -> Iterator[None]:
-    """Each test stops every thread it started (the fake's, receivers', proxies')."""
-    before = set(threading.enumerate())
-    yield
-    # Request-handler threads may still be closing their sockets: a short grace.
-    until(lambda: not set(threading.enumerate()) - before, 5, "the test's threads to end")
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as r:
-        yield r
-
-
-def make_fake(key: rsa.RSAPrivateKey, receiver: Receiver | None, **kwargs: Any) -> FakeGitHub:
-    fake = FakeGitHub(
-        app_id=APP_ID,
-        client_id=CLIENT_ID,
-        public_key_pem=public_pem(key),
-        tokens=(PAT,),
-        webhook_url=receiver.url if receiver else None,
-        webhook_secret=SECRET,
-        **kwargs,
-    )
-    fake.install(OWNER, INSTALLATION)
-    fake.add_repo(REPO)
-    return fake
-
-
-@pytest.fixture
-def gh(app_key: rsa.RSAPrivateKey, receiver: Receiver) -> Iterator[FakeGitHub]:
-    with make_fake(app_key, receiver) as fake:
-        yield fake
-
-
-@pytest.fixture
-def api(gh: FakeGitHub) -> Iterator[httpx.Client]:
-    """A client with a static token; never through a proxy of the environment."""
-    with httpx.Client(base_url=gh.url, headers=bearer(PAT), trust_env=False, timeout=10) as c:
-        yield c
-
-
-def register(api: httpx.Client, name: str, labels: list[str] = LABELS, scope: str = "") -> Any:
-    """A JIT runner on ``scope`` (the repository by default): GitHub's 201 answer."""
-    response = api.post(
-        f"/{scope or 'repos/' + REPO}/actions/runners/generate-jitconfig",
-        json={"name": name, "runner_group_id": 1, "labels": labels, "work_folder": "_work"},
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def jit_identity(encoded: str) -> dict[str, Any]:
-    """What the stand-in sends with each runner-protocol call."""
-    config = json.loads(base64.b64decode(encoded))
-    return {"runner_id": config["runner_id"], "secret": config["secret"]}
-
-
-def runner_call(api: httpx.Client, what: str, who: dict[str, Any], **body: Any) -> httpx.Response:
-    return api.post(f"/_fake/runner/{what}", json={**who, **body}, timeout=40)
-
-
-def take_job(api: httpx.Client, name: str, labels: list[str] = LABELS) -> tuple[Any, Any]:
-    """Register a runner, open its session and take a job: (identity, job)."""
-    who = jit_identity(register(api, name, labels)["encoded_jit_config"])
-    assert runner_call(api, "session", who).status_code == 200
-    answer = runner_call(api, "acquire", who, wait=5)
-    assert answer.status_code == 200, answer.text
-    return who, answer.json()["job"]
-
+pytestmark = pytest.mark.usefixtures("no_threads_left")
 
 # --------------------------------------------------------------------------- GitHub's shapes
 
@@ -947,198 +755,3 @@ def test_jobs_carry_only_githubs_fields(
     expected = ["queued", "in_progress", "completed"]
     received = payloads(receiver.wait_for(expected.index(state) + 1))
     check_webhook(state, received[-1])
-
-
-# --------------------------------------------------------------------------- the stand-in runner
-
-
-def test_the_stand_in_tarball_is_reproducible(tmp_path: Path) -> None:
-    first, second = tmp_path / "a.tar.gz", tmp_path / "b.tar.gz"
-    sha = build_tarball(first)
-    assert build_tarball(second) == sha
-    assert first.read_bytes() == second.read_bytes()
-    assert hashlib.sha256(first.read_bytes()).hexdigest() == sha
-    with tarfile.open(first) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        assert set(members) == {"./run.sh", "./stand_in.py"}  # at the root, like the release
-        assert members["./run.sh"].mode == 0o755 and members["./stand_in.py"].mode == 0o644
-        assert {m.mtime for m in members.values()} == {0}
-        run_sh = tar.extractfile("./run.sh")
-        assert run_sh is not None and run_sh.read() == RUN_SH
-    assert b"STAND-IN" in RUN_SH
-
-
-@pytest.fixture
-def stand_in(tmp_path: Path) -> Path:
-    """The stand-in unpacked like the release tarball: its ``run.sh``."""
-    tarball = tmp_path / "stand-in.tar.gz"
-    build_tarball(tarball)
-    dest = tmp_path / "actions-runner"
-    dest.mkdir()
-    with tarfile.open(tarball) as tar:
-        tar.extractall(dest, filter="data")
-    return dest / "run.sh"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """A minimal environment: no proxy settings of whoever runs the tests."""
-    return {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", **extra}
-
-
-@contextlib.contextmanager
-def started(argv: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
-    """A process whose output is collected; killed (if need be) and reaped at the end."""
-    proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 20) -> tuple[int, str]:
-    output, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, output
-
-
-def test_the_stand_in_runs_one_job_end_to_end(
-    gh: FakeGitHub, api: httpx.Client, stand_in: Path
-) -> None:
-    created = register(api, "stand-in-1")
-    env = clean_env(ACTIONS_RUNNER_INPUT_JITCONFIG=created["encoded_jit_config"])
-    with started([str(stand_in)], env) as proc:
-        # Registered, then listening: the job is queued while it long-polls.
-        until(lambda: gh.runners[created["runner"]["id"]].status == "online", 10, "a session")
-        job_id = gh.queue_job(
-            REPO,
-            ["Self-Hosted", "Linux"],
-            run=["sh", "-c", 'echo hello; echo "jit=${ACTIONS_RUNNER_INPUT_JITCONFIG:-unset}"'],
-        )
-        code, output = finish(proc)
-    assert code == 0, output
-    assert "stand-in-1: Listening for Jobs" in output
-    assert "\nhello\n" in output
-    assert "jit=unset" in output  # removed from the environment, as the runner does
-    assert f"Job {job_id} completed with result: success" in output
-    job = gh.jobs[job_id]
-    assert (job.status, job.conclusion, job.runner_name) == ("completed", "success", "stand-in-1")
-    assert gh.runners == {}
-
-
-def test_the_stand_in_reports_failure_and_refuses_a_used_configuration(
-    gh: FakeGitHub, api: httpx.Client, stand_in: Path
-) -> None:
-    encoded = register(api, "stand-in-2")["encoded_jit_config"]
-    job_id = gh.queue_job(REPO, LABELS, run=["sh", "-c", "echo failing >&2; exit 3"])
-    # The stand-in itself, without run.sh, the configuration as an argument this time.
-    script = stand_in.parent / "stand_in.py"
-    with started(["python3", str(script), "--jitconfig", encoded], clean_env()) as proc:
-        code, output = finish(proc)
-    assert code == 0, output
-    assert "failing" in output and f"Job {job_id} completed with result: failure" in output
-    assert gh.jobs[job_id].conclusion == "failure"
-    with started([str(stand_in), "--jitconfig", encoded], clean_env()) as proc:
-        code, output = finish(proc)
-    assert code != 0
-    assert "the session was refused (401)" in output  # the runner is gone: unknown
-    # A configuration whose session was opened already (by anyone) is refused: 409.
-    other = register(api, "stand-in-2b")["encoded_jit_config"]
-    assert runner_call(api, "session", jit_identity(other)).status_code == 200
-    with started([str(stand_in), "--jitconfig", other], clean_env()) as proc:
-        code, output = finish(proc)
-    assert code != 0 and "the session was refused (409)" in output
-    with started([str(stand_in)], clean_env()) as proc:
-        code, output = finish(proc)
-    assert code == 2 and "no JIT configuration" in output
-
-
-class RecordingProxy:
-    """A plain-HTTP forward proxy on 127.0.0.1 that records what passed through it."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.seen: list[tuple[str, str]] = []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                # A proxy receives the absolute URL: ``POST http://host:port/path``.
-                target = urlsplit(self.path)
-                proxy.seen.append((self.command, self.path))
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                upstream = http.client.HTTPConnection(
-                    target.hostname or "", target.port or 80, timeout=60
-                )
-                try:
-                    upstream.request(
-                        "POST", target.path, body, {"Content-Type": "application/json"}
-                    )
-                    answer = upstream.getresponse()
-                    data = answer.read()
-                finally:
-                    upstream.close()
-                self.send_response(answer.status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-proxy"
-        )
-
-    def __enter__(self) -> RecordingProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
-def test_the_stand_in_goes_through_the_http_proxy_of_its_environment(
-    gh: FakeGitHub, api: httpx.Client, stand_in: Path
-) -> None:
-    encoded = register(api, "stand-in-3")["encoded_jit_config"]
-    job_id = gh.queue_job(REPO, LABELS, run=["true"])
-    with RecordingProxy() as proxy:
-        env = clean_env(http_proxy=proxy.url, ACTIONS_RUNNER_INPUT_JITCONFIG=encoded)
-        with started([str(stand_in)], env) as proc:
-            code, output = finish(proc)
-    assert code == 0, output
-    assert gh.jobs[job_id].conclusion == "success"
-    paths = [urlsplit(url) for _, url in proxy.seen]
-    assert {p.netloc for p in paths} == {urlsplit(gh.url).netloc}
-    assert [p.path for p in paths if not p.path.endswith("/heartbeat")] == [
-        "/_fake/runner/session",
-        "/_fake/runner/acquire",
-        "/_fake/runner/complete",
-    ]
-
-
-def test_the_stand_in_retries_until_the_network_answers(
-    gh: FakeGitHub, api: httpx.Client, stand_in: Path
-) -> None:
-    encoded = register(api, "stand-in-4")["encoded_jit_config"]
-    job_id = gh.queue_job(REPO, LABELS, run=["true"])
-    # A free port, closed again: the stand-in's proxy is not there yet (connection refused).
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = clean_env(http_proxy=f"http://127.0.0.1:{port}", ACTIONS_RUNNER_INPUT_JITCONFIG=encoded)
-    with started([str(stand_in)], env) as proc:
-        time.sleep(0.5)
-        assert proc.poll() is None  # still retrying
-        with RecordingProxy(port) as proxy:
-            code, output = finish(proc)
-    assert code == 0, output
-    assert proxy.seen[0] == ("POST", f"{gh.url}/_fake/runner/session")
-    assert gh.jobs[job_id].conclusion == "success"
