@@ -26,8 +26,9 @@ from stoker.backends.base import Backend
 from stoker.ci.github.fake_github import FakeGitHub
 from stoker.ci.github.integration import GitHubIntegration
 from stoker.ci.github.stand_in import build_tarball
-from stoker.service.api import create_app, listen_socket
+from stoker.service.api import create_app
 from stoker.service.config import ServiceConfig
+from stoker.service.daemon import listen_socket
 from stoker.service.fake_backend import FakeBackend
 from stoker.service.metrics import Metrics
 from stoker.service.service import Service

@@ -33,9 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from referencing import Registry, Resource
 
 from stoker.service import auth
-from stoker.service.api import create_app, listen_socket, serve
+from stoker.service.api import create_app
 from stoker.service.auth import TokenTable, config_snippet, hash_token, parse_scopes
 from stoker.service.config import ServiceConfig, parse_config_text
+from stoker.service.daemon import listen_socket, serve
 from stoker.service.metrics import Metrics, failure_kind
 from stoker.service.service import Observer, Service
 

@@ -12,7 +12,7 @@ import pytest
 
 from stoker.errors import UsageError
 from stoker.service.config import ServiceConfig, load_config, parse_config_text
-from stoker.service.service import configure_logging
+from stoker.service.daemon import configure_logging
 
 ORIGIN = Path("/etc/stoker/stoker.toml")
 

@@ -27,11 +27,12 @@ from stoker.net.proxy import ConnectionRecord
 from stoker.service.api import create_app
 from stoker.service.auth import hash_token
 from stoker.service.config import ServiceConfig, parse_config_text
+from stoker.service.daemon import JsonFormatter
 from stoker.service.jobs import JobRequest, JobState
 from stoker.service.logs import LogWriter
 from stoker.service.metrics import Metrics
 from stoker.service.network import JobConnections
-from stoker.service.service import JsonFormatter, Service
+from stoker.service.service import Service
 
 ConfigFactory = Callable[..., ServiceConfig]
 ServiceFactory = Callable[..., Awaitable[Service]]

@@ -359,7 +359,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     from stoker.service.config import load_config
-    from stoker.service.service import configure_logging
+    from stoker.service.daemon import configure_logging
 
     try:
         if log_format not in ("text", "json"):
@@ -379,7 +379,7 @@ def serve(
 
 
 async def _serve_until_signalled(config: Any) -> None:
-    from stoker.service.api import serve as serve_api
+    from stoker.service.daemon import serve as serve_api
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()

@@ -2,6 +2,6 @@
 
 import sys
 
-from stoker.service.service import main
+from stoker.service.daemon import main
 
 sys.exit(main())

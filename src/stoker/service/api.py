@@ -31,18 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import shutil
-import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-import uvicorn
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -53,7 +50,7 @@ from pydantic.json_schema import JsonSchemaMode
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import stoker
-from stoker.errors import StokerError, UsageError
+from stoker.errors import StokerError
 from stoker.service.apiutil import (
     ERRORS,
     ApiError,
@@ -81,7 +78,7 @@ from stoker.service.upload import BadUpload, UploadTooLarge, body_limit, receive
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_app", "listen_socket", "serve"]
+__all__ = ["create_app"]
 
 T = TypeVar("T")
 
@@ -743,76 +740,3 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components.pop("ValidationError", None)
     app.openapi_schema = schema
     return schema
-
-
-# --- running it -----------------------------------------------------------------------------------
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, minus its signal handling: the caller decides when to stop (``stop``)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket for the API (bound here, so errors are ours to explain)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family = infos[0][0]
-        return socket.create_server((host, port), family=family, backlog=512)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-            hint="change [listen] in the configuration, or stop what uses the port",
-        ) from None
-
-
-async def serve(
-    config: ServiceConfig,
-    *,
-    stop: asyncio.Event,
-    sock: socket.socket | None = None,
-    on_ready: Callable[[str], None] | None = None,
-) -> None:
-    """Run the service and its REST API in this event loop until ``stop`` is set.
-
-    Then: no new connections, open log streams end (clients resume
-    elsewhere or later), requests in flight get a few seconds, and the
-    service stops gracefully (running jobs get ``shutdown_grace_seconds``).
-    ``on_ready`` is called with the base URL once connections are accepted.
-    """
-    listener = sock or listen_socket(config.listen.host, config.listen.port)
-    from stoker.ci import integrations_for
-
-    metrics = Metrics()
-    service = Service(config, observer=metrics, integrations=integrations_for(config))
-    stopper: asyncio.Task[bool] | None = None
-    try:
-        await service.start()
-        app = create_app(service, config)
-        server = _Server(
-            uvicorn.Config(
-                app,
-                lifespan="off",
-                log_config=None,
-                timeout_graceful_shutdown=5,
-                server_header=False,
-            )
-        )
-        serving = asyncio.create_task(server.serve(sockets=[listener]))
-        stopper = asyncio.create_task(stop.wait())
-        if on_ready is not None:
-            # The socket listens already: connections wait in its backlog until uvicorn runs.
-            host, port = listener.getsockname()[:2]
-            on_ready(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
-        await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        app.state.closing.set()
-        server.should_exit = True
-        await serving
-    finally:
-        if stopper is not None:
-            stopper.cancel()
-        await service.stop()
-        listener.close()

@@ -26,18 +26,14 @@ the default discards them.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import builtins
 import contextlib
 import fcntl
 import functools
-import json
 import logging
 import os
 import shutil
-import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -51,10 +47,10 @@ from sqlalchemy.orm import Session
 from stoker import __version__
 from stoker.backends.base import Backend
 from stoker.backends.qemu import QemuBackend
-from stoker.errors import StokerError, UsageError
+from stoker.errors import UsageError
 from stoker.fields import NAME_RE
 from stoker.net.policy import NetworkPolicy
-from stoker.service.config import ServiceConfig, load_config
+from stoker.service.config import ServiceConfig
 from stoker.service.db import Database, upgrade
 from stoker.service.fake_backend import FakeBackend
 from stoker.service.files import JobFiles, unpack_upload
@@ -291,16 +287,11 @@ class Service:
             self.status = "stopped"
             raise
         self._supervisor = supervisor
-        started: list[Integration] = []
         try:
             for integration in self.integrations:
                 await integration.start(self)
-                started.append(integration)
         except BaseException:
-            for integration in reversed(started):
-                with contextlib.suppress(Exception):
-                    await integration.stop()
-            self.status = "ok"  # so that stop() runs the whole teardown
+            # stop() stops every integration (stopping one never started is a no-op).
             await self.stop(grace=0)
             raise
         self.status = "ok"
@@ -748,79 +739,3 @@ def _read_logs(
         for c in rows
     ]
     return chunks, JobState(state)
-
-
-# --- running it -----------------------------------------------------------------------------------
-
-_LOG_FIELDS = ("job", "pool", "vm", "host", "state", "connection")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and known context fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created).astimezone().isoformat(),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key in _LOG_FIELDS:
-            if key in record.__dict__:
-                entry[key] = record.__dict__[key]
-        connection = entry.get("connection")
-        if isinstance(connection, dict):
-            # An egress proxy's record (logger stoker.net): its job and VM at the top
-            # level too, so that one filter finds everything about a job.
-            for key in ("job", "vm"):
-                if key not in entry and connection.get(key) is not None:
-                    entry[key] = connection[key]
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def configure_logging(fmt: Literal["text", "json"] = "text", level: str = "info") -> None:
-    """Structured (``json``) or human (``text``) logs on stderr, for the daemon."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-async def serve(config: ServiceConfig, *, observer: Observer | None = None) -> None:
-    """Run the scheduler and supervisor until SIGTERM or SIGINT, then stop gracefully."""
-    service = Service(config, observer=observer)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await service.start()
-    try:
-        await stop.wait()
-        log.info("signal received: stopping (grace %.0fs)", config.shutdown_grace_seconds)
-    finally:
-        await service.stop()
-
-
-def main(argv: builtins.list[str] | None = None) -> int:
-    """``python -m stoker.service --config FILE``: the service without the REST API."""
-    parser = argparse.ArgumentParser(prog="python -m stoker.service", description=main.__doc__)
-    parser.add_argument("--config", required=True, type=Path, help="the TOML configuration")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
-    try:
-        config = load_config(args.config)
-        asyncio.run(serve(config))
-    except StokerError as exc:
-        print(f"stoker: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 125
-    return 0

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -117,7 +117,9 @@ class WorkflowJob(_Answer):
     run_id: int
     status: str
     conclusion: str | None = None
-    labels: list[str] = Field(default_factory=list, max_length=100)
+    labels: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list, max_length=100
+    )
     runner_id: int | None = None
     runner_name: str | None = None
     created_at: datetime | None = None
@@ -290,9 +292,11 @@ class GitHubClient:
         cfg = self.config
         try:
             if cfg.token_file is not None:
-                self._static_token = read_secret_file(cfg.token_file, "token").decode(
-                    "ascii", "strict"
-                )
+                token = read_secret_file(cfg.token_file, "token").decode("ascii", "strict")
+                # It goes into a header: a newline or space in it would be a header injection.
+                if not re.fullmatch(r"[A-Za-z0-9_.~+/=-]{1,1024}", token):
+                    raise ValueError(f"the token file {cfg.token_file} does not hold one token")
+                self._static_token = token
                 return
             assert cfg.private_key_file is not None
             key = read_secret_file(cfg.private_key_file, "private key")

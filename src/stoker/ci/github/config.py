@@ -182,6 +182,8 @@ class GitHubConfig(_Model):
             raise ValueError("a GitHub App needs private_key_file (its private key, PEM)")
         if not app and self.installation_id is not None:
             raise ValueError("installation_id is for GitHub Apps only")
+        if ".." in self.runner_dir.split("/"):
+            raise ValueError(f"runner_dir {self.runner_dir!r} must not contain '..'")
         names = [t.name.lower() for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError("the same target is listed twice")

@@ -39,6 +39,8 @@ log = logging.getLogger("stoker.github")
 
 Source = Literal["webhook", "sweep", "recheck"]
 Recorded = Literal["new", "advanced", "unchanged", "ignored"]
+#: Latencies kept for the metrics between two passes at most.
+MAX_LATENCIES = 10_000
 #: Jobs re-checked with GitHub per pass at most.
 MAX_RECHECKS = 20
 #: Repositories swept besides the configured ones: those with jobs seen this recently.
@@ -103,8 +105,18 @@ class Sighting:
         )
 
 
-def record(session: Session, sighting: Sighting, pool: str, now: datetime) -> Recorded:
-    """Store ``sighting`` for ``pool`` in ``session``: insert, advance, or leave alone."""
+def record(
+    session: Session,
+    sighting: Sighting,
+    pool: str,
+    now: datetime,
+    started: list[float] | None = None,
+) -> Recorded:
+    """Store ``sighting`` for ``pool`` in ``session``: insert, advance, or leave alone.
+
+    When a job stoker saw queued is first seen started, the seconds between the
+    two are appended to ``started`` (the job-start latency metric).
+    """
     row = session.get(GitHubJob, sighting.id, with_for_update=True)
     if row is None:
         session.add(
@@ -140,6 +152,8 @@ def record(session: Session, sighting: Sighting, pool: str, now: datetime) -> Re
     row.runner_name = sighting.runner_name or row.runner_name
     if sighting.status >= JobStatus.IN_PROGRESS and row.started_at is None:
         row.started_at = now
+        if started is not None:
+            started.append(max(0.0, (now - row.seen_at).total_seconds()))
     if sighting.status is JobStatus.COMPLETED:
         row.completed_at = now
     return "advanced"
@@ -164,6 +178,8 @@ class Demand:
         #: Counts of what recording did, by source and outcome (for metrics and tests).
         self.counts: dict[tuple[str, str], int] = {}
         self.last_webhook_at: datetime | None = None
+        #: Queued -> started latencies not yet taken by the metrics (bounded).
+        self._start_latencies: list[float] = []
 
     def route(self, sighting: Sighting) -> str | None:
         """The pool serving ``sighting`` (None: no target covers its repository or no
@@ -177,9 +193,13 @@ class Demand:
         items = [(s, self.route(s)) for s in sightings]
         now = utcnow()
 
+        latencies: list[float] = []
+
         def write(session: Session) -> list[Recorded]:
+            latencies.clear()  # a retried transaction starts over
             return [
-                "ignored" if pool is None else record(session, s, pool, now) for s, pool in items
+                "ignored" if pool is None else record(session, s, pool, now, latencies)
+                for s, pool in items
             ]
 
         try:
@@ -187,6 +207,7 @@ class Demand:
         except IntegrityError:
             # Two deliveries of one new job raced to insert it: the row exists now.
             results = await self.db.run(write)
+        self._start_latencies = (self._start_latencies + latencies)[-MAX_LATENCIES:]
         for (s, _), outcome in zip(items, results, strict=True):
             key = (s.source, outcome)
             self.counts[key] = self.counts.get(key, 0) + 1
@@ -202,6 +223,11 @@ class Demand:
                     extra={"github_job": s.id},
                 )
         return results
+
+    def take_start_latencies(self) -> list[float]:
+        """The queued -> started latencies recorded since the last call."""
+        taken, self._start_latencies = self._start_latencies, []
+        return taken
 
     async def queued(self) -> dict[str, int]:
         """Queued jobs per pool (what GitHub still waits to give a runner)."""

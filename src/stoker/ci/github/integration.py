@@ -32,10 +32,16 @@ from sqlalchemy.orm import Session
 from stoker.ci.github.client import GitHubClient
 from stoker.ci.github.config import GitHubConfig, read_secret_file
 from stoker.ci.github.demand import ApiSweep, Demand, Sighting
-from stoker.ci.github.models import GitHubJob, GitHubRunner, IntegrationLease, JobStatus
+from stoker.ci.github.models import (
+    GitHubJob,
+    GitHubRunner,
+    IntegrationLease,
+    JobStatus,
+    RunnerState,
+)
 from stoker.ci.github.reconcile import PassReport, Reconciler
 from stoker.ci.github.webhook import MAX_BODY, WebhookRejected, parse_delivery
-from stoker.errors import StokerError, UsageError
+from stoker.errors import InfrastructureError, StokerError, UsageError
 from stoker.service.apiutil import ERRORS, Reader
 from stoker.service.models import utcnow
 
@@ -136,8 +142,8 @@ class GitHubIntegration:
         self._secret: bytes | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._metrics: list[_Metrics] = []
-        self._registries: set[int] = set()
+        self._metrics: _Metrics | None = None
+        self._registry: CollectorRegistry | None = None
         self._holder = f"{socket.gethostname()}:{id(self):x}"
         self.leader = False
         self.last_pass: PassReport | None = None
@@ -146,8 +152,6 @@ class GitHubIntegration:
         self.passes = 0
         self.corrections = 0
         self.last_error: str | None = None
-        self._seen_started: set[int] = set()
-        self._seen_online: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,6 +183,10 @@ class GitHubIntegration:
         self._client = GitHubClient(cfg, transport=self._transport)
         try:
             await self._client.check_auth()
+        except InfrastructureError as exc:
+            # GitHub down or out of budget: the service still starts (running jobs and
+            # restarts must not depend on GitHub); the loop retries.
+            log.warning("github: cannot check the credentials now (%s); will retry", exc)
         except StokerError:
             await self._client.aclose()
             self._client = None
@@ -233,7 +241,8 @@ class GitHubIntegration:
             now = time.monotonic()
             full = now >= next_full
             try:
-                if await self._service_db_run(self._take_lease):
+                assert self._service is not None
+                if await self._service.db.run(self._take_lease):
                     self.leader = True
                     await self.run_once(full=full)
                 else:
@@ -251,10 +260,6 @@ class GitHubIntegration:
                     await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(MIN_PASS_INTERVAL)
-
-    async def _service_db_run(self, fn: Any) -> Any:
-        assert self._service is not None
-        return await self._service.db.run(fn)
 
     async def run_once(self, *, full: bool) -> PassReport:
         """One pass now (``full``: sweep GitHub and collect garbage too)."""
@@ -336,8 +341,8 @@ class GitHubIntegration:
         return 202, {"recorded": outcome}
 
     def _count_webhook(self, event: str, outcome: str) -> None:
-        for metrics in self._metrics:
-            metrics.webhooks.labels(
+        if self._metrics is not None:
+            self._metrics.webhooks.labels(
                 event=event if event in ("ping", "workflow_job") else "other", outcome=outcome
             ).inc()
 
@@ -399,17 +404,16 @@ class GitHubIntegration:
     # ------------------------------------------------------------------ observing
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        """Add the GitHub metrics to ``registry`` (once per registry)."""
-        if id(registry) in self._registries:
-            return
-        self._registries.add(id(registry))
-        self._metrics.append(_Metrics(registry))
+        """Add the GitHub metrics to ``registry`` (the service's; again: no change)."""
+        if registry is not self._registry:
+            self._registry, self._metrics = registry, _Metrics(registry)
 
     async def _observe(self, report: PassReport, found: int) -> None:
-        if not self._metrics or self._service is None:
+        metrics = self._metrics
+        if metrics is None or self._service is None:
             return
 
-        def read(session: Session) -> tuple[dict[str, int], dict[str, int], list[Any], list[Any]]:
+        def read(session: Session) -> tuple[dict[str, int], dict[str, int]]:
             queued = dict(
                 session.execute(
                     select(GitHubJob.pool, func.count())
@@ -422,59 +426,32 @@ class GitHubIntegration:
                     select(GitHubRunner.state, func.count()).group_by(GitHubRunner.state)
                 ).all()
             )
-            since = utcnow() - timedelta(hours=1)
-            started = session.execute(
-                select(GitHubJob.id, GitHubJob.seen_at, GitHubJob.started_at).where(
-                    GitHubJob.started_at.is_not(None), GitHubJob.started_at >= since
-                )
-            ).all()
-            online = session.execute(
-                select(GitHubRunner.name, GitHubRunner.created_at, GitHubRunner.online_at).where(
-                    GitHubRunner.online_at.is_not(None), GitHubRunner.online_at >= since
-                )
-            ).all()
-            return queued, states, list(started), list(online)
+            return queued, states
 
-        queued, states, started, online = await self._service.db.run(read, write=False)
+        queued, states = await self._service.db.run(read, write=False)
+        assert self._demand is not None
+        started = self._demand.take_start_latencies()
         assert self._client is not None
-        stats = self._client.stats.snapshot()
-        for metrics in self._metrics:
-            for pool in self.config.pools:
-                metrics.queued.labels(pool=pool).set(queued.get(pool, 0))
-            for state in (
-                "intent",
-                "registered",
-                "booting",
-                "idle",
-                "busy",
-                "finished",
-                "deregistered",
-                "destroyed",
-            ):
-                metrics.runners.labels(state=state).set(states.get(state, 0))
-            for route, calls in stats.get("calls", {}).items():
-                metrics.api_calls.labels(route=route).set(calls)
-            remaining = self._client.rate_limit.remaining
-            if remaining is not None:
-                metrics.rate_remaining.set(remaining)
-            for kind, value in (
-                ("expired", report.expired),
-                ("orphan_runners", report.gc_runners),
-                ("orphan_jobs", report.gc_jobs),
-                ("jobs_found", found),
-            ):
-                if value:
-                    metrics.corrections.labels(kind=kind).inc(value)
-        for job_id, seen, begun in started:
-            if job_id not in self._seen_started:
-                self._seen_started.add(job_id)
-                for metrics in self._metrics:
-                    metrics.job_start.observe(max(0.0, (begun - seen).total_seconds()))
-        for name, created, at in online:
-            if name not in self._seen_online:
-                self._seen_online.add(name)
-                for metrics in self._metrics:
-                    metrics.runner_online.observe(max(0.0, (at - created).total_seconds()))
+        for pool in self.config.pools:
+            metrics.queued.labels(pool=pool).set(queued.get(pool, 0))
+        for state in RunnerState:
+            metrics.runners.labels(state=state.value).set(states.get(state.value, 0))
+        for route, calls in self._client.stats.calls.items():
+            metrics.api_calls.labels(route=route).set(calls)
+        if self._client.rate_limit.remaining is not None:
+            metrics.rate_remaining.set(self._client.rate_limit.remaining)
+        for kind, value in (
+            ("expired", report.expired),
+            ("orphan_runners", report.gc_runners),
+            ("orphan_jobs", report.gc_jobs),
+            ("jobs_found", found),
+        ):
+            if value:
+                metrics.corrections.labels(kind=kind).inc(value)
+        for seconds in started:
+            metrics.job_start.observe(seconds)
+        for seconds in report.online_seconds:
+            metrics.runner_online.observe(seconds)
 
     def status(self) -> dict[str, Any]:
         """For ``/health``: the loop, the last pass, webhooks and the API budget."""

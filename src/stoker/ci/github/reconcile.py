@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from stoker.ci.github.config import GitHubConfig, Target
@@ -62,6 +62,8 @@ SUBMITTER = "github"
 JITCONFIG_ENV = "ACTIONS_RUNNER_INPUT_JITCONFIG"
 #: How the reason of a runner whose deadline passed begins.
 EXPIRED = "expired: "
+#: Destroyed runners and completed jobs are kept this long (``stoker github runners --all``).
+KEEP_HISTORY = timedelta(days=7)
 #: History entries kept per runner.
 MAX_HISTORY = 20
 #: A host whose heartbeat is older than this is not counted for the pools' capacity.
@@ -86,6 +88,8 @@ class PassReport:
     expired: int = 0
     gc_runners: int = 0
     gc_jobs: int = 0
+    #: Seconds from each runner's record to its runner process running (this pass's).
+    online_seconds: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -185,6 +189,9 @@ class Reconciler:
                 job_state, reason = states.get(runner.job_id or "", (None, None))
                 if state is RunnerState.BOOTING and job_state is JobState.RUNNING:
                     runner.online_at = now
+                    report.online_seconds.append(
+                        max(0.0, (now - runner.created_at).total_seconds())
+                    )
                     _move(
                         runner,
                         RunnerState.IDLE,
@@ -445,7 +452,6 @@ class Reconciler:
 
     async def _collect(self, report: PassReport) -> None:
         """GitHub runners with our label and no live record; runner jobs with no runner."""
-        live: dict[str, str] = {}
 
         def read(session: Session) -> dict[str, str]:
             return {
@@ -480,6 +486,8 @@ class Reconciler:
                     report.gc_runners += 1
                     log.warning("github: deleted orphan runner %s on %s", runner.name, target.name)
 
+        await self.service.db.run(self._prune)
+
         def orphan_jobs(session: Session) -> list[str]:
             owned = {
                 r.job_id
@@ -504,6 +512,20 @@ class Reconciler:
                 log.warning("github: cancelled runner job %s: no live runner record", job_id)
             except StokerError:
                 pass
+
+    def _prune(self, session: Session) -> None:
+        """Forget destroyed runners and completed jobs after :data:`KEEP_HISTORY`."""
+        before = self.clock() - KEEP_HISTORY
+        session.execute(
+            delete(GitHubRunner).where(
+                GitHubRunner.state == RunnerState.DESTROYED.value, GitHubRunner.updated_at < before
+            )
+        )
+        session.execute(
+            delete(GitHubJob).where(
+                GitHubJob.status == int(JobStatus.COMPLETED), GitHubJob.updated_at < before
+            )
+        )
 
     # ------------------------------------------------------------------ helpers
 

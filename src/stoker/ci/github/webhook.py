@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -74,7 +74,7 @@ class WorkflowJobPayload(_Payload):
     run_id: int = Field(ge=1)
     status: str = Field(max_length=32)
     conclusion: str | None = Field(default=None, max_length=32)
-    labels: list[str] = Field(max_length=100)
+    labels: list[Annotated[str, Field(max_length=256)]] = Field(max_length=100)
     runner_id: int | None = None
     runner_name: str | None = Field(default=None, max_length=200)
     created_at: datetime | None = None
