@@ -239,6 +239,7 @@ async def test_every_other_endpoint_needs_a_valid_token(api: Api) -> None:
     seen = 0
     for path, operations in api.openapi["paths"].items():
         url = path.replace("{job_id}", job_id).replace("{name}", "out/a.txt")
+        url = url.replace("{seq}", "1")
         for method, operation in operations.items():
             if path == "/health":
                 assert "security" not in operation
@@ -254,7 +255,7 @@ async def test_every_other_endpoint_needs_a_valid_token(api: Api) -> None:
                 assert response.headers["www-authenticate"].startswith("Bearer")
                 assert response.json()["error"].startswith(error)
                 seen += 1
-    assert seen == 3 * 11
+    assert seen == 3 * 14  # 11 job and fleet endpoints, 3 of sessions
     # the document itself is behind a token too; no browser UIs
     response = await api.client.get("/openapi.json")
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
@@ -393,7 +394,7 @@ BAD_SUBMISSIONS: dict[str, tuple[Any, bytes | None, int, list[str]]] = {
     # name: (spec, source, status, words the error must contain)
     "unknown key": (true(colour="red"), None, 422, ["unknown key 'colour'"]),
     "wrong type": (true(cpus="two"), None, 422, ["cpus"]),
-    "no command": ({"image": "default"}, None, 422, ["command", "required"]),
+    "no command": ({"image": "default"}, None, 422, ["command is empty", "session"]),
     "not json": ("{nope", None, 422, ["not valid JSON"]),
     "unknown image": (true(image="gentoo"), None, 400, ["gentoo", "default"]),
     "unknown pool": (true(pool="huge"), None, 400, ["huge", "big, default"]),

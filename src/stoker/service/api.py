@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar
@@ -433,7 +434,11 @@ async def job_logs(
         resume = request.headers.get("last-event-id", "")
         start = max(after, int(resume)) if resume.isdigit() else after
         return StreamingResponse(
-            _event_stream(request, service, job_id, start),
+            event_stream(
+                request,
+                service.follow_logs(job_id, start),
+                functools.partial(_log_end, service, job_id),
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -467,20 +472,33 @@ def _sse(event: str, data: BaseModel, event_id: int | None = None) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
-async def _event_stream(
-    request: Request, service: Service, job_id: str, after: int
-) -> AsyncIterator[bytes]:
-    """``log`` events until the job ends, then ``end``; keep-alive comments when idle.
+async def _log_end(service: Service, job_id: str) -> LogEnd:
+    job = Job.from_view(await service.get(job_id))
+    return LogEnd(
+        state=job.state, exit_code=job.exit_code, signal=job.signal, reason=job.reason, job=job
+    )
 
-    A failure of the service while streaming ends the stream with an
-    ``error`` event (data: an :class:`ErrorBody`).
-    The stream also ends (without ``end``) when the service shuts down, so
-    clients reconnect with ``Last-Event-ID`` to another process or later.
+
+async def event_stream(
+    request: Request,
+    items: AsyncIterator[LogChunkView | BaseModel],
+    end: Callable[[], Awaitable[BaseModel]] | None = None,
+) -> AsyncIterator[bytes]:
+    """Server-sent events: ``log`` for every chunk of ``items``, then ``end``.
+
+    ``end()`` is the last event's data, awaited once ``items`` is exhausted;
+    without it, the last item of ``items`` (a model that is not a chunk) is.
+    Keep-alive comments are sent while idle.  A failure of the service while
+    streaming ends the stream with an ``error`` event (data: an
+    :class:`ErrorBody`).  The stream also ends (without ``end``) when the
+    service shuts down, so clients reconnect with ``Last-Event-ID`` to
+    another process or later.
     """
     closing: asyncio.Event = request.app.state.closing
-    chunks = aiter(service.follow_logs(job_id, after))
+    chunks = aiter(items)
     closed: asyncio.Future[Any] = asyncio.ensure_future(closing.wait())
     pending: asyncio.Future[Any] | None = None
+    last: BaseModel | None = None
     try:
         while True:
             if pending is None:
@@ -500,16 +518,17 @@ async def _event_stream(
                     # Headers are sent: report the failure in the stream itself.
                     yield _sse("error", ErrorBody(error=str(exc)))
                     return
-                yield _sse("log", LogChunk.of(chunk), chunk.seq)
+                if isinstance(chunk, LogChunkView):
+                    yield _sse("log", LogChunk.of(chunk), chunk.seq)
+                else:
+                    last = chunk
             elif closed in done:
                 return
             else:
                 yield b": keep-alive\n\n"
-        job = Job.from_view(await service.get(job_id))
-        end = LogEnd(
-            state=job.state, exit_code=job.exit_code, signal=job.signal, reason=job.reason, job=job
-        )
-        yield _sse("end", end)
+        final = await end() if end is not None else last
+        if final is not None:
+            yield _sse("end", final)
     finally:
         closed.cancel()
         if pending is not None:
@@ -656,6 +675,9 @@ def create_app(service: Service, config: ServiceConfig) -> FastAPI:
     app.include_router(jobs)
     app.include_router(fleet)
     app.include_router(ops)
+    from stoker.service.session_api import router as sessions  # imports this module
+
+    app.include_router(sessions)
     for integration in service.integrations:
         router = integration.router()
         if router is not None:

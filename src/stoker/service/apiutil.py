@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from stoker.errors import StokerError, UsageError
 from stoker.service.auth import Principal, Scope, TokenTable
-from stoker.service.jobs import Conflict, NotFound, QuotaExceeded, TooLarge
+from stoker.service.jobs import Conflict, Forbidden, NotFound, QuotaExceeded, TooLarge
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -57,6 +57,7 @@ class ApiError(Exception):
 
 _STATUS_OF: Final[tuple[tuple[type[StokerError], int], ...]] = (
     (NotFound, 404),
+    (Forbidden, 403),
     (Conflict, 409),
     (TooLarge, 413),
     (QuotaExceeded, 429),

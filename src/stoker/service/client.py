@@ -177,6 +177,55 @@ class ApiClient:
         A dropped connection is resumed after the last chunk seen.
         """
         path = f"/v1/jobs/{_segment(job_id)}/logs"
+        async for item in self._follow(path, after, f"the log stream of job {job_id}"):
+            if isinstance(item, LogEvent):
+                yield item
+            else:
+                yield LogEnd(job=dict(item["job"]))
+
+    # --- sessions
+
+    async def add_step(
+        self,
+        job_id: str,
+        command: list[str],
+        *,
+        stdin: bytes = b"",
+        env: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Send a command to session ``job_id``; returns the queued step."""
+        body: dict[str, Any] = {"command": command, "env": dict(env or {})}
+        if secrets:
+            body["secrets"] = dict(secrets)
+        if stdin:
+            body["stdin"] = base64.b64encode(stdin).decode("ascii")
+        for key, value in (("cwd", cwd), ("user", user), ("timeout", timeout)):
+            if value is not None:
+                body[key] = value
+        return await self._json("POST", f"/v1/jobs/{_segment(job_id)}/steps", json=body)
+
+    async def step(self, job_id: str, seq: int) -> dict[str, Any]:
+        """One step of session ``job_id``."""
+        return await self._json("GET", f"/v1/jobs/{_segment(job_id)}/steps/{int(seq)}")
+
+    async def follow_step(self, job_id: str, seq: int) -> AsyncIterator[LogEvent | dict[str, Any]]:
+        """A step's output as it is produced, then the finished step (a dict)."""
+        path = f"/v1/jobs/{_segment(job_id)}/steps/{int(seq)}"
+        async for item in self._follow(path, 0, f"the output of step {seq} of job {job_id}"):
+            yield item
+
+    async def close_session(self, job_id: str) -> dict[str, Any]:
+        """Close session ``job_id`` (no more steps); returns the job."""
+        return await self._json("POST", f"/v1/jobs/{_segment(job_id)}/close")
+
+    async def _follow(
+        self, path: str, after: int, what: str
+    ) -> AsyncIterator[LogEvent | dict[str, Any]]:
+        """``log`` events as :class:`LogEvent`, then the ``end`` event's data; resumes."""
         retries = 0
         while True:
             try:
@@ -201,21 +250,19 @@ class ApiClient:
                             after = item.seq
                             yield item
                         elif event == "end":
-                            yield LogEnd(job=dict(data["job"]))
+                            yield dict(data)
                             return
                         elif event == "error":
-                            raise ApiFailed(503, str(data.get("error", "log stream failed")))
+                            raise ApiFailed(503, str(data.get("error", f"{what} failed")))
             except (httpx.TransportError, httpx.StreamError) as exc:
                 retries += 1
                 if retries > _FOLLOW_RETRIES:
-                    raise ServiceUnreachable(
-                        f"lost the log stream of job {job_id} at {self.url}: {exc}"
-                    ) from None
+                    raise ServiceUnreachable(f"lost {what} at {self.url}: {exc}") from None
                 continue
             # The stream ended without an "end" event (the server is restarting): resume.
             retries += 1
             if retries > _FOLLOW_RETRIES:
-                raise ServiceUnreachable(f"the log stream of job {job_id} keeps ending early")
+                raise ServiceUnreachable(f"{what} keeps ending early")
 
     async def artifacts(self, job_id: str) -> list[dict[str, Any]]:
         """The files job ``job_id`` produced (name, size, sha256)."""

@@ -118,6 +118,10 @@ class InvalidTransition(Conflict):
     """A state change the state machine does not allow."""
 
 
+class Forbidden(UsageError):
+    """The caller's token may not do this to this job (someone else's)."""
+
+
 class TooLarge(UsageError):
     """An upload or a field is bigger than the configured limit (HTTP 413)."""
 
@@ -244,17 +248,30 @@ class GitSource(BaseModel):
         return f"{_redact_url(self.url)}#{self.ref}"
 
 
+class SessionOptions(BaseModel):
+    """A session job: its VM waits for steps (``POST /v1/jobs/{id}/steps``) instead of a command."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    #: The session ends (``timed_out``) after this long without a step.
+    idle_timeout: Seconds = 600.0
+
+
 class JobRequest(BaseModel):
     """What a submitter asks for (the ``spec`` of ``POST /v1/jobs``).
 
     Either ``pool`` or ``image`` picks the pool (with neither: the only pool,
     or the one called ``default``); ``cpus``, ``memory`` and ``disk`` are
     minimums the pool's VM shape must meet; ``timeout`` defaults to the pool's.
+    Exactly one of ``command`` and ``session`` is given.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    command: Annotated[Items[Annotated[str, AfterValidator(_check_argv_item)]], Field(min_length=1)]
+    command: Items[Annotated[str, AfterValidator(_check_argv_item)]] = ()
+    #: Hold the VM for commands sent one at a time (see :mod:`stoker.service.sessions`);
+    #: a session is never retried (its client would not know).
+    session: SessionOptions | None = None
     image: ImageName | None = None
     pool: Name | None = None
     cpus: int | None = Field(default=None, ge=1, le=64)
@@ -282,7 +299,16 @@ class JobRequest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobRequest:
-        if not self.command[0]:
+        if self.session is not None:
+            if self.command:
+                raise ValueError("give either a command or a session, not both")
+            if self.artifacts:
+                raise ValueError("a session has no artifacts (its steps can print what they make)")
+            if self.retries:
+                raise ValueError("a session is never retried (retries must be 0)")
+        elif not self.command:
+            raise ValueError("the command is empty (give a command, or a session)")
+        elif not self.command[0]:
             raise ValueError("the command's first word (the program) is empty")
         if sum(len(a.encode()) for a in self.command) > MAX_ARGV_BYTES:
             raise ValueError(f"the command is longer than {MAX_ARGV_BYTES} bytes")
@@ -452,7 +478,9 @@ def new_job(
         network=resolved.network,
         user=request.user,
         workdir=request.workdir,
-        retries=request.retries,
+        retries=0 if request.session is not None else request.retries,
+        session_idle_s=request.session.idle_timeout if request.session is not None else None,
+        session_closed=False,
     )
     event = JobEvent(
         job_id=job_id,
@@ -569,6 +597,10 @@ class JobView(_View):
     workdir: str | None = None
     #: Infrastructure retries it asked for (None: the service's retry_limit).
     retries: int | None = None
+    #: A session job: it ends after this many seconds without a step (None: not a session).
+    session_idle_timeout: float | None = None
+    #: The session's client closed it (no more steps).
+    session_closed: bool = False
     attempt: int
     exit_code: int | None
     signal: int | None
@@ -620,6 +652,8 @@ class JobView(_View):
             user=job.user,
             workdir=job.workdir,
             retries=job.retries,
+            session_idle_timeout=job.session_idle_s,
+            session_closed=bool(job.session_closed),
             attempt=job.attempt,
             exit_code=job.exit_code,
             signal=job.signal,

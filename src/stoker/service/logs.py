@@ -17,6 +17,7 @@ from typing import Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from stoker.errors import InfrastructureError
 from stoker.service.db import Database
 from stoker.service.jobs import MIN_SECRET_LEN
 from stoker.service.models import Job, LogChunk, utcnow
@@ -114,8 +115,8 @@ class LogWriter:
         self._db = db
         self._job_id = job_id
         self._limit = limit
-        secret_list = list(secrets)
-        self._maskers = {s: SecretMasker(secret_list) for s in ("stdout", "stderr")}
+        self._secrets = list(secrets)
+        self._maskers = {s: SecretMasker(self._secrets) for s in ("stdout", "stderr")}
         self._pending: list[tuple[str, bytearray]] = []
         self._pending_bytes = 0
         #: Sequence number of the last stored chunk (None: not known yet).
@@ -181,6 +182,26 @@ class LogWriter:
         self._append("system", f"[stoker] {text}\n".encode())
         if self._pending_bytes >= LOG_FLUSH_BYTES:
             await self.flush()
+
+    async def checkpoint(self, add_secrets: Iterable[str] = ()) -> int:
+        """Store everything written so far (held-back tails included); the last chunk's seq.
+
+        Output written after this gets higher sequence numbers, so a caller can
+        tell one command's output from the next.  ``add_secrets`` are masked
+        from here on, as well as the job's own.
+        """
+        for stream, masker in self._maskers.items():
+            self._accept(stream, masker.finish())
+        values = list(add_secrets)
+        if values:
+            self._secrets.extend(values)
+            self._maskers = {s: SecretMasker(self._secrets) for s in ("stdout", "stderr")}
+        await self.flush()
+        if self._pending:
+            # The database refused the write; the caller's failure handling takes over.
+            raise InfrastructureError(f"storing the output of job {self._job_id} failed")
+        assert self._seq is not None, "checkpoint() before begin()"
+        return self._seq
 
     def note(self, text: str) -> None:
         """Like :meth:`system`, from code that cannot wait: stored with the next flush."""

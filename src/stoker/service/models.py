@@ -118,6 +118,11 @@ class Job(Base):
     workdir: Mapped[str | None] = mapped_column(Text)
     #: Infrastructure retries it asked for (None: the service's ``retry_limit``).
     retries: Mapped[int | None] = mapped_column(Integer)
+    #: A session job (:mod:`stoker.service.sessions`) holds its VM for steps sent
+    #: later, ending after this long without one; None: an ordinary job.
+    session_idle_s: Mapped[float | None] = mapped_column(Float)
+    #: The session's client said it has no more steps.
+    session_closed: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (
         # The scheduler's scan: queued jobs by submitter in priority and FIFO order.
@@ -144,6 +149,37 @@ class JobEvent(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     host: Mapped[str | None] = mapped_column(String(64))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class JobStep(Base):
+    """One command sent to a session job's VM, and how it ended."""
+
+    __tablename__ = "job_steps"
+
+    job_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    #: 1, 2, ... in the order the client sent them (and they run).
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    argv: Mapped[list[str]] = mapped_column(JSON)
+    env: Mapped[dict[str, str]] = mapped_column(JSON)
+    secret_keys: Mapped[list[str]] = mapped_column(JSON)
+    stdin: Mapped[bytes | None] = mapped_column(LargeBinary)
+    cwd: Mapped[str | None] = mapped_column(Text)
+    user: Mapped[str | None] = mapped_column(String(64))
+    timeout_s: Mapped[float | None] = mapped_column(Float)
+    #: ``queued``, ``running`` or ``done``.
+    state: Mapped[str] = mapped_column(String(16))
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    signal: Mapped[int | None] = mapped_column(Integer)
+    #: Why it ended without an exit status (timed out, the VM failed, ...).
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: Its output is the job's stdout/stderr chunks with ``log_from < seq <= log_to``.
+    log_from: Mapped[int | None] = mapped_column(Integer)
+    log_to: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
 
 
 class LogChunk(Base):

@@ -40,17 +40,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from stoker.accounts import guest_user
-from stoker.archive import ExtractLimits
 from stoker.backends.base import Backend
 from stoker.errors import (
-    CommandTimeout,
     GuestProtocolError,
     InfrastructureError,
-    ProvisionError,
     UsageError,
 )
 from stoker.net.proxy import ConnectionRecord
+from stoker.service.command import run_command
 from stoker.service.config import ServiceConfig
 from stoker.service.db import (
     Database,
@@ -65,11 +62,9 @@ from stoker.service.db import (
     renew_leases,
 )
 from stoker.service.files import (
-    ArtifactFile,
     JobFiles,
     JobInputError,
     fetch_source,
-    hash_artifacts,
     sweep_orphan_files,
 )
 from stoker.service.jobs import (
@@ -77,7 +72,6 @@ from stoker.service.jobs import (
     TERMINAL,
     JobState,
     JobView,
-    job_env,
     recover,
     redact,
     secret_values,
@@ -95,7 +89,6 @@ from stoker.service.runs import (
     VMKind,
     classify,
     headline,
-    judge,
     stop_outcome,
 )
 from stoker.service.scheduler import (
@@ -107,6 +100,7 @@ from stoker.service.scheduler import (
     plan,
     slots,
 )
+from stoker.service.sessions import SessionRunner
 from stoker.vm import sweep_stale_workdirs
 
 if TYPE_CHECKING:
@@ -478,43 +472,24 @@ class Supervisor:
                 record=vm_record(vm, pool, job.id, "busy"),
             )
             phase = "running the command"
-            env, uid, gid = job_env(job), None, None
-            if job.user is not None:
-                try:
-                    account = await guest_user(vm, job.user)
-                except ProvisionError as exc:
-                    # The job named an account its image does not have: its own mistake.
-                    raise JobInputError(f"{exc}") from None
-                env = {"HOME": account.home, "USER": account.name, "LOGNAME": account.name, **env}
-                uid, gid = account.uid, account.gid
-            result = None
-            try:
-                result = await vm.exec(
-                    list(job.argv),
-                    env=env,
-                    cwd=job.workdir or GUEST_DIR,
-                    uid=uid,
-                    gid=gid,
-                    stdout=functools.partial(writer.write, "stdout"),
-                    stderr=functools.partial(writer.write, "stderr"),
-                    capture=False,
-                    timeout=job.timeout_s,
-                )
-            except CommandTimeout:
-                await writer.system(f"the command timed out after {job.timeout_s:g}s; killed it")
-            artifacts: list[ArtifactFile] = []
-            if job.artifacts:
-                phase = "copying artifacts out"
-                report, missing = await vm.get(
-                    job.artifacts,
-                    files.artifacts,
-                    cwd=GUEST_DIR,
-                    limits=ExtractLimits(max_bytes=self.config.limits.max_artifact_bytes),
-                )
-                artifacts = await asyncio.to_thread(hash_artifacts, files.artifacts, report.files)
-                if missing:
-                    await writer.system(f"no files matched: {', '.join(missing)}")
-            return judge(job, result, artifacts)
+            if job.session_idle_s is not None:
+                return await SessionRunner(
+                    db=self.db,
+                    notifier=self.notifier,
+                    job=job,
+                    vm=vm,
+                    writer=writer,
+                    poll=self.config.poll_seconds,
+                    default_cwd=GUEST_DIR,
+                ).run()
+
+            def enter(name: str) -> None:
+                nonlocal phase
+                phase = name
+
+            return await run_command(
+                job, vm, writer, files, self.config.limits.max_artifact_bytes, enter
+            )
         except LeaseLost:
             return Outcome(None, "this host lost the job's lease", lost=True)
         except CancelRequested:
