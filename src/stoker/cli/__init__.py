@@ -163,7 +163,7 @@ def main() -> None:
 from stoker.cli import run  # noqa: E402, F401 (imported for its commands)
 
 # isort: split
-from stoker.cli import github, images, jobs, kernel, network, runners, snapshots  # noqa: E402
+from stoker.cli import github, gitlab, images, jobs, kernel, network, runners, snapshots  # noqa: E402
 
 app.add_typer(images.image_app, name="image")
 app.add_typer(kernel.kernel_app, name="kernel")
@@ -173,3 +173,4 @@ app.add_typer(jobs.job_app, name="job")
 app.add_typer(jobs.token_app, name="token")
 app.add_typer(network.network_app, name="network")
 app.add_typer(github.github_app, name="github")
+app.add_typer(gitlab.executor_app, name="gitlab-executor")

@@ -92,6 +92,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from stoker.ci.github.config import GitHubConfig
+from stoker.ci.gitlab.config import GitLabConfig
 from stoker.errors import UsageError
 from stoker.fields import (
     Bytes,
@@ -270,6 +271,8 @@ class ServiceConfig(_Model):
     tokens: Items[TokenConfig] = ()
     #: GitHub Actions runners for the pools (see :mod:`stoker.ci.github.config`).
     github: GitHubConfig | None = None
+    #: GitLab runners for the pools (see :mod:`stoker.ci.gitlab.config`).
+    gitlab: GitLabConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -363,6 +366,21 @@ class ServiceConfig(_Model):
                     f"github.pools names {', '.join(unknown)}, not a [pools.NAME] of this "
                     f"file (pools: {', '.join(sorted(self.pools))})"
                 )
+        if self.gitlab is not None:
+            unknown = sorted(set(self.gitlab.pools) - set(self.pools))
+            if unknown:
+                raise ValueError(
+                    f"gitlab.pools names {', '.join(unknown)}, not a [pools.NAME] of this "
+                    f"file (pools: {', '.join(sorted(self.pools))})"
+                )
+            for name in self.gitlab.pools:
+                pool = self.pools[name]
+                if pool.network is None:
+                    # GitLab jobs clone from and report to GitLab, and by default nothing else.
+                    policy = NetworkPolicy.model_validate(
+                        {"mode": "egress", "allow": [self.gitlab.endpoint()]}
+                    )
+                    self.pools[name] = pool.model_copy(update={"network": policy})
         return self
 
     # resolved locations
