@@ -18,7 +18,6 @@ from stoker.images.catalog import SPECS_DIR
 from stoker.images.debian import DEFAULT_PACKAGES, DebianSpec
 from stoker.images.spec import (
     IMAGE_NAME_RE,
-    PLACEHOLDER_SHA256,
     Artifact,
     ImageSpec,
     _Locator,
@@ -974,9 +973,11 @@ def test_gitlab_runner_example() -> None:
     spec = examples()["gitlab-runner"]
     (runner,) = spec.artifacts
     assert runner.url.endswith("/binaries/gitlab-runner-linux-amd64")
-    assert "/v" in runner.url and "/latest/" not in runner.url  # a pinned release
-    # Until someone fills in the real checksum the placeholder fails every build.
-    assert runner.sha256 == PLACEHOLDER_SHA256 and runner.is_placeholder
+    assert "/v" in runner.url and "/latest/" not in runner.url  # a release to --pin
+    # No checksum in the spec: the host's gitlab-runner, a pinned release or nothing.
+    assert runner.sha256 is None and not runner.is_placeholder
+    assert runner.optional and runner.host_binary == "gitlab-runner"
+    assert runner.version is not None and runner.version in runner.url
     assert {"git", "curl"} <= set(spec.packages)
 
 

@@ -160,10 +160,36 @@ async def test_github_runner_image(
 async def test_gitlab_runner_image(
     dirs: Dirs, boot_artifacts: BootArtifacts, tmp_path: Path
 ) -> None:
-    binary = tmp_path / "gitlab-runner-linux-amd64"
+    # The host's own gitlab-runner (a stand-in on PATH) goes into the image, pinned.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    binary = bindir / "gitlab-runner"
     binary.write_bytes(STAND_IN_GITLAB_RUNNER)
-    spec = _spec_copy(tmp_path, "gitlab-runner", "test-gitlab-runner", binary)
-    _build_cli(spec, "gitlab-runner", binary, dirs)
+    binary.chmod(0o755)
+    spec = tmp_path / "test-gitlab-runner.toml"
+    spec.write_text(
+        (SPECS_DIR / "gitlab-runner.toml")
+        .read_text()
+        .replace('name = "gitlab-runner"', 'name = "test-gitlab-runner"')
+    )
+    proc = subprocess.run(
+        [*STOKER, "image", "build", str(spec)],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "STOKER_CACHE_DIR": str(dirs.cache),
+            "PATH": f"{bindir}:{os.environ['PATH']}",
+        },
+        timeout=1500,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    image = ImageStore(dirs).get("test-gitlab-runner")
+    assert image is not None
+    (recorded,) = image.manifest["artifacts"]  # type: ignore[misc]
+    assert recorded["sha256"] == hashlib.sha256(STAND_IN_GITLAB_RUNNER).hexdigest()
+    assert recorded["source"] == f"host:{binary}"
     async with VM("test-gitlab-runner", memory="1G", disk="1G", dirs=dirs) as vm:
         result = await gitlab.run_single_job(
             vm, "https://gitlab.example.com", "glrt-secret-token", timeout=120

@@ -23,6 +23,7 @@ OCI base's config digest (:func:`stoker.images.spec.spec_digest`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ from stoker.images.customize import (
     write_env,
 )
 from stoker.images.fetch import DownloadProgress, FetchedArtifact, fetch_artifact
+from stoker.images.host_artifacts import resolve_artifacts
 from stoker.images.pack import DEFAULT_COMPRESSION, PackOptions, pack_tree
 from stoker.images.spec import (
     DEFAULT_KERNEL,
@@ -147,12 +149,17 @@ class SpecBuilder:
                 f"--artifact {unknown[0]}: image {spec.name!r} has no artifact of that name",
                 hint=f"its artifacts: {names}",
             )
+        self._environ = dict(os.environ if environ is None else environ)
+        # Artifacts the spec does not pin are pinned now: their bytes enter the digest.
+        resolution = resolve_artifacts(spec, overrides=overrides, environ=self._environ)
+        spec = resolution.spec
+        self._resolved = resolution.sources
+        self._notes = resolution.notes
         self.spec = spec
         self.name = spec.name
         self.kernel = kernel
         self.dirs = dirs or Dirs.from_env()
         self._overrides = overrides
-        self._environ = dict(os.environ if environ is None else environ)
         self._say: Say = progress or (lambda _msg: None)
         self._download_progress = download_progress
         self._etc_apt = etc_apt
@@ -187,18 +194,23 @@ class SpecBuilder:
         # 1. artifacts first: a bad checksum must not cost a bootstrap.
         t = time.monotonic()
         fetched: list[FetchedArtifact] = []
+        for note in self._notes:
+            say(note)
+            log_line(log, note)
         for artifact in spec.artifacts:
             say(f"fetching artifact {artifact.name}")
-            fetched.append(
-                fetch_artifact(
-                    artifact,
-                    cache=self.dirs.cache,
-                    log=log,
-                    override=self._overrides.get(artifact.name),
-                    environ=self._environ,
-                    progress=self._download_progress,
-                )
+            local = self._overrides.get(artifact.name) or self._resolved.get(artifact.name)
+            got = fetch_artifact(
+                artifact,
+                cache=self.dirs.cache,
+                log=log,
+                override=local,
+                environ=self._environ,
+                progress=self._download_progress,
             )
+            if artifact.name in self._resolved and artifact.name not in self._overrides:
+                got = dataclasses.replace(got, source=f"host:{self._resolved[artifact.name]}")
+            fetched.append(got)
         step("artifacts", t)
 
         tree = workdir / "tree"

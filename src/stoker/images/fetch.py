@@ -109,6 +109,11 @@ def fetch_artifact(
     :class:`ProvisionError` when the download fails or the bytes do not
     match the pinned SHA-256 (nothing is kept then).
     """
+    if artifact.sha256 is None:
+        raise UsageError(
+            f"artifact {artifact.name!r} pins no sha256 and none was resolved",
+            hint=f"pin a release: stoker image build --pin {artifact.name}=VERSION:SHA256",
+        )
     if artifact.is_placeholder:
         raise UsageError(
             f"artifact {artifact.name!r} has a placeholder sha256 (all zeros)",

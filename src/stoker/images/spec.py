@@ -397,11 +397,18 @@ def artifact_env_var(name: str) -> str:
 
 
 class Artifact(_Model):
-    """A remote download, pinned by its SHA-256."""
+    """A remote download, pinned by its SHA-256 (or taken from this host, see ``host_binary``)."""
 
     name: Annotated[str, AfterValidator(_check_artifact_name)]
     url: Url
-    sha256: Sha256
+    #: A program on the building host's PATH with the bytes to use when nothing is
+    #: pinned (the same version as the host's own; its SHA-256 goes into the manifest).
+    host_binary: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")] | None = None
+    #: Build without it (saying so) when no source is available.
+    optional: bool = False
+    #: None: no release is pinned in the spec; the bytes come from ``--pin``, a local
+    #: file given by the user, or ``host_binary`` (see :mod:`stoker.images.host_artifacts`).
+    sha256: Annotated[Sha256 | None, Field(validate_default=True)] = None
     #: Where it goes in the image: the file, or with ``extract`` the directory.
     dest: GuestPath
     #: Unpack a tar archive (any compression) into ``dest``.
@@ -411,6 +418,15 @@ class Artifact(_Model):
     #: The release the URL names (``2.321.0``): ``stoker image build --pin NAME=VERSION:SHA256``
     #: swaps it, in the URL too, for another release.
     version: Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")] | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _pinned_or_optional(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and not (info.data.get("optional") or info.data.get("host_binary")):
+            raise ValueError(
+                "required key is missing (unless the artifact is optional or has a host_binary)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _version_in_url(self) -> Artifact:
