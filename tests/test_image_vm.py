@@ -187,7 +187,9 @@ async def test_gitlab_runner_image(
     assert proc.returncode == 0, proc.stderr
     image = ImageStore(dirs).get("test-gitlab-runner")
     assert image is not None
-    (recorded,) = image.manifest["artifacts"]  # type: ignore[misc]
+    artifacts = image.manifest["artifacts"]
+    assert isinstance(artifacts, list) and len(artifacts) == 1
+    recorded = artifacts[0]
     assert recorded["sha256"] == hashlib.sha256(STAND_IN_GITLAB_RUNNER).hexdigest()
     assert recorded["source"] == f"host:{binary}"
     async with VM("test-gitlab-runner", memory="1G", disk="1G", dirs=dirs) as vm:
