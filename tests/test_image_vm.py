@@ -167,11 +167,8 @@ async def test_gitlab_runner_image(
     binary.write_bytes(STAND_IN_GITLAB_RUNNER)
     binary.chmod(0o755)
     spec = tmp_path / "test-gitlab-runner.toml"
-    spec.write_text(
-        (SPECS_DIR / "gitlab-runner.toml")
-        .read_text()
-        .replace('name = "gitlab-runner"', 'name = "test-gitlab-runner"')
-    )
+    text = (SPECS_DIR / "gitlab-runner.toml").read_text()
+    spec.write_text(re.sub(r'(?m)^name = ".*"$', 'name = "test-gitlab-runner"', text, count=1))
     proc = subprocess.run(
         [*STOKER, "image", "build", str(spec)],
         capture_output=True,
