@@ -6,7 +6,8 @@ material for exactly one job is handed to the guest agent at run time, in the
 command's arguments or environment, and disappears with the VM.
 
 * :mod:`~stoker.ci.github`: ``run.sh --jitconfig`` (a just-in-time runner);
-* :mod:`~stoker.ci.gitlab`: ``gitlab-runner run-single`` for one build.
+* :mod:`~stoker.ci.gitlab`: stoker as GitLab Runner's custom executor (a fresh VM per
+  job, the runner token never in a VM) and runner registration.
 """
 
 from __future__ import annotations
@@ -25,4 +26,8 @@ def integrations_for(config: ServiceConfig) -> list[Integration]:
         from stoker.ci.github.integration import GitHubIntegration
 
         found.append(GitHubIntegration(config.github))
+    if config.gitlab is not None:
+        from stoker.ci.gitlab.integration import GitLabIntegration
+
+        found.append(GitLabIntegration(config))
     return found

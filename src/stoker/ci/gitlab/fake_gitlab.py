@@ -659,6 +659,30 @@ class FakeGitLab:
             runner.deleted = True
             return Response(status_code=204)
 
+    def _get_runner(self, request: Request, runner_id: int) -> Response:
+        """``GET /runners/:id``: a runner's details (``read_api`` scope; no role checks here)."""
+        with self.lock:
+            token = self._user_token(request, "read_api")
+            if isinstance(token, Response):
+                return token
+            runner = self._runners.get(runner_id)
+            if runner is None or runner.deleted:
+                return _message(404, "404 Runner Not Found")
+            return JSONResponse(
+                {
+                    "id": runner.id,
+                    "runner_type": runner.type,
+                    "description": runner.description,
+                    "paused": runner.paused,
+                    "is_shared": runner.type == "instance_type",
+                    "tag_list": list(runner.tags),
+                    "run_untagged": runner.run_untagged,
+                    "locked": runner.locked,
+                    "access_level": runner.access_level,
+                    "maximum_timeout": runner.maximum_timeout,
+                }
+            )
+
     def _delete_runner_by_token(self, params: dict[str, Any]) -> Response:
         if not params.get("token"):
             return _bad("token is missing")
@@ -882,6 +906,12 @@ class FakeGitLab:
             if not runner_id.isdigit():
                 return _message(404, "404 Runner Not Found")
             return fake._delete_runner_by_id(request, int(runner_id))
+
+        @app.get(API + "/runners/{runner_id}")
+        async def get_runner(request: Request, runner_id: str) -> Response:
+            if not runner_id.isdigit():
+                return _message(404, "404 Runner Not Found")
+            return fake._get_runner(request, int(runner_id))
 
         @app.delete(API + "/runners")
         async def delete_runner_by_token(request: Request) -> Response:
