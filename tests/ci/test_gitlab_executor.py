@@ -175,6 +175,7 @@ async def test_prepare_run_cleanup_in_a_pool_vm(
     assert Path(options.builds_dir).is_dir() and Path(options.cache_dir).is_dir()
     assert any("Got cold VM" in line for line in said), said
     out, err = io.BytesIO(), io.BytesIO()
+    before = set(Path("/tmp").glob("stoker-stage.*"))  # the fake backend's "guest" is here
     ok = script(tmp_path, 'echo "building $0"; echo warn >&2; read -r line || echo "stdin empty"\n')
     assert await run(options, job, ok, "build_script", out, err) == 0
     assert out.getvalue().startswith(b"building /tmp/stoker-stage.") and err.getvalue() == b"warn\n"
@@ -185,7 +186,7 @@ async def test_prepare_run_cleanup_in_a_pool_vm(
     # the stages ran in one VM, one after the other, and left no script behind
     (sessions,) = await jobs_of(options)
     assert sessions["id"] == state.job_id and sessions["state"] == "running"
-    assert not list(Path("/tmp").glob("stoker-stage.*"))
+    assert set(Path("/tmp").glob("stoker-stage.*")) == before
     with pytest.raises(UsageError, match="unknown stage 'bogus'"):
         await run(options, job, ok, "bogus", io.BytesIO(), io.BytesIO())
     with pytest.raises(UsageError, match="does not exist"):
@@ -240,6 +241,7 @@ async def test_a_stage_interrupted_by_gitlab_runner_ends_the_vm(
     options: ExecutorOptions, job: JobEnv, tmp_path: Path
 ) -> None:
     state = await prepare(options, job, lambda _: None)
+    before = set(Path("/tmp").glob("stoker-stage.*"))
     slow = script(tmp_path, "echo started; sleep 60\n")
     stage = asyncio.ensure_future(
         run(options, job, slow, "build_script", io.BytesIO(), io.BytesIO())
@@ -257,6 +259,9 @@ async def test_a_stage_interrupted_by_gitlab_runner_ends_the_vm(
     assert (await jobs_of(options))[0]["state"] == "cancelled"
     await cleanup(options, job, lambda _: None)
     assert not SessionState.path(options, job).exists()
+    # the killed stage's script file (a real VM's /tmp dies with it; this "guest" is the host)
+    for left in set(Path("/tmp").glob("stoker-stage.*")) - before:
+        left.unlink()
 
 
 # --- the CLI as gitlab-runner runs it, with a private service per job ------------------------
@@ -327,7 +332,7 @@ def test_the_cli_with_a_private_service(tmp_path: Path, cli_env: dict[str, str])
     assert missing.returncode == 29 and "does not exist" in missing.stderr
     cleaned = stoker(tmp_path, cli_env, "cleanup")
     assert cleaned.returncode == 0, cleaned.stderr
-    assert not list((tmp_path / "state").iterdir())
+    assert not (tmp_path / "state").exists()  # the last cleanup removes the empty directory
     # the private service is gone with its VM
     deadline = time.monotonic() + 10
     while Path(f"/proc/{state['pid']}").exists() and time.monotonic() < deadline:

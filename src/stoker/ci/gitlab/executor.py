@@ -233,9 +233,14 @@ class SessionState:
 
     def save(self, path: Path) -> None:
         """Write atomically, readable by this user only (it may hold a token)."""
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:
+            # First job here, or another job's cleanup just removed the empty directory.
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, flags, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(self.__dict__, fh)
             fh.flush()
@@ -476,6 +481,8 @@ async def cleanup(options: ExecutorOptions, job: JobEnv, say: Write) -> None:
         # The state stays, so that another cleanup can finish the work.
         raise SystemFailure("cleanup incomplete: " + "; ".join(problems))
     path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # the last job's cleanup leaves no empty directory behind
 
 
 async def _end_sessions(api: ApiClient, job_id: str | None, key: str, say: Write) -> None:
