@@ -67,28 +67,3 @@ def test_cli_refuses_a_bad_jitconfig_before_booting(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "not base64" in proc.stderr
-
-
-def test_cli_reads_the_token_from_stdin_and_names_a_missing_image(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            *STOKER,
-            "runner",
-            "gitlab",
-            "--url",
-            "https://gitlab.example.com",
-            "--token-file",
-            "-",
-            "--image",
-            "no-such-image",
-        ],
-        input="glrt-token\n",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"STOKER_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "no image called 'no-such-image'" in proc.stderr
-    assert "glrt-token" not in proc.stderr

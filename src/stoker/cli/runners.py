@@ -20,7 +20,7 @@ from stoker.cli import (
     _writer,
     err,
 )
-from stoker.errors import StokerError
+from stoker.errors import StokerError, UsageError
 from stoker.units import parse_duration
 
 runner_app: typer.Typer = typer.Typer(
@@ -72,26 +72,55 @@ def runner_github(
     _exit_with_runner(main())
 
 
-@runner_app.command("gitlab", help="Run gitlab-runner run-single for exactly one job.")
+@runner_app.command(
+    "gitlab",
+    help="UNSAFE: gitlab-runner run-single for one job, with the runner token INSIDE the VM "
+    "(the job can read it and take its project's other jobs). Prefer `stoker gitlab-executor`. "
+    "Instance runners' tokens are refused.",
+)
 def runner_gitlab(
     url: Annotated[str, typer.Option(help="The GitLab instance, e.g. https://gitlab.com.")],
     token_file: Annotated[
         Path,
         typer.Option("--token-file", help="File holding the runner token ('-': standard input)."),
     ],
+    access_token_file: Annotated[
+        Path,
+        typer.Option(
+            "--access-token-file",
+            help="File with an access token (read_api) to check the runner is not instance-wide.",
+        ),
+    ],
+    unsafe: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-token-in-vm",
+            help="Acknowledge that the job can read the runner token.",
+        ),
+    ] = False,
     image: Annotated[str, typer.Option(help="A gitlab-runner image.")] = "gitlab-runner",
     wait_timeout: Annotated[int, typer.Option(help="Seconds to wait for a job.")] = 600,
     timeout: Annotated[str | None, typer.Option(help="Kill the runner after this long.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     from stoker.ci import gitlab
+    from stoker.ci.gitlab.run_single import check_runner_scope
     from stoker.vm import VM
 
     _setup_logging(verbose)
 
     async def main() -> Any:
+        if not unsafe:
+            raise UsageError(
+                "this mode puts the runner token inside the VM, where the job can read it; "
+                "pass --unsafe-token-in-vm to accept that",
+                hint="`stoker gitlab-executor` keeps the token on the host (see the README)",
+            )
         token = gitlab.check_token(_read_secret(token_file, "runner token"))
+        access = gitlab.check_token(_read_secret(access_token_file, "access token"))
         gitlab.run_single_argv(url, builds_dir="/", wait_timeout=wait_timeout)  # validate early
+        kind = await check_runner_scope(url, token, access)
+        _warning(f"the {kind} runner's token goes into the VM: its job can read it")
         async with VM(image, on_progress=_progress, on_warning=_warning) as vm:
             return await gitlab.run_single_job(
                 vm,

@@ -1,15 +1,21 @@
-"""A GitLab runner for exactly one build, in a fresh microVM.
+"""UNSAFE: ``gitlab-runner run-single`` with the runner's token inside the VM.
 
-``gitlab-runner run-single`` takes one job and exits (``--max-builds 1``).  The
-``gitlab-runner`` image contains the binary and a ``gitlab-runner`` user, no
-configuration; the URL and runner authentication token are handed in at run
-time.  The token goes in the environment (``CI_SERVER_TOKEN``, which
-``run-single`` reads), so it never appears in the guest's process list.
+Prefer :mod:`stoker.ci.gitlab.executor` (the manager and its token stay on
+the host).  Here the runner authentication token is handed to the guest
+(``CI_SERVER_TOKEN``, which ``run-single`` reads), so the job it runs, which
+is untrusted code, can read it and use it to take other jobs the runner is
+allowed to: every job of its project or group.  That is why an instance-wide
+runner's token is refused (:func:`check_runner_scope`): with it, a job could
+take any project's jobs.  ``run-single`` takes one job and exits
+(``--max-builds 1``); the ``gitlab-runner`` image contains the binary and a
+``gitlab-runner`` user, no configuration.
 """
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
+
+import httpx
 
 from stoker.accounts import guest_user
 from stoker.errors import UsageError
@@ -31,6 +37,35 @@ def check_token(token: str) -> str:
     ):
         raise UsageError("the GitLab runner token must be one line of printable characters")
     return value
+
+
+async def check_runner_scope(
+    url: str,
+    runner_token: str,
+    access_token: str,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> str:
+    """The runner's type; :class:`UsageError` for an instance-wide or unknown runner token.
+
+    ``access_token`` (``read_api`` scope) lets GitLab say which runner the token
+    belongs to and whether it is an instance runner.
+    """
+    from stoker.ci.gitlab.client import GitLabClient
+
+    async with GitLabClient(url, access_token, transport=transport) as client:
+        # glrt- tokens need a system id to be verified; any stable-looking one does.
+        runner_id = await client.verify_runner_id(runner_token, "s_stokerunsafe")
+        if runner_id is None:
+            raise UsageError("GitLab does not accept this runner token (deleted or mistyped?)")
+        details = await client.runner(runner_id)
+    if details.runner_type == "instance_type":
+        raise UsageError(
+            f"runner {runner_id} is an instance runner: its token inside a VM would let the "
+            "job take any project's jobs, so it is refused",
+            hint="use `stoker gitlab-executor` (the token stays on the host), or a project runner",
+        )
+    return details.runner_type
 
 
 def run_single_argv(
