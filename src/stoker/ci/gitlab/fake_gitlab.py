@@ -71,8 +71,8 @@ from stoker.ci.gitlab.fake_gitlab_model import (
     _tags,
 )
 
-
 __all__ = ["FakeGitLab", "FakeGitLabJob", "FakeGitLabRunner", "FakeGroup", "FakeProject"]
+
 
 class FakeGitLab:
     """The fake (see the module docstring); ``with FakeGitLab() as gl:`` serves on ``gl.url``.
