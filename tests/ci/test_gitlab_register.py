@@ -247,3 +247,49 @@ def test_a_malformed_runner_config_is_named(tmp_path: Path) -> None:
     bad.write_text("runners = 3\n")
     with pytest.raises(UsageError, match="must be an array of tables"):
         load(bad)
+
+
+def test_the_register_cli(gl: FakeGitLab, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    table = gitlab_table(tmp_path, gl.url)
+    pools = "\n".join(f"[pools.{name}]\ncpus = 1\nmemory = 256\nmax = 2" for name in table["pools"])
+    gitlab_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items() if k != "pools")
+    gitlab_pools = "\n".join(
+        f"[gitlab.pools.{name}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in pool.items())
+        for name, pool in table["pools"].items()
+    )
+    config = tmp_path / "stoker.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n{pools}\n[gitlab]\n{gitlab_lines}\n{gitlab_pools}\n'
+    )
+
+    def cli(action: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "stoker.cli", "gitlab", action, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert PAT not in proc.stdout + proc.stderr
+        result: dict[str, Any] = json.loads(proc.stdout)
+        return result
+
+    assert sorted(cli("register")["created"]) == ["big", "linux"]
+    again = cli("register")
+    assert sorted(again["kept"]) == ["big", "linux"] and not again["config_written"]
+    assert sorted(cli("unregister")["deleted"]) == ["big", "linux"]
+    assert all(r.deleted for r in gl.runners().values())
+    # a configuration without [gitlab] is named
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n{pools}\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "stoker.cli", "gitlab", "register", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "has no [gitlab] table" in proc.stderr

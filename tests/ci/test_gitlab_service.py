@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -161,3 +162,32 @@ async def test_jobs_run_through_the_executor_in_pool_vms(world: dict[str, Any]) 
     # the executor's per-job state is gone too
     states = Path(os.environ["STOKER_RUNTIME_DIR"]) / "gitlab-executor"
     assert not states.exists() or not list(states.iterdir())
+
+
+@pytest.mark.skipif(
+    shutil.which("gitlab-runner") is None,
+    reason="no gitlab-runner on PATH (it cannot be installed here): the stand-in covers it",
+)
+async def test_the_same_jobs_with_a_real_gitlab_runner(world: dict[str, Any]) -> None:
+    """Where gitlab-runner exists, it drives the driver from the entry stoker wrote."""
+    gl: FakeGitLab = world["gl"]
+    ok = gl.queue_job(42, ["cat README"], tags=["vm"], sha=world["sha"])
+    bad = gl.queue_job(42, ["exit 5"], tags=["vm"], sha=world["sha"])
+    config = world["tmp"] / "gitlab-runner" / "config.toml"
+    manager = await asyncio.create_subprocess_exec(
+        "gitlab-runner", "run", "--config", str(config),
+        "--working-directory", str(world["tmp"] / "manager-real"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(1200):
+            jobs = gl.jobs()
+            if jobs[ok].state in ("success", "failed") and jobs[bad].state in ("success", "failed"):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        manager.terminate()
+        await manager.wait()
+    jobs = gl.jobs()
+    assert jobs[ok].state == "success", jobs[ok].trace.decode(errors="replace")
+    assert jobs[bad].state == "failed" and jobs[bad].exit_code == 5
