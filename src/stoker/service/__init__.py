@@ -17,30 +17,71 @@ The pieces, each in its module:
 * :mod:`~stoker.service.fake_backend` - an in-process FAKE backend for scale tests.
 """
 
-from stoker.service.config import ServiceConfig, load_config
-from stoker.service.jobs import (
-    ArtifactView,
-    Conflict,
-    EventView,
-    GitSource,
-    JobFilter,
-    JobRequest,
-    JobState,
-    JobView,
-    LogChunkView,
-    NotFound,
-    QuotaExceeded,
-    TooLarge,
-)
-from stoker.service.service import (
-    HealthView,
-    HostView,
-    NullObserver,
-    Observer,
-    PoolView,
-    Service,
-    VMView,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stoker.service.config import ServiceConfig, load_config
+    from stoker.service.jobs import (
+        ArtifactView,
+        Conflict,
+        EventView,
+        GitSource,
+        JobFilter,
+        JobRequest,
+        JobState,
+        JobView,
+        LogChunkView,
+        NotFound,
+        QuotaExceeded,
+        TooLarge,
+    )
+    from stoker.service.service import (
+        HealthView,
+        HostView,
+        NullObserver,
+        Observer,
+        PoolView,
+        Service,
+        VMView,
+    )
+
+# Imported when first used: clients of the API (stoker job, the GitLab executor, which
+# gitlab-runner starts for every stage) import stoker.service.client and must not pay
+# for SQLAlchemy, FastAPI and the supervisor.
+_HOMES = {
+    "ServiceConfig": "config",
+    "load_config": "config",
+    "ArtifactView": "jobs",
+    "Conflict": "jobs",
+    "EventView": "jobs",
+    "GitSource": "jobs",
+    "JobFilter": "jobs",
+    "JobRequest": "jobs",
+    "JobState": "jobs",
+    "JobView": "jobs",
+    "LogChunkView": "jobs",
+    "NotFound": "jobs",
+    "QuotaExceeded": "jobs",
+    "TooLarge": "jobs",
+    "HealthView": "service",
+    "HostView": "service",
+    "NullObserver": "service",
+    "Observer": "service",
+    "PoolView": "service",
+    "Service": "service",
+    "VMView": "service",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'stoker.service' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"stoker.service.{home}"), name)
+
 
 __all__ = [
     "ArtifactView",

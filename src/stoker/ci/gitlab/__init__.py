@@ -13,14 +13,17 @@
 
 from __future__ import annotations
 
-from stoker.ci.gitlab.run_single import (
-    MAX_TOKEN,
-    RUNNER_BINARY,
-    RUNNER_USER,
-    check_token,
-    run_single_argv,
-    run_single_job,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stoker.ci.gitlab.run_single import (
+        MAX_TOKEN,
+        RUNNER_BINARY,
+        RUNNER_USER,
+        check_token,
+        run_single_argv,
+        run_single_job,
+    )
 
 __all__ = [
     "MAX_TOKEN",
@@ -30,3 +33,13 @@ __all__ = [
     "run_single_argv",
     "run_single_job",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazily: the executor (started by gitlab-runner for every stage) imports this
+    # package and must not load the VM runtime that run_single needs.
+    if name in __all__:
+        from stoker.ci.gitlab import run_single
+
+        return getattr(run_single, name)
+    raise AttributeError(f"module 'stoker.ci.gitlab' has no attribute {name!r}")
