@@ -15,7 +15,7 @@ from stoker.cli.jobs import _DEFAULT_SERVICE_URL, _api_token, _run_client, _Toke
 from stoker.errors import StokerError
 
 github_app: typer.Typer = typer.Typer(
-    help="GitHub Actions runners managed by `stoker serve` ([github] in its configuration).",
+    help="GitHub Actions runners managed by `stoker serve` (the github table of its configuration).",
     no_args_is_help=True,
 )
 
@@ -24,7 +24,7 @@ _STYLE = {"ok": "green", "warning": "yellow", "error": "red"}
 
 @github_app.command(
     "check",
-    help="Check the [github] configuration against GitHub before running it: credentials, "
+    help="Check the github configuration against GitHub before running it: credentials, "
     "permissions, targets, runner groups, the pools' images, runner versions and network. "
     "Exits 1 when anything is an error.",
 )
