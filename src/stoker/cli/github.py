@@ -15,7 +15,7 @@ from stoker.cli.jobs import _DEFAULT_SERVICE_URL, _api_token, _run_client, _Toke
 from stoker.errors import StokerError
 
 github_app: typer.Typer = typer.Typer(
-    help="GitHub Actions runners managed by `stoker serve` (the github table of its configuration).",
+    help="GitHub Actions runners managed by `stoker serve` (its github configuration).",
     no_args_is_help=True,
 )
 

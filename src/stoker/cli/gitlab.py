@@ -21,7 +21,7 @@ __all__ = ["executor_app", "gitlab_app"]
 # --- stoker gitlab register|unregister ------------------------------------------------------------
 
 gitlab_app: typer.Typer = typer.Typer(
-    help="GitLab runners for the pools of `stoker serve` (the gitlab table of its configuration).",
+    help="GitLab runners for the pools of `stoker serve` (its gitlab configuration).",
     no_args_is_help=True,
 )
 
