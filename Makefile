@@ -24,3 +24,4 @@ bench: setup
 	.venv/bin/python bench/scheduler.py
 	.venv/bin/python bench/network.py
 	.venv/bin/python bench/github.py
+	.venv/bin/python bench/gitlab.py
