@@ -44,7 +44,7 @@ from typing import IO, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import stoker
-from stoker.errors import InfrastructureError, StokerError, UsageError
+from stoker.errors import StokerError, UsageError
 from stoker.service.client import ApiClient, ApiError, LogEvent
 
 #: The sub-stages of ``run`` gitlab-runner documents (``step_*`` are generated names).
@@ -275,8 +275,9 @@ async def prepare(options: ExecutorOptions, job: JobEnv, say: Write) -> SessionS
     image cannot run jobs; nothing is left behind then.
     """
     path = SessionState.path(options, job)
-    # gitlab-runner retries prepare: what a failed earlier attempt left goes first.
-    await cleanup(options, job, say=lambda _: None)
+    if path.exists():
+        # gitlab-runner retries prepare: what a failed earlier attempt left goes first.
+        await cleanup(options, job, say=lambda _: None)
     state: SessionState | None = None
     try:
         async with asyncio.timeout(options.prepare_timeout):
@@ -525,15 +526,6 @@ async def _cancel(api: ApiClient, job_id: str) -> None:
 
 
 # --- the process --------------------------------------------------------------------------------
-
-
-def exit_status(job: JobEnv | None, exc: BaseException) -> int:
-    """The exit status of a stage that raised ``exc``."""
-    if job is None:
-        return 1
-    if isinstance(exc, UsageError | SystemFailure | InfrastructureError | StokerError):
-        return job.system_failure
-    return job.system_failure
 
 
 async def run_stage(coro: Any) -> Any:
