@@ -412,6 +412,9 @@ class SessionRunner:
         except StokerError as exc:
             fields = {"reason": f"the VM failed: {exc}"}
             raise
+        except asyncio.CancelledError:
+            fields = {"reason": "the session was stopped (cancelled, or its host stopping)"}
+            raise
         finally:
             end = await asyncio.shield(writer.checkpoint())
             await asyncio.shield(
