@@ -135,6 +135,8 @@ async def test_an_idle_session_ends_and_unrun_steps_say_why(
         await asyncio.sleep(0.05)
     await client.cancel(job_id)
     await wait_end(client, job_id)
+    stopped = await client.step(job_id, 1)
+    assert stopped["state"] == "done" and "the session was stopped" in stopped["reason"]
     never = await client.step(job_id, queued["seq"])
     assert never["state"] == "done" and never["exit_code"] is None
     assert "the session ended (cancelled" in never["reason"]
