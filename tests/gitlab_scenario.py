@@ -243,7 +243,19 @@ def main() -> None:
                     "/v1/jobs", params={"limit": 10},
                     headers={"Authorization": f"Bearer {SERVICE_TOKEN}"},
                 ).json()["jobs"]  # fmt: skip
+                reasons = []
+                for j in jobs:
+                    for seq in range(1, 30):
+                        step = api.get(
+                            f"/v1/jobs/{j['id']}/steps/{seq}",
+                            headers={"Authorization": f"Bearer {SERVICE_TOKEN}"},
+                        )  # fmt: skip
+                        if step.status_code == 404:
+                            break
+                        if step.json()["reason"]:
+                            reasons.append(step.json()["reason"])
             results["sessions"] = sorted(j["state"] for j in jobs)
+            results["step_reasons"] = reasons
         finally:
             serve.send_signal(signal.SIGTERM)
             try:

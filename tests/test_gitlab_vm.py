@@ -105,5 +105,7 @@ def test_killing_the_driver_mid_stage_leaves_no_vm(scenario: Any) -> None:
     assert scenario["killed_stages"][-1] == "cleanup"
     assert scenario["qemu_after_kill_seconds"] < 60
     assert scenario["qemu_left_at_end"] == 0
-    # three GitLab jobs, three session jobs: two closed cleanly, the killed one cancelled
-    assert scenario["sessions"] == ["cancelled", "succeeded", "succeeded"]
+    # The killed stage's command was stopped in the VM when the next stage started
+    # (gitlab-runner goes on with the on-failure stages, then cleanup closes the session).
+    assert scenario["step_reasons"] == ["interrupted by a later step (its client had gone)"]
+    assert scenario["sessions"] == ["succeeded", "succeeded", "succeeded"]

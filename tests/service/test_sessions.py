@@ -120,6 +120,30 @@ async def test_steps_queue_behind_a_running_one(client: ApiClient) -> None:
     await wait_end(client, job_id)
 
 
+async def test_a_step_sent_with_interrupt_stops_the_ones_before_it(client: ApiClient) -> None:
+    # A client killed mid-step leaves its command running; its next process says so.
+    job_id = await session(client)
+    await client.add_step(job_id, ["sh", "-c", "echo $$; exec sleep 600"])
+    pid = b""
+    async for item in client.follow_step(job_id, 1):
+        assert isinstance(item, LogEvent)
+        pid = item.data.strip()
+        break  # the follower goes away, like a killed client; the command runs on
+    assert pid.isdigit()
+    queued = await client.add_step(job_id, ["echo", "never"])
+    assert queued["state"] == "queued"
+    probe = f"kill -0 {pid.decode()} 2>/dev/null && echo alive || echo gone"
+    out, _, last = await run_step(client, job_id, command=["sh", "-c", probe], interrupt=True)
+    assert out == b"gone\n" and last["exit_code"] == 0 and last["seq"] == 3
+    first, second = await client.step(job_id, 1), await client.step(job_id, 2)
+    assert first["state"] == "done" and first["exit_code"] is None
+    assert first["reason"] == "interrupted by a later step (its client had gone)"
+    assert second["state"] == "done" and second["started_at"] is None
+    assert second["reason"] == "skipped: a later step interrupted it"
+    await client.close_session(job_id)
+    assert (await wait_end(client, job_id))["state"] == "succeeded"
+
+
 async def test_an_idle_session_ends_and_unrun_steps_say_why(
     make_config: ConfigFactory, client: ApiClient
 ) -> None:

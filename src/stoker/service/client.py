@@ -196,9 +196,15 @@ class ApiClient:
         cwd: str | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        interrupt: bool = False,
     ) -> dict[str, Any]:
-        """Send a command to session ``job_id``; returns the queued step."""
+        """Send a command to session ``job_id``; returns the queued step.
+
+        ``interrupt``: stop the step still running (and skip queued ones) first.
+        """
         body: dict[str, Any] = {"command": command, "env": dict(env or {})}
+        if interrupt:
+            body["interrupt"] = True
         if secrets:
             body["secrets"] = dict(secrets)
         if stdin:

@@ -63,7 +63,8 @@ MAX_STEPS: Final = 10_000
 #: Chunks read per query while following a step.
 _PAGE: Final = 500
 
-StepState = Literal["queued", "running", "done"]
+#: ``stopping``: a later step asked to interrupt it (``interrupt``); it ends as ``done``.
+StepState = Literal["queued", "running", "stopping", "done"]
 
 
 def steps_key(job_id: str) -> str:
@@ -88,6 +89,10 @@ class StepRequest(BaseModel):
     user: Name | None = None
     #: Kill the command after this long (default and maximum: what is left of the job's timeout).
     timeout: Seconds | None = None
+    #: Stop the step still running and skip the queued ones before this one runs.  For a
+    #: client that runs one step at a time: a step still running when it sends the next
+    #: belongs to a process of it that died (killed mid-step), and would hold the VM.
+    interrupt: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> StepRequest:
@@ -187,6 +192,8 @@ def add_step(
         raise Conflict(f"the session has ended ({job.state}: {job.reason})")
     if job.session_closed or job.cancel_requested:
         raise Conflict("the session is closing; it takes no more steps")
+    if request.interrupt:
+        _interrupt_steps(session, job_id)
     env_bytes = sum(len(k) + len(v) for k, v in {**request.env, **request.secrets}.items())
     if env_bytes > 256 << 10:
         raise TooLarge(f"the step's environment takes {env_bytes} bytes, more than 262144")
@@ -221,6 +228,19 @@ def add_step(
     session.add(step)
     session.flush()
     return StepView.of(step, job)
+
+
+def _interrupt_steps(session: Session, job_id: str) -> None:
+    """Stop the running step and skip the queued ones (for a step sent with ``interrupt``)."""
+    earlier = session.scalars(
+        select(JobStep).where(JobStep.job_id == job_id, JobStep.state.in_(("queued", "running")))
+    ).all()
+    for step in earlier:
+        if step.state == "running":
+            step.state = "stopping"
+        else:
+            step.state, step.reason = "done", "skipped: a later step interrupted it"
+            step.finished_at = utcnow()
 
 
 def read_step(session: Session, job_id: str, seq: int) -> StepView:
@@ -321,6 +341,11 @@ def _next(session: Session, job_id: str) -> tuple[JobStep | None, bool, bool]:
     return step, bool(job.session_closed), bool(job.cancel_requested)
 
 
+def _step_state(session: Session, job_id: str, seq: int) -> str | None:
+    step = session.get(JobStep, (job_id, seq))
+    return None if step is None else step.state
+
+
 def _update_step(session: Session, job_id: str, seq: int, **fields: Any) -> None:
     step = session.get(JobStep, (job_id, seq))
     if step is not None:
@@ -408,7 +433,7 @@ class SessionRunner:
         timeout = max(min(step.timeout_s or left, left), 0.001)
         fields: dict[str, Any] = {}
         try:
-            fields = await self._exec(step, timeout)
+            fields = await self._until_done(asyncio.create_task(self._exec(step, timeout)), step)
         except StokerError as exc:
             fields = {"reason": f"the VM failed: {exc}"}
             raise
@@ -431,6 +456,34 @@ class SessionRunner:
                 )
             )
             self._notifier.notify(job.id)
+
+    async def _until_done(
+        self, task: asyncio.Task[dict[str, Any]], step: JobStep
+    ) -> dict[str, Any]:
+        """``task``'s result, unless a later step interrupts it first (it is killed then)."""
+        key = steps_key(self._job.id)
+        try:
+            while True:
+                waiter = asyncio.ensure_future(self._notifier.event(key).wait())
+                try:
+                    await asyncio.wait(
+                        {task, waiter}, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    waiter.cancel()
+                if task.done():
+                    return task.result()
+                state = await self._db.run(
+                    functools.partial(_step_state, job_id=self._job.id, seq=step.seq),
+                    write=False,
+                )
+                if state == "stopping":
+                    await _stop(task)
+                    await self._writer.system(f"step {step.seq} interrupted by a later step")
+                    return {"reason": "interrupted by a later step (its client had gone)"}
+        except asyncio.CancelledError:
+            await _stop(task)
+            raise
 
     async def _exec(self, step: JobStep, timeout: float) -> dict[str, Any]:
         job, vm, writer = self._job, self._vm, self._writer
@@ -460,3 +513,10 @@ class SessionRunner:
         except CommandTimeout:
             return {"reason": f"timed out after {timeout:g}s; killed"}
         return {"exit_code": result.exit_code, "signal": result.signal}
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` (a command in the guest: cancelling kills it there) and wait for it."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, StokerError):
+        await task

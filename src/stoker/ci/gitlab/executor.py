@@ -374,7 +374,9 @@ async def _run_step(
     err: IO[bytes] | None = None,
 ) -> tuple[int | None, str | None]:
     """Run one step; its output to ``out``/``err``; (exit status or None, reason)."""
-    step = await api.add_step(job_id, command, stdin=stdin)
+    # gitlab-runner runs one stage at a time: a step still running belongs to a driver
+    # process that was killed mid-stage, and would hold the VM until its command ends.
+    step = await api.add_step(job_id, command, stdin=stdin, interrupt=True)
     final: dict[str, Any] = {}
     async for item in api.follow_step(job_id, int(step["seq"])):
         if isinstance(item, LogEvent):
