@@ -9,8 +9,10 @@
    until every job has been given a runner and has started, and the GitHub API
    calls spent (total and per job).
 
-Everything listens on loopback (the fake on 127.0.0.2, which the pool's
-egress policy allows; the service on 127.0.0.1).  The runner image is the
+Runs itself inside a fresh network namespace with only loopback
+(``bench/netns.py``), like the tests.  Everything listens on loopback (the
+fake on 127.0.0.2, which the pool's egress policy allows; the service on
+127.0.0.1).  The runner image is the
 shipped ``github-runner`` spec with the stand-in ``run.sh`` pinned as its
 runner (the official runner cannot be downloaded here).  Prints a table.
 """
@@ -33,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "service"))
 os.environ.setdefault("STOKER_ALLOW_FAKE_BACKEND", "1")
 
+import netns  # noqa: E402
 from github_harness import (  # noqa: E402
     APP_ID,
     INSTALLATION,
@@ -196,12 +199,16 @@ async def burst(work: Path, public: bytes) -> dict[str, float]:
     return {"started": all_started, "done": done, "calls": calls, "jobs": len(jobs)}
 
 
+def prepare() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        print("building the stand-in runner image ...", file=sys.stderr)
+        build_image(Path(tmp))
+
+
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _, public = app_key(work)
-        print("building the stand-in runner image ...", file=sys.stderr)
-        build_image(work)
         print("real VMs: cold ...", file=sys.stderr)
         (work / "cold").mkdir()
         app_key(work / "cold")
@@ -241,4 +248,5 @@ def _public(directory: Path) -> bytes:
 
 
 if __name__ == "__main__":
+    netns.enter(prepare)
     asyncio.run(main())

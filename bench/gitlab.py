@@ -15,8 +15,10 @@ accelerator.  Measured in one run, each the median of ``RUNS``:
    gitlab-runner: config, prepare, eleven run stages with a clone from the
    fake over the VM's egress proxy, cleanup, trace upload), warm and cold.
 
-FakeGitLab (a fake) listens on 127.0.0.2 (the pool's default network allows
-exactly GitLab's host); the service on 127.0.0.1.  Prints a table.
+Runs itself inside a fresh network namespace with only loopback
+(``bench/netns.py``), like the tests.  FakeGitLab (a fake) listens on
+127.0.0.2 (the pool's default network allows exactly GitLab's host); the
+service on 127.0.0.1.  Prints a table.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+
+import netns  # noqa: E402
 
 from gitlab_scenario import bare_repo  # noqa: E402
 from stoker.ci.gitlab.fake_gitlab import FakeGitLab  # noqa: E402
@@ -209,11 +213,15 @@ async def measure(work: Path, *, warm: bool) -> dict[str, Any]:
     return out
 
 
+def prepare() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        print("building the gitlab-runner image ...", file=sys.stderr)
+        build_image(Path(tmp))
+
+
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print("building the gitlab-runner image ...", file=sys.stderr)
-        build_image(work)
         print("cold ...", file=sys.stderr)
         (work / "cold").mkdir()
         cold = await measure(work / "cold", warm=False)
@@ -248,4 +256,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    netns.enter(prepare)
     asyncio.run(main())
