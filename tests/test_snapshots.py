@@ -185,3 +185,181 @@ def test_incomplete_snapshot_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ProvisionError, match="incomplete"):
         check_restorable(Snapshot(key=KEY, path=tmp_path, meta={}))
+
+
+def _fake_template(size: int = 80 << 20) -> object:
+    """A ``create`` leaving a sparse memory file bigger than the whole-hash limit."""
+
+    async def create(directory: Path) -> dict[str, object]:
+        with (directory / "memory").open("wb") as f:
+            f.truncate(size)
+            for offset in (0, 5 << 20, 40 << 20):
+                f.seek(offset)
+                f.write(os.urandom(64 << 10))
+        (directory / "scratch.img").write_bytes(os.urandom(8192))
+        (directory / "state").write_bytes(os.urandom(4096))
+        return {}
+
+    return create
+
+
+async def test_damaged_snapshots_are_refused_before_restore(tmp_path: Path) -> None:
+    from stoker.snapshots import SnapshotDamaged
+
+    store = SnapshotStore(Dirs(cache=tmp_path, runtime=tmp_path / "run"))
+    snap = await store.ensure(KEY, _fake_template())  # type: ignore[arg-type]
+    assert set(snap.meta["files"]) == {"memory", "scratch.img", "state"}
+    assert "sampled" in snap.meta["files"]["memory"]  # big and sparse: sampled blocks
+    assert "sha256" in snap.meta["files"]["state"]  # small: all of it
+    store.verify(snap)
+    memory, state = snap.path / "memory", snap.path / "state"
+    os.truncate(memory, memory.stat().st_size - 4096)
+    with pytest.raises(SnapshotDamaged, match="memory is truncated"):
+        store.verify(snap)
+    os.truncate(memory, memory.stat().st_size + 4096)  # the size is back: fine again
+    store.verify(snap)
+    fd = os.open(memory, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xff" * 8, 0)  # one block of guest memory changed
+    finally:
+        os.close(fd)
+    with pytest.raises(SnapshotDamaged, match="memory is changed"):
+        store.verify(snap)
+    store.discard(snap)
+    assert store.get(KEY) is None
+
+    snap = await store.ensure(KEY, _fake_template())  # type: ignore[arg-type]
+    data = bytearray(state.read_bytes())
+    data[100] ^= 0xFF
+    state.chmod(0o644)
+    state.write_bytes(bytes(data))
+    with pytest.raises(SnapshotDamaged, match="state is changed"):
+        store.verify(snap)
+    state.unlink()
+    with pytest.raises(SnapshotDamaged, match="state cannot be read"):
+        store.verify(snap)
+
+
+async def test_a_full_disk_while_writing_leaves_no_snapshot(tmp_path: Path) -> None:
+    import errno
+
+    store = SnapshotStore(Dirs(cache=tmp_path, runtime=tmp_path / "run"))
+
+    async def full(directory: Path) -> dict[str, object]:
+        (directory / "memory").write_bytes(b"part of it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ProvisionError, match="no space left") as info:
+        await store.ensure(KEY, full)
+    assert "STOKER_SNAPSHOT_MAX_BYTES" in (info.value.hint or "")
+    assert store.get(KEY) is None and store.list() == []
+    assert list((store.root / ".tmp").iterdir()) == []
+
+
+async def test_gc_evicts_least_recently_used_and_spares_those_in_use(tmp_path: Path) -> None:
+    store = SnapshotStore(Dirs(cache=tmp_path, runtime=tmp_path / "run"))
+    keys = [SnapshotKey(**{**KEY.__dict__, "cpus": n}) for n in (1, 2, 3)]  # type: ignore[arg-type]
+    snaps = [await store.ensure(k, _fake_template(1 << 20)) for k in keys]  # type: ignore[arg-type]
+    for age, snap in zip((300, 200, 100), snaps, strict=True):
+        os.utime(snap.path, (time.time() - age, time.time() - age))
+    store.mark_used(snaps[0])  # the oldest is now the most recently used
+    assert store.gc(max_count=3, max_bytes=1 << 40) == []
+    with store.in_use(snaps[1]):
+        evicted = store.gc(max_count=2, max_bytes=1 << 40)
+    # snaps[1] was least recently used but busy: the next one went instead
+    assert [s.path for s in evicted] == [snaps[2].path]
+    assert {s.path for s in store.list()} == {snaps[0].path, snaps[1].path}
+    assert [s.path for s in store.gc(max_count=10, max_bytes=0)] == [
+        snaps[1].path,
+        snaps[0].path,
+    ]
+    os.environ["STOKER_SNAPSHOT_MAX_COUNT"] = "many"
+    try:
+        with pytest.raises(UsageError, match="STOKER_SNAPSHOT_MAX_COUNT must be a whole number"):
+            store.gc()
+    finally:
+        del os.environ["STOKER_SNAPSHOT_MAX_COUNT"]
+
+
+async def test_one_background_maker_per_snapshot(tmp_path: Path) -> None:
+    store = SnapshotStore(Dirs(cache=tmp_path, runtime=tmp_path / "run"))
+    claim = store.claim_maker(KEY.digest())
+    assert claim is not None
+    assert store.claim_maker(KEY.digest()) is None  # another maker is at work
+    store.release_maker(claim)
+    await store.ensure(KEY, _fake_template(1 << 20))  # type: ignore[arg-type]
+    assert store.claim_maker(KEY.digest()) is None  # made already
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, 9)
+    raise AssertionError(f"the snapshot maker {pid} did not finish in {timeout:.0f}s")
+
+
+@pytest.mark.vm
+def test_a_run_makes_the_snapshot_the_next_run_restores(dirs: Dirs, tmp_path: Path) -> None:
+    # The default (auto) path: a shape no other test uses, removed at the end.
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "f").write_text("hi\n")
+    env = {
+        **os.environ,
+        "STOKER_CACHE_DIR": str(dirs.cache),
+        "STOKER_RUNTIME_DIR": str(dirs.runtime),
+    }
+    env.pop("STOKER_SNAPSHOT", None)  # the suite's "reuse": here the default is under test
+    shape = ["--memory", "640M", "--disk", "1536M"]
+
+    def run() -> tuple[dict[str, object], str]:
+        proc = subprocess.run(
+            [*STOKER, "run", *shape, "--json", str(project), "--", "cat", "f"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout), proc.stderr
+
+    store = SnapshotStore(dirs)
+    makers: list[int] = []
+    try:
+        first, err = run()
+        assert first["started"] == "booted" and first["snapshot"] is None
+        pid = first["snapshot_maker_pid"]
+        assert isinstance(pid, int), err
+        makers.append(pid)
+        assert "making a snapshot in the background" in err
+        _wait_gone(pid, 600)
+        made = [s for s in store.list() if s.key.memory_mb == 640 and s.key.disk_mb == 1536]
+        assert len(made) == 1, (dirs.cache / "snapshots" / "maker.log").read_text()
+        second, err = run()
+        assert second["started"] == "restored" and second["snapshot"] == made[0].path.name
+        assert second["snapshot_maker_pid"] is None
+        assert "hi" in err  # --json: the command's output goes to stderr
+
+        # A damaged snapshot: one warning, a cold boot, and it is gone.
+        memory = made[0].path / "memory"
+        os.truncate(memory, memory.stat().st_size - 4096)
+        third, err = run()
+        assert third["started"] == "booted"
+        warnings = [line for line in err.splitlines() if "snapshot" in line and "warning:" in line]
+        assert len(warnings) == 1 and "memory is truncated" in warnings[0], err
+        assert store.get(made[0].key) is None
+        pid = third["snapshot_maker_pid"]
+        assert isinstance(pid, int)
+        makers.append(pid)
+    finally:
+        for pid in makers:  # no maker outlives the test, even a failed one
+            _wait_gone(pid, 600)
+        for snap in store.list():
+            if snap.key.memory_mb == 640 and snap.key.disk_mb == 1536:
+                store.remove(snap.path.name)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from stoker.agent.bundle import agent_files
 from stoker.errors import ProvisionError, UsageError
-from stoker.images import Image, ImageStore, default_builder
-from stoker.images.catalog import shipped_specs
+from stoker.images.base import Image
+from stoker.images.store import ImageStore
 from stoker.kernel import GUEST_MODULES, Kernel, build_initramfs, provision_kernel
 from stoker.kernel.build import KERNEL_NAME as MICROVM
 from stoker.kernel.build import BuiltKernel, build_microvm_kernel, entry_name, load_entry
@@ -49,6 +49,8 @@ def resolve_artifacts(
     found = store.get(image)
     if found is None:
         if image != DEFAULT_IMAGE:
+            from stoker.images.catalog import shipped_specs
+
             known = sorted(store.pointers())
             shipped = sorted(set(shipped_specs()) - {DEFAULT_IMAGE})
             build = (
@@ -60,6 +62,9 @@ def resolve_artifacts(
                 f"no image called {image!r} has been built",
                 hint=f"{build}; built images: {', '.join(known) or 'none'}",
             )
+        # The builders (and the spec parser) load only when there is something to build.
+        from stoker.images.builder import default_builder
+
         if progress:
             progress("building the default image (first run only; takes a few minutes)")
         found = store.ensure(default_builder(dirs, progress=progress), progress=progress)

@@ -23,6 +23,7 @@ from stoker.errors import CommandTimeout, UsageError
 from stoker.net.policy import NetworkPolicy
 from stoker.paths import Dirs
 from stoker.protocol.client import OutputSink
+from stoker.snapshots import SnapshotKey
 from stoker.vm import VM, SnapshotMode
 
 GUEST_WORK_ROOT = "/work"
@@ -46,8 +47,9 @@ class RunRequest:
     out: Path = Path("stoker-out")
     accel: AccelRequest = "auto"
     max_artifact_bytes: int = 1 << 30
-    #: ``auto``: restore from a matching snapshot if one exists, else boot;
-    #: ``create``: make the snapshot first if needed; ``never``: always boot.
+    #: ``auto``: restore from a matching snapshot if one exists, else boot (and
+    #: the summary names the missing snapshot for a maker); ``reuse``: the same,
+    #: never made; ``create``: make the snapshot first if needed; ``never``: boot.
     snapshot: SnapshotMode = "auto"
     #: The VMM: ``qemu``, ``firecracker`` or ``cloud-hypervisor``.
     vmm: str = "qemu"
@@ -96,6 +98,10 @@ class RunSummary:
     vm: str | None = None
     #: Key digest of the snapshot the VM was restored from (None: it booted).
     snapshot: str | None = None
+    #: ``restored`` (from a snapshot) or ``booted``.
+    started: str | None = None
+    #: Pid of the background maker ``stoker run`` started for the next run's snapshot.
+    snapshot_maker_pid: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     copied_in: dict[str, Any] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
@@ -104,8 +110,11 @@ class RunSummary:
     #: The network policy in force and what the guest's connections came to.
     network: dict[str, Any] = field(default_factory=dict)
 
+    #: The snapshot this run could have restored from and did not find (auto mode).
+    missing_snapshot: SnapshotKey | None = field(default=None, repr=False)
+
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "missing_snapshot"}
 
     def denied_connections(self) -> list[str]:
         """One line per denied destination (grouped), for the end of ``stoker run``."""
@@ -151,6 +160,8 @@ async def run_job(
     try:
         async with vm:
             summary.accel = vm.accel
+            summary.started = "booted" if vm.restored_from is None else "restored"
+            summary.missing_snapshot = vm.snapshot_missing
             if vm.restored_from is not None:
                 summary.snapshot = vm.restored_from.path.name
             report = vm.seed_report

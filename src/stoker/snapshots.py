@@ -12,8 +12,16 @@ Snapshots live in ``<cache>/snapshots/<key>/`` and are keyed by everything that
 must match for a restore to be valid (:class:`SnapshotKey`): the image digest,
 the VM shape, the kernel and initramfs, the backend and its version, the
 accelerator.  Change any of them and a new snapshot is made; old ones stay
-until ``stoker snapshot rm``.  Publishing is atomic, like the image store:
-built in ``.tmp``, renamed into place, serialised by a lock per key.
+until they are evicted.  Publishing is atomic, like the image store: built in
+``.tmp``, renamed into place, serialised by a lock per key, so a creation that
+fails (a full disk, a crash) leaves nothing a later run could pick.
+
+The store is bounded (:func:`gc`: least recently used first, beyond
+``STOKER_SNAPSHOT_MAX_COUNT`` snapshots or ``STOKER_SNAPSHOT_MAX_BYTES`` on
+disk) and checked: every file's size and a fingerprint (all of a small file,
+sampled blocks of the big sparse ones) are recorded when it is published and
+compared before each restore (:meth:`SnapshotStore.verify`), so a truncated or
+damaged snapshot is refused and removed instead of half-restored.
 """
 
 from __future__ import annotations
@@ -21,11 +29,14 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -37,10 +48,22 @@ from stoker.images.base import canonical_digest
 from stoker.paths import Dirs
 
 #: Bump when the snapshot layout or what a template contains changes.
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 META_FILE = "snapshot.json"
 MEMORY_FILE = "memory"
 SCRATCH_FILE = "scratch.img"
+#: Files up to this size are fingerprinted whole (the device state is a few MB).
+WHOLE_HASH_LIMIT = 64 << 20
+#: Blocks sampled from a bigger file's data (1 MiB read per file at restore).
+SAMPLE_BLOCKS = 256
+SAMPLE_SIZE = 4096
+#: Store bounds unless the environment says otherwise.
+DEFAULT_MAX_COUNT = 16
+DEFAULT_MAX_BYTES = 20 << 30
+
+
+class SnapshotDamaged(ProvisionError):
+    """A snapshot's files are not what was published (truncated, changed, missing)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +99,14 @@ class Snapshot:
     @property
     def scratch(self) -> Path:
         return self.path / SCRATCH_FILE
+
+    @property
+    def last_used(self) -> float:
+        """When a VM was last restored from it (its creation, before that)."""
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
 
     @property
     def size_bytes(self) -> int:
@@ -175,7 +206,9 @@ class SnapshotStore:
                 if progress:
                     progress(f"creating a snapshot of image {key.image_digest[:12]} (once)")
                 extra = await create(tmp)
+                files = await asyncio.to_thread(fingerprint_dir, tmp)
                 meta = {
+                    "files": files,
                     "key": asdict(key),
                     "format": SNAPSHOT_FORMAT,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -186,6 +219,15 @@ class SnapshotStore:
                 for child in tmp.iterdir():
                     child.chmod(0o444)
                 tmp.rename(self.root / digest)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ProvisionError(
+                        f"no space left in {self.root} for a snapshot; nothing was kept",
+                        hint="free space, or lower STOKER_SNAPSHOT_MAX_BYTES and run "
+                        "`stoker snapshot gc`",
+                    ) from exc
+                raise
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -195,6 +237,126 @@ class SnapshotStore:
         if snap is None:
             raise ProvisionError(f"snapshot {digest[:12]} vanished right after it was made")
         return snap
+
+    def verify(self, snapshot: Snapshot) -> None:
+        """Raise :class:`SnapshotDamaged` unless its files are those it was published with."""
+        recorded = snapshot.meta.get("files")
+        if not isinstance(recorded, dict) or not recorded:
+            raise SnapshotDamaged(f"snapshot {snapshot.path.name[:12]} records no file list")
+        for name in (MEMORY_FILE, SCRATCH_FILE):
+            if name not in recorded:
+                raise SnapshotDamaged(f"snapshot {snapshot.path.name[:12]} has no {name}")
+        for name, want in recorded.items():
+            if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+                raise SnapshotDamaged(f"snapshot {snapshot.path.name[:12]}: bad file name")
+            if not isinstance(want, dict):
+                raise SnapshotDamaged(f"snapshot {snapshot.path.name[:12]}: bad record of {name}")
+            offsets = want.get("offsets")
+            if offsets is not None and not (
+                isinstance(offsets, list)
+                and len(offsets) <= SAMPLE_BLOCKS + 1
+                and all(isinstance(o, int) and o >= 0 for o in offsets)
+            ):
+                raise SnapshotDamaged(f"snapshot {snapshot.path.name[:12]}: bad record of {name}")
+            try:
+                got = fingerprint(snapshot.path / name, offsets)
+            except OSError as exc:
+                raise SnapshotDamaged(
+                    f"snapshot {snapshot.path.name[:12]}: {name} cannot be read ({exc})"
+                ) from None
+            if got != want:
+                what = "truncated or grown" if got.get("size") != want.get("size") else "changed"
+                raise SnapshotDamaged(f"snapshot {snapshot.path.name[:12]}: {name} is {what}")
+
+    def mark_used(self, snapshot: Snapshot) -> None:
+        """Record a restore (the least recently used snapshots are evicted first)."""
+        with contextlib.suppress(OSError):
+            os.utime(snapshot.path)
+
+    @contextlib.contextmanager
+    def in_use(self, snapshot: Snapshot) -> Iterator[None]:
+        """Hold ``snapshot`` against eviction while a VMM opens its files."""
+        lock = self.root / ".locks" / f"{snapshot.path.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def gc(
+        self, *, max_count: int | None = None, max_bytes: int | None = None
+    ) -> builtins.list[Snapshot]:
+        """Evict least recently used snapshots beyond the bounds; returns those removed.
+
+        A snapshot being made or opened by a VMM right now (its lock held) is
+        skipped: clones already running keep what they mapped either way.
+        """
+        count_limit = (
+            max_count
+            if max_count is not None
+            else _env_int("STOKER_SNAPSHOT_MAX_COUNT", DEFAULT_MAX_COUNT)
+        )
+        bytes_limit = (
+            max_bytes
+            if max_bytes is not None
+            else _env_int("STOKER_SNAPSHOT_MAX_BYTES", DEFAULT_MAX_BYTES)
+        )
+        snaps = sorted(self.list(), key=lambda s: s.last_used)
+        sizes = {s.path: s.size_bytes for s in snaps}
+        total = sum(sizes.values())
+        removed: builtins.list[Snapshot] = []
+        for snap in snaps:
+            if len(snaps) - len(removed) <= count_limit and total <= bytes_limit:
+                break
+            if self._remove_if_idle(snap):
+                removed.append(snap)
+                total -= sizes[snap.path]
+        return removed
+
+    def discard(self, snapshot: Snapshot) -> None:
+        """Remove a damaged snapshot (unless someone is using it right now)."""
+        self._remove_if_idle(snapshot)
+
+    def _remove_if_idle(self, snap: Snapshot) -> bool:
+        lock = self.root / ".locks" / f"{snap.path.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            aside = self.root / ".tmp" / f"{snap.path.name}-removed-{secrets.token_hex(4)}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                snap.path.rename(aside)
+            except FileNotFoundError:
+                return False
+            shutil.rmtree(aside, ignore_errors=True)
+            return True
+        finally:
+            os.close(fd)
+
+    def claim_maker(self, digest: str) -> int | None:
+        """A lock making ``digest`` this process's job, or None (it exists or is being made)."""
+        if self._load(self.root / digest) is not None:
+            return None
+        lock = self.root / ".locks" / f"{digest}.maker"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def release_maker(self, claim: int | None) -> None:
+        """Give back what :meth:`claim_maker` returned."""
+        if claim is not None:
+            os.close(claim)
 
     def _clean_tmp(self, digest: str) -> None:
         """Remove what a killed creation of ``digest`` left (we hold its lock)."""
@@ -226,6 +388,142 @@ class _LockHolder:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be a whole number, not {raw!r}") from None
+    if value < 0:
+        raise UsageError(f"{name} must not be negative, got {value}")
+    return value
+
+
+def fingerprint(path: Path, offsets: builtins.list[int] | None = None) -> dict[str, Any]:
+    """Size and digest of one file: all of it when small, else sampled blocks.
+
+    The blocks of a big file are picked at publication, spread over its data
+    (its holes are left out: the memory file and the disk are sparse), and
+    recorded, so a later check reads the very same offsets whatever the
+    filesystem does with the file's extents.  ``offsets``: those recorded.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if offsets is None and size <= WHOLE_HASH_LIMIT:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+            return {"size": size, "sha256": digest.hexdigest()}
+        if offsets is None:
+            offsets = _sample_offsets(f.fileno(), size)
+        for offset in offsets:
+            digest.update(os.pread(f.fileno(), SAMPLE_SIZE, offset))
+        return {"size": size, "offsets": offsets, "sampled": digest.hexdigest()}
+
+
+def _sample_offsets(fd: int, size: int) -> builtins.list[int]:
+    extents = _data_extents(fd, size)
+    data = sum(end - start for start, end in extents)
+    offsets = []
+    if data:
+        for i in range(SAMPLE_BLOCKS):
+            target = data * i // SAMPLE_BLOCKS
+            for start, end in extents:
+                if target < end - start:
+                    offsets.append(start + target)
+                    break
+                target -= end - start
+    offsets.append(max(size - SAMPLE_SIZE, 0))
+    return offsets
+
+
+def _data_extents(fd: int, size: int) -> builtins.list[tuple[int, int]]:
+    extents = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole after offset
+                break
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        extents.append((start, end))
+        offset = end
+    return extents
+
+
+def fingerprint_dir(directory: Path) -> dict[str, dict[str, Any]]:
+    """:func:`fingerprint` of every file of a snapshot being published."""
+    return {
+        child.name: fingerprint(child)
+        for child in sorted(directory.iterdir())
+        if child.is_file() and child.name != META_FILE
+    }
+
+
+def spawn_maker(image: str, key: SnapshotKey, dirs: Dirs, *, vmm: str = "qemu") -> int | None:
+    """Start ``stoker snapshot create`` for ``key`` in the background, detached; its pid.
+
+    What ``stoker run`` does after a run that booted because the snapshot was
+    missing: the user's run is over and not slowed, and the next run restores.
+    The maker lives in its own session (a Ctrl-C after the run does not reach
+    it), writes to ``snapshots/maker.log``, and exits at once when the snapshot
+    appeared meanwhile or another maker is at work on it.  None when it could
+    not be started (the run is not failed for it).
+    """
+    log_dir = dirs.cache / "snapshots"
+    argv = [
+        sys.executable,
+        "-m",
+        "stoker.cli",
+        "snapshot",
+        "create",
+        "--image",
+        image,
+        "--cpus",
+        str(key.cpus),
+        "--memory",
+        f"{key.memory_mb}M",
+        "--disk",
+        f"{key.disk_mb}M",
+        "--accel",
+        key.accel,
+        "--vmm",
+        vmm,
+        "--expect",
+        key.digest(),
+        "--quiet",
+    ]
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_dir / "maker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            try:
+                # posix_spawn, not Popen: nothing of ours waits for it, so no
+                # Popen object may be left to warn about a child still running.
+                return os.posix_spawn(
+                    sys.executable,
+                    argv,
+                    dict(os.environ),
+                    setsid=True,
+                    file_actions=[
+                        (os.POSIX_SPAWN_DUP2, devnull, 0),
+                        (os.POSIX_SPAWN_DUP2, fd, 1),
+                        (os.POSIX_SPAWN_DUP2, fd, 2),
+                    ],
+                )
+            finally:
+                os.close(devnull)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
 
 
 def new_machine_id() -> str:

@@ -61,6 +61,7 @@ from stoker.snapshots import (
     MEMORY_FILE,
     SCRATCH_FILE,
     Snapshot,
+    SnapshotDamaged,
     SnapshotKey,
     SnapshotStore,
     check_restorable,
@@ -76,7 +77,11 @@ T = TypeVar("T")
 DEFAULT_BOOT_TIMEOUT = 120.0
 #: QEMU user-mode networking's DNS forwarder, as seen from a nat-mode guest.
 NAT_DNS = "10.0.2.3"
-SnapshotMode = Literal["never", "auto", "create"]
+#: ``never``: boot; ``reuse``: restore a matching snapshot if one exists, else boot;
+#: ``auto``: as reuse, and a VM that booted says which snapshot is missing
+#: (:attr:`VM.snapshot_missing`) so its owner can have it made after the run;
+#: ``create``: make the snapshot first when there is none, then restore.
+SnapshotMode = Literal["never", "reuse", "auto", "create"]
 #: VM shape when neither the caller nor the image says otherwise.
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY_MB = 1024
@@ -212,8 +217,8 @@ class VM:
             raise UsageError(f"{seed[0]} does not exist")
         self._seed = (Path(seed[0]), seed[1]) if seed is not None else None
         self._seed_timeout = seed_timeout
-        if snapshot not in ("never", "auto", "create"):
-            raise UsageError(f"snapshot must be never, auto or create, not {snapshot!r}")
+        if snapshot not in ("never", "reuse", "auto", "create"):
+            raise UsageError(f"snapshot must be never, reuse, auto or create, not {snapshot!r}")
         #: ``never``: always boot; ``auto``: restore when a matching snapshot
         #: exists; ``create``: make the snapshot first if there is none.
         self.snapshot_mode: SnapshotMode = snapshot
@@ -221,6 +226,9 @@ class VM:
         self._template_dir = template_dir
         #: The snapshot this VM was restored from (None: it booted).
         self.restored_from: Snapshot | None = None
+        #: In ``auto`` mode, the snapshot this VM could have started from but that
+        #: does not exist yet (None: restored, or snapshots do not apply).
+        self.snapshot_missing: SnapshotKey | None = None
         #: What was copied in through the seed disk (set once the VM is ready).
         self.seed_report: PackReport | None = None
         self._stack = AsyncExitStack()
@@ -347,6 +355,8 @@ class VM:
     ) -> None:
         assert self.workdir is not None
         check_restorable(snapshot)
+        store = SnapshotStore(self.dirs)
+        store.mark_used(snapshot)
         overlay = self.workdir / "scratch.qcow2"
         await _make_overlay(overlay, snapshot.scratch)
         spec = replace(
@@ -461,7 +471,18 @@ class VM:
         key = self.snapshot_key(artifacts, accel)
         store = SnapshotStore(self.dirs)
         found = store.get(key)
-        if found is not None or self.snapshot_mode == "auto":
+        if found is not None:
+            try:
+                await asyncio.to_thread(store.verify, found)
+            except SnapshotDamaged as exc:
+                # Never restore half a VM: boot instead, and let the next run make a good one.
+                if self._on_warning:
+                    self._on_warning(f"{exc}: removed it; booting instead")
+                await asyncio.to_thread(store.discard, found)
+                found = None
+        if found is not None or self.snapshot_mode in ("reuse", "auto"):
+            if found is None and self.snapshot_mode == "auto":
+                self.snapshot_missing = key
             return found
         return await store.ensure(
             key, functools.partial(self._make_template, key), progress=self._on_progress

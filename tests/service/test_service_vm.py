@@ -194,6 +194,46 @@ async def test_timeout(warm_service: Service) -> None:
     assert await stdout_of(service, job.id) == "going\n"
 
 
+async def test_a_pool_makes_its_snapshot_and_restores_from_then_on(tmp_path: Path) -> None:
+    # The default (auto): the first VM boots, the snapshot is made beside it, and the
+    # pool's later VMs restore.  A shape no other test uses; the snapshot goes at the end.
+    from stoker.paths import Dirs
+    from stoker.snapshots import SnapshotStore
+
+    config = ServiceConfig.model_validate(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "host": {"name": "snap-test", "cpus": 2, "memory_mb": 2048, "accel": "tcg"},
+            "poll_seconds": 0.5,
+            "pools": {"snap": {"cpus": 1, "memory": 576, "disk": 1088, "min_idle": 1, "max": 2}},
+        }
+    )
+    assert config.pools["snap"].snapshot == "auto"
+    store = SnapshotStore(Dirs.from_env())
+
+    def ours() -> list[Any]:
+        return [s for s in store.list() if s.key.memory_mb == 576 and s.key.disk_mb == 1088]
+
+    service = Service(config)
+    await service.start()
+    try:
+        sup = service.supervisor
+        assert sup is not None
+        pool = sup.pools["snap"]
+        first = await until(lambda: pool.idle and pool.idle[0], 180, "a VM")
+        assert first.restored_from is None
+        (snap,) = await until(ours, 300, "the pool's snapshot")
+        job = await service.submit(JobRequest(command=("true",), pool="snap"), "vm")
+        done = await service.wait(job.id, timeout=120)
+        assert done.state is JobState.SUCCEEDED and done.vm_name == first.name
+        later = await until(lambda: [v for v in pool.idle if v.name != first.name], 180, "a new VM")
+        assert later[0].restored_from is not None and later[0].restored_from.path == snap.path
+    finally:
+        await service.stop(grace=10)
+        for old in ours():
+            store.remove(old.path.name)
+
+
 # ------------------------------------------------------------------ daemons, killed
 
 

@@ -28,8 +28,30 @@ def snapshot_create(
         str | None, typer.Option(help="Writable layer \\[default: the image's].")
     ] = None,
     accel: Annotated[str, typer.Option(help="auto, kvm or tcg.")] = "auto",
+    vmm: Annotated[str, typer.Option(help="The VMM (snapshots: qemu).")] = "qemu",
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            hidden=True,
+            help="The key digest `stoker run` found missing: do nothing when it exists "
+            "or another maker is at work on it.",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
+    from stoker.backends import get_backend
+    from stoker.paths import Dirs
+    from stoker.snapshots import SnapshotStore
     from stoker.vm import VM
+
+    store = SnapshotStore(Dirs.from_env())
+    claim = None
+    if expect is not None:
+        if not expect.isalnum() or len(expect) > 128:
+            raise _fail(UsageError(f"--expect must be a key digest, not {expect!r}"))
+        claim = store.claim_maker(expect)
+        if claim is None:
+            return  # made already, or being made
 
     async def main() -> Any:
         if accel not in ("auto", "kvm", "tcg"):
@@ -40,8 +62,9 @@ def snapshot_create(
             memory=memory,
             disk=disk,
             accel=accel,  # type: ignore[arg-type]
+            backend=get_backend(vmm),
             snapshot="create",
-            on_progress=_progress,
+            on_progress=None if quiet else _progress,
             on_warning=_warning,
         )
         async with vm:
@@ -54,11 +77,42 @@ def snapshot_create(
         raise typer.Exit(128 + exc.signum) from None
     except StokerError as exc:
         raise _fail(exc) from None
+    finally:
+        store.release_maker(claim)
+    evicted = store.gc()
     typer.echo(
         f"{snap.path.name[:12]} {snap.key.image_digest[:12]} {snap.key.cpus}cpu "
         f"{snap.key.memory_mb}M {snap.key.disk_mb}M {snap.key.accel} "
         f"({snap.size_bytes / 1e6:.0f} MB on disk; a clone was ready in {restore:.2f}s)"
     )
+    for old in evicted:
+        typer.echo(f"evicted {old.path.name[:12]} (least recently used)")
+
+
+@snapshot_app.command(
+    "gc",
+    help="Evict least recently used snapshots beyond STOKER_SNAPSHOT_MAX_COUNT (16) "
+    "and STOKER_SNAPSHOT_MAX_BYTES (20 GiB).",
+)
+def snapshot_gc(
+    max_count: Annotated[int | None, typer.Option(min=0, help="Keep at most this many.")] = None,
+    max_bytes: Annotated[
+        str | None, typer.Option(help="Keep at most this much on disk (e.g. 10G).")
+    ] = None,
+) -> None:
+    from stoker.paths import Dirs
+    from stoker.snapshots import SnapshotStore
+    from stoker.units import parse_size_mb
+
+    try:
+        limit = None if max_bytes is None else parse_size_mb(max_bytes, what="--max-bytes") << 20
+        evicted = SnapshotStore(Dirs.from_env()).gc(max_count=max_count, max_bytes=limit)
+    except StokerError as exc:
+        raise _fail(exc) from None
+    for old in evicted:
+        typer.echo(f"evicted {old.path}")
+    if not evicted:
+        typer.echo("nothing to evict")
 
 
 @snapshot_app.command("ls", help="List snapshots.")

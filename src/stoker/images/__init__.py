@@ -18,11 +18,38 @@ Typical use::
 
 from __future__ import annotations
 
-from stoker.images.base import Image, ImageBuilder
-from stoker.images.builder import SpecBuilder, builder_for, default_builder
-from stoker.images.debian import DebianSpec
-from stoker.images.spec import ImageSpec, load_spec_file
-from stoker.images.store import ImageStore
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stoker.images.base import Image, ImageBuilder
+    from stoker.images.builder import SpecBuilder, builder_for, default_builder
+    from stoker.images.debian import DebianSpec
+    from stoker.images.spec import ImageSpec, load_spec_file
+    from stoker.images.store import ImageStore
+
+# Imported when first used: `stoker run` needs stoker.images.base (digests, the
+# Image record) and must not pay for the builders and the spec parser on its way
+# to the VM.
+_HOMES = {
+    "Image": "base",
+    "ImageBuilder": "base",
+    "SpecBuilder": "builder",
+    "builder_for": "builder",
+    "default_builder": "builder",
+    "DebianSpec": "debian",
+    "ImageSpec": "spec",
+    "load_spec_file": "spec",
+    "ImageStore": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'stoker.images' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"stoker.images.{home}"), name)
+
 
 __all__ = [
     "DebianSpec",

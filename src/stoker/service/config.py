@@ -52,7 +52,7 @@ unchanged).  Example, with the defaults of every optional key::
     min_idle = 1                        # VMs kept booted at agent-ready, ahead of demand
     max = 4                             # idle + busy VMs of this pool on one host
     timeout = "30m"                     # default and maximum job timeout
-    snapshot = "auto"                   # restore warm VMs from a snapshot when one exists
+    snapshot = "auto"                   # restore VMs from a snapshot (made after the first boot)
     network = { mode = "egress", allow = ["@pypi", "github.com"] }   # default: the image's
 
     [[tokens]]                          # read by the REST API
@@ -227,7 +227,10 @@ class PoolConfig(_Model):
     max: int = Field(default=4, ge=1, le=10_000)
     #: Default and maximum timeout of a job's command.
     timeout: Seconds = 3600.0
-    snapshot: Literal["never", "auto", "create"] = "auto"
+    #: auto: restore from the pool's snapshot, made in the background after the first
+    #: boot; reuse: restore when one exists, never make one; create: make it before
+    #: the first VM; never: always boot.
+    snapshot: Literal["never", "reuse", "auto", "create"] = "auto"
     #: The network of the pool's VMs (None: the image's ``[network]``, else none).
     network: NetworkPolicy | None = None
 

@@ -122,6 +122,8 @@ class Fleet:
         self._changed = changed
         self._on_connection = on_connection
         self._warm_tasks: set[asyncio.Task[None]] = set()
+        #: Key digests of the snapshots this host is making for its pools.
+        self._making: set[str] = set()
         self._stray: set[asyncio.Task[None]] = set()
         self._log = log.getChild(self.host)
 
@@ -230,6 +232,47 @@ class Fleet:
                         self.discard(vm, pool)
                 pool.idle = alive
 
+    def snapshot_later(self, pool: WarmPool, vm: VM) -> None:
+        """``vm`` booted because its pool's snapshot is missing: make it once, in the background.
+
+        Like a warm boot, the template takes the pool's shape out of the free
+        capacity while it runs; without room now, a later boot asks again.
+        """
+        key = vm.snapshot_missing
+        if key is None or self.tg is None or self.stopping:
+            return
+        digest, cfg = key.digest(), pool.config
+        free = self.free()
+        if digest in self._making or free.cpus < cfg.cpus or free.memory_mb < cfg.memory:
+            return
+        self._making.add(digest)
+        self.reserve(cfg.cpus, cfg.memory)
+        task = self.tg.create_task(
+            self._make_snapshot(pool, digest), name=f"stoker-snapshot-{pool.name}"
+        )
+        self._warm_tasks.add(task)
+        task.add_done_callback(self._warm_tasks.discard)
+
+    async def _make_snapshot(self, pool: WarmPool, digest: str) -> None:
+        vm = self.new_vm(pool, seed=None)
+        vm.snapshot_mode = "create"
+        t0 = time.monotonic()
+        try:
+            async with vm:
+                pass
+            self._log.info(
+                "snapshot %s for pool %s made in %.1fs: its VMs restore from now on",
+                digest[:12],
+                pool.name,
+                time.monotonic() - t0,
+                extra={"pool": pool.name, "host": self.host},
+            )
+        except Exception as exc:
+            self._making.discard(digest)  # a later boot tries again
+            self._log.warning("making a snapshot for pool %s failed: %s", pool.name, exc)
+        finally:
+            self.release(pool.config.cpus, pool.config.memory)
+
     def drain(self) -> None:
         """Stop booting warm VMs and destroy the idle ones (the service stops)."""
         self.stopping = True
@@ -334,6 +377,7 @@ class Fleet:
             )
             ready = True
             self._observe("boot", "warm", seconds)
+            self.snapshot_later(pool, vm)
             self._log.info(
                 "warm VM %s of pool %s ready in %.2fs%s",
                 vm.name,

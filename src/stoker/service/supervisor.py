@@ -462,6 +462,7 @@ class Supervisor:
                 phase = "booting the VM"
                 await vm.start()
                 self._observe("boot", "cold", time.monotonic() - t0)
+                self.fleet.snapshot_later(pool, vm)
             else:
                 phase = "copying the source in"
                 await vm.put(source, GUEST_DIR)
