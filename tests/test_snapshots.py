@@ -50,6 +50,7 @@ KEY = SnapshotKey(
         {"kernel": "linux-image-6.1.0-57-cloud-amd64=6.1.200-1"},
         {"initrd": "def.cpio.gz"},
         {"accel": "kvm"},
+        {"seed_slot_bytes": 1 << 20},
     ],
 )
 def test_key_covers_everything_a_restore_depends_on(change: dict[str, object]) -> None:
@@ -362,4 +363,34 @@ def test_a_run_makes_the_snapshot_the_next_run_restores(dirs: Dirs, tmp_path: Pa
             _wait_gone(pid, 600)
         for snap in store.list():
             if snap.key.memory_mb == 640 and snap.key.disk_mb == 1536:
+                store.remove(snap.path.name)
+
+
+@pytest.mark.vm
+async def test_clones_get_their_project_on_the_seed_slot_or_over_the_channel(
+    dirs: Dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stoker.vm
+
+    # A small slot (and so a snapshot of its own): one project fits, one does not.
+    monkeypatch.setattr(stoker.vm, "SEED_SLOT_BYTES", 1 << 20)
+    small, big = tmp_path / "small", tmp_path / "big"
+    for project, size in ((small, 1000), (big, 3 << 20)):
+        project.mkdir()
+        (project / "data").write_bytes(os.urandom(size))
+    shape = {"memory": "704M", "disk": "1G"}
+    try:
+        for project, by_channel in ((small, False), (big, True)):
+            vm = VM(dirs=dirs, snapshot="create", seed=(project, "/work/p"), **shape)  # type: ignore[arg-type]
+            async with vm:
+                assert vm.restored_from is not None
+                assert vm.restored_from.key.seed_slot_bytes == 1 << 20
+                assert vm._seed_by_channel is by_channel
+                result = await vm.exec(["sha256sum", "/work/p/data"], check=True)
+            want = hashlib.sha256((project / "data").read_bytes()).hexdigest()
+            assert result.stdout.decode().split()[0] == want
+    finally:
+        store = SnapshotStore(dirs)
+        for snap in store.list():
+            if snap.key.memory_mb == 704:
                 store.remove(snap.path.name)

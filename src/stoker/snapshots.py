@@ -48,7 +48,7 @@ from stoker.images.base import canonical_digest
 from stoker.paths import Dirs
 
 #: Bump when the snapshot layout or what a template contains changes.
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 META_FILE = "snapshot.json"
 MEMORY_FILE = "memory"
 SCRATCH_FILE = "scratch.img"
@@ -79,6 +79,8 @@ class SnapshotKey:
     kernel: str
     initrd: str
     accel: str
+    #: Size of the template's seed disk, which clones fill with their project.
+    seed_slot_bytes: int = 0
 
     def digest(self) -> str:
         return canonical_digest({"format": SNAPSHOT_FORMAT, **asdict(self)})

@@ -216,6 +216,8 @@ class VM:
         if seed is not None and not Path(seed[0]).exists():
             raise UsageError(f"{seed[0]} does not exist")
         self._seed = (Path(seed[0]), seed[1]) if seed is not None else None
+        # A clone whose project does not fit the template's seed slot gets it over the channel.
+        self._seed_by_channel = False
         self._seed_timeout = seed_timeout
         if snapshot not in ("never", "reuse", "auto", "create"):
             raise UsageError(f"snapshot must be never, reuse, auto or create, not {snapshot!r}")
@@ -297,8 +299,8 @@ class VM:
             await self._start_network()
             self.state = VMState.READY
             self._log.debug("ready in %.2fs (accel=%s)", self.timings.agent_ready, accel)
-            if snapshot is not None and self._seed is not None:
-                # A clone has the template's devices: no seed disk, so copy over the channel.
+            if snapshot is not None and self._seed is not None and self._seed_by_channel:
+                # Too big for the template's seed slot: copy over the agent channel.
                 t2 = time.monotonic()
                 self.seed_report = await self.put(self._seed[0], self._seed[1])
                 self.timings.seed = time.monotonic() - t2
@@ -315,6 +317,9 @@ class VM:
         if self._seed is not None:
             seed_tar = self.workdir / "seed.tar"
             self.seed_report = await asyncio.to_thread(_pack_to_file, self._seed[0], seed_tar)
+        elif template is not None:
+            # An empty seed slot: each clone puts its own project there (see _restore).
+            seed_tar = await asyncio.to_thread(_seed_slot, self.workdir / "seed-slot", None)
         spec = self._machine_spec(artifacts, accel, scratch, seed_tar)
         if template is not None:
             # A template runs its guest in a shared file: that file becomes the snapshot's RAM.
@@ -359,8 +364,16 @@ class VM:
         store.mark_used(snapshot)
         overlay = self.workdir / "scratch.qcow2"
         await _make_overlay(overlay, snapshot.scratch)
+        # The template has a seed disk of SEED_SLOT_BYTES; this clone's project goes in
+        # it, padded to the slot's size, and is read by the guest as after a boot.
+        seed = None
+        if self._seed is not None:
+            seed = self.workdir / "seed.tar"
+            self.seed_report = await asyncio.to_thread(_pack_to_file, self._seed[0], seed)
+        slot = await asyncio.to_thread(_seed_slot, self.workdir / "seed-slot", seed)
+        self._seed_by_channel = seed is not None and slot != seed
         spec = replace(
-            self._machine_spec(artifacts, accel, overlay, None),
+            self._machine_spec(artifacts, accel, overlay, slot),
             scratch_format="qcow2",
             memory_file=snapshot.memory,
             memory_shared=False,
@@ -393,6 +406,14 @@ class VM:
             ) from None
         self.timings.agent_ready = time.monotonic() - t1
         self.restored_from = snapshot
+        if self._seed is not None and not self._seed_by_channel:
+            t2 = time.monotonic()
+            await self._guarded(
+                self._client.unpack(
+                    SEED_SERIAL, self._seed[1], self._seed_timeout, device=self._vmm.seed_device
+                )
+            )
+            self.timings.seed = time.monotonic() - t2
 
     async def _start_network(self) -> None:
         """Give the guest the network its policy allows (after boot or restore).
@@ -452,6 +473,7 @@ class VM:
             kernel=f"{artifacts.kernel.package}={artifacts.kernel.version}",
             initrd=artifacts.initrd.name,
             accel=accel,
+            seed_slot_bytes=SEED_SLOT_BYTES,
         )
 
     async def _find_snapshot(self, artifacts: BootArtifacts, accel: str) -> Snapshot | None:
@@ -794,6 +816,24 @@ def default_guest_env() -> dict[str, str]:
         "LANG": "C.UTF-8",
         "TERM": "dumb",
     }
+
+
+#: Size of the seed disk of a template, which its clones fill with their project.
+SEED_SLOT_BYTES = 4 << 30
+
+
+def _seed_slot(path: Path, tar: Path | None) -> Path:
+    """The clone's seed disk: ``tar`` padded to the slot's size, else an empty slot at ``path``.
+
+    Sparse either way.  A tar bigger than the slot cannot go there: the slot is
+    left empty and the caller copies the project over the agent channel.
+    """
+    if tar is not None and tar.stat().st_size <= SEED_SLOT_BYTES:
+        os.truncate(tar, SEED_SLOT_BYTES)  # tar stops at its end marker; the rest reads as zeros
+        return tar
+    with path.open("wb") as f:
+        f.truncate(SEED_SLOT_BYTES)
+    return path
 
 
 def _pack_to_file(src: Path, out: Path) -> PackReport:

@@ -30,6 +30,7 @@ import fcntl
 import os
 import select
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -139,6 +140,8 @@ def set_hostname(name: str) -> None:
 # linux/random.h
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
+#: linux/fs.h BLKFLSBUF: drop a block device's cached pages.
+BLKFLSBUF = 0x1261
 
 
 def reseed_random(seed: bytes) -> None:
@@ -592,6 +595,14 @@ class Agent:
 
     def unpack(self, channel: int, device: str, dest: str) -> None:
         try:
+            # A restored clone's seed disk was the template's empty slot: the kernel may
+            # still cache what it read of it then.  Drop that before reading the project.
+            fd = os.open(device, os.O_RDONLY)
+            try:
+                if stat.S_ISBLK(os.fstat(fd).st_mode):
+                    fcntl.ioctl(fd, BLKFLSBUF, 0)
+            finally:
+                os.close(fd)
             tar = next((t for t in ("/usr/bin/tar", "/bin/tar") if os.access(t, os.X_OK)), None)
             if tar is not None:
                 # GNU tar (C) is several times faster than tarfile under emulation.
