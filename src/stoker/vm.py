@@ -526,6 +526,17 @@ class VM:
             template_dir=directory,
         )
         async with template:
+            # Walk once through what every clone does first (unpack its project from the
+            # seed slot, run a command) so that the programs and the agent code it needs
+            # are in the guest's memory in the snapshot, not read from the image by each
+            # clone.  The slot is empty here: an empty archive.
+            assert template._client is not None and template._vmm is not None
+            await template._guarded(
+                template._client.unpack(
+                    SEED_SERIAL, "/tmp", self._seed_timeout, device=template._vmm.seed_device
+                )
+            )
+            await template.exec(["true"], timeout=60, check=True)
             # Everything the guest wrote is on the disk before its state is saved.
             await template.exec(["sync"], timeout=60, check=True)
             t = time.monotonic()

@@ -19,11 +19,12 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 from stoker.errors import InfrastructureError, StokerError, UsageError
 from stoker.units import parse_duration
@@ -46,7 +47,22 @@ app = typer.Typer(
     add_completion=False,
 )
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class _StderrConsole:
+    """rich's stderr Console, made on first use: importing rich is ~16 ms of every
+    command's start-up, and `stoker run` prints nothing of ours on success."""
+
+    _console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, highlight=False, soft_wrap=True)
+        return getattr(self._console, name)
+
+
+err = cast("Console", _StderrConsole())
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -58,6 +74,8 @@ def _safe(text: object) -> str:
     guest must not be able to send escape sequences to the user's terminal or
     break (or fake) our output with markup.
     """
+    from rich.markup import escape
+
     return escape(_CONTROL.sub("\ufffd", str(text)))
 
 

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stoker.cli import _fail, _safe, err
 from stoker.cli.jobs import _DEFAULT_SERVICE_URL, _api_token, _run_client, _TokenFile, _Url
@@ -66,6 +64,9 @@ def github_runners(
     if json_out:
         typer.echo(json.dumps(runners, indent=2))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table()
     for col in ("name", "pool", "state", "target", "job", "github job", "updated"):
         table.add_column(col, no_wrap=True)

@@ -7,8 +7,6 @@ import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stoker.cli import _fail, _safe, err
 from stoker.errors import StokerError, UsageError
@@ -186,6 +184,9 @@ def image_ls(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table()
     for col in ("name", "digest", "size", "built_at"):
         table.add_column(col)

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stoker.cli import (
     EXIT_CANCELLED,
@@ -240,6 +238,9 @@ def job_ls(
     if json_out:
         typer.echo(json.dumps(jobs, indent=2))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table()
     for col in ("id", "state", "exit", "submitter", "pool", "created"):
         table.add_column(col, no_wrap=True)

@@ -6,8 +6,6 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stoker.cli import _fail, _Interrupted, _progress, _run_async, _warning
 from stoker.errors import StokerError, UsageError
@@ -127,6 +125,9 @@ def snapshot_ls(
         rows = [{"id": s.path.name, "path": str(s.path), **s.meta} for s in snaps]
         typer.echo(json.dumps(rows, indent=2))
         return
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table()
     for col in ("id", "image", "shape", "accel", "backend", "on disk", "created"):
         table.add_column(col)
