@@ -311,3 +311,12 @@ def test_guest_text_cannot_drive_the_terminal_or_break_markup() -> None:
     console.print(out)  # must not raise MarkupError
     shown = console.export_text()
     assert "[/dev/vda]" in shown and "[bold]fake[/bold]" in shown
+
+
+def test_the_build_progress_display_starts_and_stops() -> None:
+    # It drives rich's Console as a context manager: the lazily made stderr console
+    # must be the real one there (a proxy broke every `stoker image build` once).
+    from stoker.cli.images import _BuildProgress
+
+    with _BuildProgress() as progress:
+        progress.say("a step")

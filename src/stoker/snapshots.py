@@ -48,7 +48,7 @@ from stoker.images.base import canonical_digest
 from stoker.paths import Dirs
 
 #: Bump when the snapshot layout or what a template contains changes.
-SNAPSHOT_FORMAT = 4
+SNAPSHOT_FORMAT = 5
 META_FILE = "snapshot.json"
 MEMORY_FILE = "memory"
 SCRATCH_FILE = "scratch.img"

@@ -54,15 +54,27 @@ class _StderrConsole:
 
     _console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def get(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(stderr=True, highlight=False, soft_wrap=True)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
 
 
-err = cast("Console", _StderrConsole())
+_stderr = _StderrConsole()
+#: For ``err.print(...)``.  What needs the Console itself (a context manager, a
+#: ``console=`` argument) takes :func:`stderr_console` instead.
+err = cast("Console", _stderr)
+
+
+def stderr_console() -> Console:
+    """The stderr Console itself (made now if it was not yet)."""
+    return _stderr.get()
+
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from stoker.cli import _fail, _safe, err
+from stoker.cli import _fail, _safe, err, stderr_console
 from stoker.errors import StokerError, UsageError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class _BuildProgress:
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeElapsedColumn(),
-            console=err,
+            console=stderr_console(),
             transient=True,
         )
         self._step = self._progress.add_task("starting", total=None)
