@@ -20,6 +20,7 @@ lint: setup
 bench: setup
 	.venv/bin/python bench/coldstart.py
 	.venv/bin/python bench/fastpath.py
+	.venv/bin/python bench/levers.py
 	.venv/bin/python bench/snapshots.py
 	.venv/bin/python bench/images.py
 	.venv/bin/python bench/scheduler.py

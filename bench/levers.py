@@ -1,0 +1,92 @@
+"""Cold-boot levers under TCG, each measured before it is kept (fast-by-default issue).
+
+Boots the default image cold (``snapshot="never"``) to agent-ready with one
+change at a time to QEMU's command line or the guest agent, interleaved so
+that drift hits every variant alike, and prints the median agent-ready time
+and QEMU's peak resident memory per variant.
+
+The variants rewrite the argv that :func:`stoker.backends.qemu.qemu_argv`
+returns (this script only: what is kept goes into ``qemu_argv`` itself and its
+golden tests).  ``baseline`` is what stoker does today.
+
+Usage: ``python bench/levers.py [--runs N] [VARIANT ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+from pathlib import Path
+from typing import Any
+
+import stoker.agent.bundle as bundle
+import stoker.backends.qemu as qemu
+from stoker.vm import VM
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "no agent bytecode": {"no_pyc": True},
+    "-cpu max": {"cpu": "max"},
+    "-cpu qemu64": {"cpu": "qemu64"},
+    "-cpu Nehalem": {"cpu": "Nehalem"},
+    "mitigations=off": {"append": "mitigations=off"},
+    "tb-size=128": {"tb_size": 128},
+    "tb-size=32": {"tb_size": 32},
+}
+
+_argv = qemu.qemu_argv
+_bytecode = bundle._bytecode
+_current: dict[str, Any] = {}
+
+
+def _patched_argv(spec: Any, fds: Any, *, binary: str = qemu.QEMU_BINARY) -> list[str]:
+    argv = _argv(spec, fds, binary=binary)
+    if "append" in _current:
+        i = argv.index("-append")
+        argv[i + 1] += " " + _current["append"]
+    if "cpu" in _current:
+        argv[argv.index("-cpu") + 1] = _current["cpu"]
+    if "tb_size" in _current:
+        i = argv.index("-accel")
+        argv[i + 1] += f",tb-size={_current['tb_size']}"
+    return argv
+
+
+async def boot_once() -> tuple[float, float]:
+    """(launch -> agent ready seconds, QEMU peak RSS MiB) of one cold boot."""
+    bundle._bytecode = (lambda path, source: {}) if _current.get("no_pyc") else _bytecode  # type: ignore[assignment]
+    async with VM(snapshot="never", accel="tcg", agent_files=bundle.agent_files()) as vm:
+        ready = vm.timings.agent_ready - vm.timings.launch
+        await vm.exec(["true"], check=True)
+        status = Path(f"/proc/{vm.vmm_pid}/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    return ready, hwm / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("variants", nargs="*", choices=[[], *VARIANTS], default=[])
+    args = parser.parse_args()
+    names = args.variants or list(VARIANTS)
+    qemu.qemu_argv = _patched_argv  # type: ignore[assignment]
+    asyncio.run(boot_once())  # caches (kernel, initramfs, image) and page cache warm
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for _ in range(args.runs):
+        for name in names:
+            _current.clear()
+            _current.update(VARIANTS[name])
+            results[name].append(asyncio.run(boot_once()))
+    print(f"Cold boots under TCG, medians of {args.runs}, interleaved\n")
+    print("| variant | launch -> agent ready | QEMU peak RSS | runs |")
+    print("|---|---|---|---|")
+    for name, runs in results.items():
+        ready = statistics.median(r for r, _ in runs)
+        rss = statistics.median(m for _, m in runs)
+        each = " ".join(f"{r:.2f}" for r, _ in runs)
+        print(f"| {name} | {ready:.2f} s | {rss:.0f} MiB | {each} |")
+
+
+if __name__ == "__main__":
+    main()
