@@ -593,6 +593,34 @@ def test_initramfs_layout(tmp_path: Path) -> None:
 
 
 @needs_busybox
+def test_the_agent_ships_with_bytecode_it_can_use(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    k = fake_kernel(tmp_path / "k")
+    dirs = Dirs(cache=tmp_path / "cache", runtime=tmp_path / "run")
+    agent = {**AGENT, "stoker/agent/broken.py": b"def (:\n"}
+    ir = build_initramfs(dirs, k, agent_files=agent, modules=[], pci_modules=(), nic_modules=())
+    out = tmp_path / "x"
+    cpio_extract(gzip.decompress(ir.path.read_bytes()), out)
+    cache = out / "stoker-agent/stoker/agent/__pycache__"
+    tag = sys.implementation.cache_tag
+    assert sorted(p.name for p in cache.iterdir()) == [
+        f"__init__.{tag}.pyc",
+        f"__main__.{tag}.pyc",
+    ]  # none for a source that does not compile
+    # This Python takes it (hash-checked against the source) instead of compiling.
+    proc = subprocess.run(
+        [sys.executable, "-B", "-S", "-v", "-c", "import stoker.agent.__main__"],
+        env={"PYTHONPATH": str(out / "stoker-agent")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"__main__.{tag}.pyc matches" in proc.stderr and proc.stdout == "agent\n"
+
+
+@needs_busybox
 def test_pci_modules_are_listed_apart(tmp_path: Path) -> None:
     """virtio-pci (Cloud Hypervisor) loads only with stoker.pci=1: its own list."""
     k = fake_kernel(tmp_path / "k")

@@ -3,13 +3,6 @@
 The initramfs copies these files to ``/usr/lib/stoker-agent`` in the guest; the
 guest never imports the host package (its ``__init__`` files are replaced by
 empty ones so nothing beyond the standard library is needed).
-
-Beside each source goes its bytecode for this host's Python, so a guest with
-the same version (the default Debian image) does not compile the agent on
-every cold boot, which costs a noticeable part of a boot under emulation.  The
-``.pyc`` files are hash-checked against their source: a guest with another
-Python ignores them (other magic number, other file name) and one whose source
-was replaced (the tests' hostile agents) recompiles, as without them.
 """
 
 from __future__ import annotations
@@ -17,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import marshal
 import sys
+from collections.abc import Mapping
 from importlib import resources
 
 # Files of the host package that the agent needs, relative to the package root.
@@ -33,8 +27,6 @@ def agent_files() -> dict[str, bytes]:
     }
     for rel in _SOURCES:
         files["stoker/" + rel] = root.joinpath(rel).read_bytes()
-    for path, source in list(files.items()):
-        files.update(_bytecode(path, source))
     return files
 
 
@@ -42,18 +34,37 @@ def agent_files() -> dict[str, bytes]:
 GUEST_ROOT = "/usr/lib/stoker-agent"
 
 
-def _bytecode(path: str, source: bytes) -> dict[str, bytes]:
-    """``{__pycache__ path: .pyc}`` of one source, hash-checked (PEP 552)."""
+def bytecode(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """``{__pycache__ path: .pyc}`` for the ``.py`` files of ``files``, for this host's Python.
+
+    A guest with the same Python (the default Debian image) then does not compile
+    the agent on every cold boot, about 5% of a boot under emulation.  The files
+    are hash-checked against their source (PEP 552): a guest with another Python
+    ignores them (other magic number, other file name), and a source replaced
+    afterwards (the tests' hostile agents) is recompiled, as without them.  A
+    source that does not compile here gets no bytecode.
+    """
     tag = sys.implementation.cache_tag
-    if tag is None:
-        return {}
-    code = compile(source, f"{GUEST_ROOT}/{path}", "exec", dont_inherit=True)
-    directory, _, name = path.rpartition("/")
-    pyc = f"{directory}/__pycache__/{name[:-3]}.{tag}.pyc"
-    flags = (0b11).to_bytes(4, "little")  # hash-based, checked against the source
-    return {
-        pyc: importlib.util.MAGIC_NUMBER
-        + flags
-        + importlib.util.source_hash(source)
-        + marshal.dumps(code)
-    }
+    out: dict[str, bytes] = {}
+    for path, source in files.items():
+        if tag is None or not path.endswith(".py"):
+            continue
+        try:
+            code = compile(source, f"{GUEST_ROOT}/{path}", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError):
+            continue
+        directory, slash, name = path.rpartition("/")
+        pyc = f"{directory}{slash}__pycache__/{name[:-3]}.{tag}.pyc"
+        flags = (0b11).to_bytes(4, "little")  # hash-based, checked against the source
+        out[pyc] = (
+            importlib.util.MAGIC_NUMBER
+            + flags
+            + importlib.util.source_hash(source)
+            + marshal.dumps(code)
+        )
+    return out
+
+
+def bytecode_key() -> bytes:
+    """What :func:`bytecode` depends on besides the sources (an initramfs cache key part)."""
+    return (sys.implementation.cache_tag or "").encode() + importlib.util.MAGIC_NUMBER

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from stoker.agent.bundle import bytecode, bytecode_key
 from stoker.errors import ProvisionError
 from stoker.kernel.cpio import CpioWriter, Writable
 from stoker.kernel.debian import Kernel
@@ -122,6 +123,8 @@ def build_initramfs(
     _feed(h, b"init", init_text.encode())
     for rel, data in agent:
         _feed(h, b"agent", rel.encode() + b"\0" + hashlib.sha256(data).digest())
+    # The agent's bytecode is made from those sources, by this Python, on a cache miss.
+    _feed(h, b"bytecode", bytecode_key())
     digest = h.hexdigest()
 
     names = tuple(name for name, _ in closure)
@@ -147,7 +150,7 @@ def build_initramfs(
                 modules=closure,
                 pci_modules=pci_closure,
                 nic_modules=nic_closure,
-                agent=agent,
+                agent=_check_agent_files({**dict(agent), **bytecode(dict(agent))}),
             )
         tmp.chmod(0o644)
         tmp.replace(out)
