@@ -265,8 +265,12 @@ async def test_gc_evicts_least_recently_used_and_spares_those_in_use(tmp_path: P
         os.utime(snap.path, (time.time() - age, time.time() - age))
     store.mark_used(snaps[0])  # the oldest is now the most recently used
     assert store.gc(max_count=3, max_bytes=1 << 40) == []
-    with store.in_use(snaps[1]):
+    held = store.hold(snaps[1])  # as a VM running from it does
+    assert held is not None
+    try:
         evicted = store.gc(max_count=2, max_bytes=1 << 40)
+    finally:
+        os.close(held)
     # snaps[1] was least recently used but busy: the next one went instead
     assert [s.path for s in evicted] == [snaps[2].path]
     assert {s.path for s in store.list()} == {snaps[0].path, snaps[1].path}

@@ -38,7 +38,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -120,15 +120,22 @@ class Snapshot:
         return total
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _lock_fd(path: Path, operation: int) -> int | None:
+    """A descriptor of lock file ``path`` holding ``flock(operation)``; close it to release.
+
+    None when ``operation`` has ``LOCK_NB`` and someone else holds the lock.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
         os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class SnapshotStore:
@@ -166,13 +173,30 @@ class SnapshotStore:
             raise UsageError(f"no snapshot {digest_prefix!r}", hint="see `stoker snapshot ls`")
         removed = []
         for snap in matches:
-            with _locked(self.root / ".locks" / f"{snap.path.name}.lock"):
-                aside = self.root / ".tmp" / f"{snap.path.name}-removed-{secrets.token_hex(4)}"
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                snap.path.rename(aside)
-                shutil.rmtree(aside)
+            # Not while it is being made; VMs running from it keep what they opened.
+            fd = _lock_fd(self._lock(snap.path.name, "lock"), fcntl.LOCK_EX)
+            assert fd is not None  # a blocking lock
+            try:
+                self._delete(snap)
+            finally:
+                os.close(fd)
             removed.append(snap.path)
         return removed
+
+    def _lock(self, digest: str, kind: str) -> Path:
+        """``lock``: making or removing ``digest``; ``use``: VMs running from it; ``maker``."""
+        return self.root / ".locks" / f"{digest}.{kind}"
+
+    def _delete(self, snap: Snapshot) -> bool:
+        """Take ``snap`` out of the store (renamed aside first: never half visible)."""
+        aside = self.root / ".tmp" / f"{snap.path.name}-removed-{secrets.token_hex(4)}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            snap.path.rename(aside)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(aside, ignore_errors=True)
+        return True
 
     async def ensure(
         self,
@@ -192,10 +216,9 @@ class SnapshotStore:
         if found is not None:
             return found
         digest = key.digest()
-        lock = self.root / ".locks" / f"{digest}.lock"
         # flock blocks: take it in a thread so the event loop keeps running.
-        holder = _LockHolder(lock)
-        await asyncio.to_thread(holder.acquire)
+        lock = await asyncio.to_thread(_lock_fd, self._lock(digest, "lock"), fcntl.LOCK_EX)
+        assert lock is not None  # a blocking lock
         try:
             found = self.get(key)
             if found is not None:
@@ -234,7 +257,7 @@ class SnapshotStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         finally:
-            holder.release()
+            os.close(lock)
         snap = self.get(key)
         if snap is None:
             raise ProvisionError(f"snapshot {digest[:12]} vanished right after it was made")
@@ -275,25 +298,19 @@ class SnapshotStore:
         with contextlib.suppress(OSError):
             os.utime(snapshot.path)
 
-    @contextlib.contextmanager
-    def in_use(self, snapshot: Snapshot) -> Iterator[None]:
-        """Hold ``snapshot`` against eviction while a VMM opens its files."""
-        lock = self.root / ".locks" / f"{snapshot.path.name}.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
+    def hold(self, snapshot: Snapshot) -> int | None:
+        """Keep ``snapshot`` from eviction while a VM runs from it: close the result to let go.
+
+        None when it is being evicted right now (then do without it).
+        """
+        return _lock_fd(self._lock(snapshot.path.name, "use"), fcntl.LOCK_SH | fcntl.LOCK_NB)
 
     def gc(
         self, *, max_count: int | None = None, max_bytes: int | None = None
     ) -> builtins.list[Snapshot]:
         """Evict least recently used snapshots beyond the bounds; returns those removed.
 
-        A snapshot being made or opened by a VMM right now (its lock held) is
-        skipped: clones already running keep what they mapped either way.
+        A snapshot that VMs run from (see :meth:`hold`) is skipped.
         """
         count_limit = (
             max_count
@@ -312,48 +329,26 @@ class SnapshotStore:
         for snap in snaps:
             if len(snaps) - len(removed) <= count_limit and total <= bytes_limit:
                 break
-            if self._remove_if_idle(snap):
-                removed.append(snap)
-                total -= sizes[snap.path]
+            idle = _lock_fd(self._lock(snap.path.name, "use"), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if idle is None:
+                continue
+            try:
+                if self._delete(snap):
+                    removed.append(snap)
+                    total -= sizes[snap.path]
+            finally:
+                os.close(idle)
         return removed
 
     def discard(self, snapshot: Snapshot) -> None:
-        """Remove a damaged snapshot (unless someone is using it right now)."""
-        self._remove_if_idle(snapshot)
-
-    def _remove_if_idle(self, snap: Snapshot) -> bool:
-        lock = self.root / ".locks" / f"{snap.path.name}.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            aside = self.root / ".tmp" / f"{snap.path.name}-removed-{secrets.token_hex(4)}"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                snap.path.rename(aside)
-            except FileNotFoundError:
-                return False
-            shutil.rmtree(aside, ignore_errors=True)
-            return True
-        finally:
-            os.close(fd)
+        """Remove a damaged snapshot (a VM found it so: nothing can run from it)."""
+        self._delete(snapshot)
 
     def claim_maker(self, digest: str) -> int | None:
         """A lock making ``digest`` this process's job, or None (it exists or is being made)."""
         if self._load(self.root / digest) is not None:
             return None
-        lock = self.root / ".locks" / f"{digest}.maker"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+        return _lock_fd(self._lock(digest, "maker"), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def release_maker(self, claim: int | None) -> None:
         """Give back what :meth:`claim_maker` returned."""
@@ -367,29 +362,6 @@ class SnapshotStore:
             for entry in tmp_root.iterdir():
                 if entry.name.startswith(f"{digest}-"):
                     shutil.rmtree(entry, ignore_errors=True)
-
-
-class _LockHolder:
-    """An exclusive flock taken in one thread and released from another."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 def _env_int(name: str, default: int) -> int:

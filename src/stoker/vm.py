@@ -492,7 +492,7 @@ class VM:
             return None
         key = self.snapshot_key(artifacts, accel)
         store = SnapshotStore(self.dirs)
-        found = store.get(key)
+        found = self._hold(store, store.get(key))
         if found is not None:
             try:
                 await asyncio.to_thread(store.verify, found)
@@ -506,9 +506,18 @@ class VM:
             if found is None and self.snapshot_mode == "auto":
                 self.snapshot_missing = key
             return found
-        return await store.ensure(
+        made = await store.ensure(
             key, functools.partial(self._make_template, key), progress=self._on_progress
         )
+        return self._hold(store, made)
+
+    def _hold(self, store: SnapshotStore, snapshot: Snapshot | None) -> Snapshot | None:
+        """``snapshot``, kept from eviction while this VM runs; None if it is gone already."""
+        held = None if snapshot is None else store.hold(snapshot)
+        if snapshot is None or held is None:
+            return None
+        self._stack.callback(os.close, held)
+        return store.get(snapshot.key)  # still there now that it is held
 
     async def _make_template(self, key: SnapshotKey, directory: Path) -> dict[str, object]:
         """Boot a template VM like this one into ``directory`` and save it there."""
