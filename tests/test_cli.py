@@ -250,7 +250,7 @@ def test_kill_9_of_stoker_takes_the_vm_with_it(tmp_path: Path) -> None:
             assert not status.exists() or "zombie" in status.read_text()
         # The next stoker sweeps the dead run's work directory.
         from stoker.paths import Dirs
-        from stoker.vm import sweep_stale_workdirs
+        from stoker.vmfiles import sweep_stale_workdirs
 
         runtime = Dirs.from_env().runtime
         sweep_stale_workdirs(runtime)

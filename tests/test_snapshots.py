@@ -374,10 +374,10 @@ def test_a_run_makes_the_snapshot_the_next_run_restores(dirs: Dirs, tmp_path: Pa
 async def test_clones_get_their_project_on_the_seed_slot_or_over_the_channel(
     dirs: Dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stoker.vm
+    import stoker.vmfiles
 
     # A small slot (and so a snapshot of its own): one project fits, one does not.
-    monkeypatch.setattr(stoker.vm, "SEED_SLOT_BYTES", 1 << 20)
+    monkeypatch.setattr(stoker.vmfiles, "SEED_SLOT_BYTES", 1 << 20)
     small, big = tmp_path / "small", tmp_path / "big"
     for project, size in ((small, 1000), (big, 3 << 20)):
         project.mkdir()

@@ -10,8 +10,9 @@ The importable API::
         await vm.get("dist/*", "./out", cwd="/work")
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from stoker._lazy import lazy_exports
 from stoker.errors import (
     BootError,
     CommandTimeout,
@@ -30,18 +31,9 @@ if TYPE_CHECKING:
     from stoker.vm import VM, VMState
 
 
-def __getattr__(name: str) -> Any:
-    # The VM machinery (pydantic, qemu.qmp) is imported on first use, so that
-    # ``import stoker.errors`` stays cheap for tools that only need the errors.
-    if name in ("VM", "VMState"):
-        from stoker import vm
-
-        return getattr(vm, name)
-    if name == "ExecResult":
-        from stoker.protocol.client import ExecResult
-
-        return ExecResult
-    raise AttributeError(f"module 'stoker' has no attribute {name!r}")
+# The VM machinery (pydantic, qemu.qmp) is imported on first use, so that
+# ``import stoker.errors`` stays cheap for tools that only need the errors.
+__getattr__ = lazy_exports(__name__, {"VM": "vm", "VMState": "vm", "ExecResult": "protocol.client"})
 
 
 __version__ = "0.1.0"

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
+from stoker import vmfiles
 from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, safe_extract
 from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
 from stoker.backends.accel import AccelRequest, resolve_accel
@@ -312,14 +313,16 @@ class VM:
         assert self.workdir is not None
         template = self._template_dir
         scratch = (template / SCRATCH_FILE) if template else self.workdir / "scratch.img"
-        await _make_scratch_disk(scratch, self.disk_mb)
+        await vmfiles.make_scratch_disk(scratch, self.disk_mb)
         seed_tar = None
         if self._seed is not None:
             seed_tar = self.workdir / "seed.tar"
-            self.seed_report = await asyncio.to_thread(_pack_to_file, self._seed[0], seed_tar)
+            self.seed_report = await asyncio.to_thread(
+                vmfiles.pack_to_file, self._seed[0], seed_tar
+            )
         elif template is not None:
             # An empty seed slot: each clone puts its own project there (see _restore).
-            seed_tar = await asyncio.to_thread(_seed_slot, self.workdir / "seed-slot", None)
+            seed_tar = await asyncio.to_thread(vmfiles.seed_slot, self.workdir / "seed-slot", None)
         spec = self._machine_spec(artifacts, accel, scratch, seed_tar)
         if template is not None:
             # A template runs its guest in a shared file: that file becomes the snapshot's RAM.
@@ -363,14 +366,14 @@ class VM:
         store = SnapshotStore(self.dirs)
         store.mark_used(snapshot)
         overlay = self.workdir / "scratch.qcow2"
-        await _make_overlay(overlay, snapshot.scratch)
+        await vmfiles.make_overlay(overlay, snapshot.scratch)
         # The template has a seed disk of SEED_SLOT_BYTES; this clone's project goes in
         # it, padded to the slot's size, and is read by the guest as after a boot.
         seed = None
         if self._seed is not None:
             seed = self.workdir / "seed.tar"
-            self.seed_report = await asyncio.to_thread(_pack_to_file, self._seed[0], seed)
-        slot = await asyncio.to_thread(_seed_slot, self.workdir / "seed-slot", seed)
+            self.seed_report = await asyncio.to_thread(vmfiles.pack_to_file, self._seed[0], seed)
+        slot = await asyncio.to_thread(vmfiles.seed_slot, self.workdir / "seed-slot", seed)
         self._seed_by_channel = seed is not None and slot != seed
         spec = replace(
             self._machine_spec(artifacts, accel, overlay, slot),
@@ -473,7 +476,7 @@ class VM:
             kernel=f"{artifacts.kernel.package}={artifacts.kernel.version}",
             initrd=artifacts.initrd.name,
             accel=accel,
-            seed_slot_bytes=SEED_SLOT_BYTES,
+            seed_slot_bytes=vmfiles.SEED_SLOT_BYTES,
         )
 
     async def _find_snapshot(self, artifacts: BootArtifacts, accel: str) -> Snapshot | None:
@@ -586,13 +589,13 @@ class VM:
 
     def _make_workdir(self) -> Path:
         runtime = self.dirs.ensure_runtime()
-        sweep_stale_workdirs(runtime)
+        vmfiles.sweep_stale_workdirs(runtime)
         workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=runtime))
         # Written whole and renamed into place: a concurrent sweep must never
         # read a half-written (empty) owner file and take the directory for dead.
-        tmp = workdir / f".{OWNER_FILE}.tmp"
-        tmp.write_text(_process_identity(os.getpid()) or "")
-        tmp.rename(workdir / OWNER_FILE)
+        tmp = workdir / f".{vmfiles.OWNER_FILE}.tmp"
+        tmp.write_text(vmfiles.process_identity(os.getpid()) or "")
+        tmp.rename(workdir / vmfiles.OWNER_FILE)
         return workdir
 
     def _machine_spec(
@@ -786,48 +789,6 @@ class VM:
         )
 
 
-OWNER_FILE = "owner"
-
-
-def _process_identity(pid: int) -> str | None:
-    """``pid:starttime``: survives pid reuse, unlike a bare pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
-
-
-def sweep_stale_workdirs(runtime: Path) -> list[Path]:
-    """Remove VM work directories whose owning stoker process is gone.
-
-    Teardown normally removes them; this catches a stoker that was killed with
-    SIGKILL (its QEMU died with it through the parent-death signal).
-    """
-    removed = []
-    for entry in runtime.glob("stoker-*"):
-        owner = entry / OWNER_FILE
-        try:
-            recorded = owner.read_text().strip()
-        except OSError:
-            continue  # not ours, or still being created
-        if not recorded:
-            continue  # identity unknown: never guess a live VM dead
-        pid = recorded.split(":", 1)[0]
-        if pid.isdigit() and _process_identity(int(pid)) == recorded:
-            continue
-        for _ in range(10):
-            shutil.rmtree(entry, ignore_errors=True)
-            if not entry.exists():
-                removed.append(entry)
-                break
-            # The dead run's VMM may still be exiting (it got SIGKILL with its parent).
-            time.sleep(0.1)
-        else:
-            log.warning("could not remove the stale VM work directory %s", entry)
-    return removed
-
-
 def default_guest_env() -> dict[str, str]:
     """The environment every command starts from."""
     return {
@@ -836,87 +797,6 @@ def default_guest_env() -> dict[str, str]:
         "LANG": "C.UTF-8",
         "TERM": "dumb",
     }
-
-
-#: Size of the seed disk of a template, which its clones fill with their project.
-SEED_SLOT_BYTES = 4 << 30
-
-
-def _seed_slot(path: Path, tar: Path | None) -> Path:
-    """The clone's seed disk: ``tar`` padded to the slot's size, else an empty slot at ``path``.
-
-    Sparse either way.  A tar bigger than the slot cannot go there: the slot is
-    left empty and the caller copies the project over the agent channel.
-    """
-    if tar is not None and tar.stat().st_size <= SEED_SLOT_BYTES:
-        os.truncate(tar, SEED_SLOT_BYTES)  # tar stops at its end marker; the rest reads as zeros
-        return tar
-    with path.open("wb") as f:
-        f.truncate(SEED_SLOT_BYTES)
-    return path
-
-
-def _pack_to_file(src: Path, out: Path) -> PackReport:
-    """Pack ``src`` into a tar file usable as a disk (size a multiple of 512 bytes)."""
-    with out.open("wb") as fh:
-        report = pack_tree(src, fh)
-        size = fh.tell()
-        if size % 512:
-            fh.write(b"\0" * (512 - size % 512))
-    return report
-
-
-async def _make_overlay(path: Path, backing: Path) -> None:
-    """A qcow2 file recording a clone's writes on top of the template's disk."""
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(path)]
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-    except FileNotFoundError as exc:
-        raise LaunchError(
-            "qemu-img is not installed", argv=argv, hint="apt-get install qemu-utils"
-        ) from exc
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise LaunchError(
-            "qemu-img failed", argv=argv, returncode=proc.returncode, output=out.decode()
-        )
-
-
-async def _make_scratch_disk(path: Path, size_mb: int) -> None:
-    """A sparse, freshly formatted ext4 file for the overlay's writable layer."""
-    with path.open("wb") as fh:
-        fh.truncate(size_mb * 1024 * 1024)
-    argv = [
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        # A throw-away disk: no journal, no reserved blocks, lazy init (sparse stays sparse).
-        "-O",
-        "^has_journal",
-        "-m",
-        "0",
-        "-E",
-        "lazy_itable_init=1,nodiscard",
-        str(path),
-    ]
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-    except FileNotFoundError as exc:
-        raise LaunchError(
-            "mkfs.ext4 is not installed", argv=argv, hint="apt-get install e2fsprogs"
-        ) from exc
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise LaunchError(
-            "mkfs.ext4 failed",
-            argv=argv,
-            returncode=proc.returncode,
-            output=out.decode(errors="replace"),
-        )
 
 
 __all__ = ["VM", "ExecResult", "StokerError", "Timings", "VMState"]

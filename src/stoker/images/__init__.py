@@ -18,8 +18,9 @@ Typical use::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from stoker._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from stoker.images.base import Image, ImageBuilder
@@ -44,11 +45,7 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'stoker.images' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"stoker.images.{home}"), name)
+__getattr__ = lazy_exports(__name__, _HOMES)
 
 
 __all__ = [

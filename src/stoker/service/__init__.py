@@ -19,8 +19,9 @@ The pieces, each in its module:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from stoker._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from stoker.service.config import ServiceConfig, load_config
@@ -76,11 +77,7 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'stoker.service' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"stoker.service.{home}"), name)
+__getattr__ = lazy_exports(__name__, _HOMES)
 
 
 __all__ = [

@@ -41,7 +41,8 @@ from stoker.errors import UsageError
 from stoker.protocol import wire
 from stoker.protocol.client import AgentClient
 from stoker.protocol.transport import SocketTransport
-from stoker.vm import OWNER_FILE, VM, VMState, require
+from stoker.vm import VM, VMState, require
+from stoker.vmfiles import OWNER_FILE
 
 #: Exit status a fake VMM reports when :meth:`FakeLaunchedVM.crash` simulates a crash.
 CRASH_STATUS = 134

@@ -33,7 +33,8 @@ from stoker.service.fake_backend import FakeBackend, FakeVM
 from stoker.service.models import VMRecord, utcnow
 from stoker.service.runs import JobRun
 from stoker.service.scheduler import Capacity, PoolState, replenish
-from stoker.vm import OWNER_FILE, VM, VMState
+from stoker.vm import VM, VMState
+from stoker.vmfiles import OWNER_FILE
 
 log = logging.getLogger(__name__)
 

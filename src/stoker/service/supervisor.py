@@ -101,7 +101,7 @@ from stoker.service.scheduler import (
     slots,
 )
 from stoker.service.sessions import SessionRunner
-from stoker.vm import sweep_stale_workdirs
+from stoker.vmfiles import sweep_stale_workdirs
 
 if TYPE_CHECKING:
     from stoker.service.service import Observer

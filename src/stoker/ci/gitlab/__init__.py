@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from stoker._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from stoker.ci.gitlab.run_single import (
@@ -35,11 +37,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # Lazily: the executor (started by gitlab-runner for every stage) imports this
-    # package and must not load the VM runtime that run_single needs.
-    if name in __all__:
-        from stoker.ci.gitlab import run_single
-
-        return getattr(run_single, name)
-    raise AttributeError(f"module 'stoker.ci.gitlab' has no attribute {name!r}")
+# Lazily: the executor (started by gitlab-runner for every stage) imports this
+# package and must not load the VM runtime that run_single needs.
+__getattr__ = lazy_exports(__name__, dict.fromkeys(__all__, "run_single"))
