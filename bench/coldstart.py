@@ -90,11 +90,12 @@ async def rss_and_copy(accel: str, tree: Path) -> tuple[float, float, float, flo
 
 
 def make_tree(root: Path, total_mb: int = 100) -> Path:
-    tree = root / "tree"
+    """A project of ``total_mb`` random 1 MiB files in 10 directories."""
+    tree = root / f"tree-{total_mb}"
     for d in range(10):
         sub = tree / f"d{d}"
         sub.mkdir(parents=True)
-        for f in range(total_mb // 10):
+        for f in range(max(total_mb // 10, 1)):
             (sub / f"f{f}.bin").write_bytes(os.urandom(1 << 20))
     return tree
 

@@ -40,6 +40,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from coldstart import make_tree  # noqa: E402
 from conventional import boot_conventional, build_conventional_image  # noqa: E402
 
 from stoker.paths import Dirs  # noqa: E402
@@ -73,17 +74,6 @@ def wait_gone(pid: int | None, timeout: float = 900) -> None:
         time.sleep(0.2)
     if pid is not None:
         raise SystemExit(f"the snapshot maker {pid} did not finish")
-
-
-def make_tree(root: Path, total_mb: int) -> Path:
-    tree = root / f"tree-{total_mb}"
-    files_per_dir = max(total_mb // 10, 1)
-    for d in range(10):
-        sub = tree / f"d{d}"
-        sub.mkdir(parents=True)
-        for f in range(files_per_dir):
-            (sub / f"f{f}.bin").write_bytes(os.urandom(1 << 20))
-    return tree
 
 
 def copy_in(tree: Path) -> dict[str, float]:
