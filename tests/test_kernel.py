@@ -600,7 +600,15 @@ def test_the_agent_ships_with_bytecode_it_can_use(tmp_path: Path) -> None:
     k = fake_kernel(tmp_path / "k")
     dirs = Dirs(cache=tmp_path / "cache", runtime=tmp_path / "run")
     agent = {**AGENT, "stoker/agent/broken.py": b"def (:\n"}
-    ir = build_initramfs(dirs, k, agent_files=agent, modules=[], pci_modules=(), nic_modules=())
+    ir = build_initramfs(
+        dirs,
+        k,
+        agent_files=agent,
+        modules=[],
+        pci_modules=(),
+        nic_modules=(),
+        agent_bytecode=True,
+    )
     out = tmp_path / "x"
     cpio_extract(gzip.decompress(ir.path.read_bytes()), out)
     cache = out / "stoker-agent/stoker/agent/__pycache__"

@@ -83,6 +83,7 @@ def resolve_artifacts(
         modules=modules,
         pci_modules=() if not modules else PCI_MODULES,
         nic_modules=() if not modules else NIC_MODULES,
+        agent_bytecode=True,
     )
     return BootArtifacts(kernel=kernel, initrd=initramfs.path, image=found)
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -346,3 +347,16 @@ def test_the_cli_outside_gitlab_runner(tmp_path: Path, cli_env: dict[str, str]) 
     assert done.returncode == 1 and "BUILD_FAILURE_EXIT_CODE is not set" in done.stderr
     bad = stoker(tmp_path, cli_env, "--builds-dir", "rel", "config")
     assert bad.returncode == 1 and "--builds-dir must be an absolute guest path" in bad.stderr
+
+
+def test_cleanup_after_the_private_service_died(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    # Its VM died with it: cleanup has nothing left to end and says so, instead of
+    # failing the job's cleanup on an API that is gone.
+    prepared = stoker(tmp_path, cli_env, "prepare")
+    assert prepared.returncode == 0, prepared.stderr
+    state = json.loads(next((tmp_path / "state").glob("*.json")).read_text())
+    os.kill(state["pid"], signal.SIGKILL)
+    cleaned = stoker(tmp_path, cli_env, "cleanup")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "the private service is stopped, and the VM with it" in cleaned.stdout
+    assert not list((tmp_path / "state").glob("*.json"))

@@ -76,8 +76,12 @@ def build_initramfs(
     modules: Iterable[str] = GUEST_MODULES,
     pci_modules: Iterable[str] = PCI_MODULES,
     nic_modules: Iterable[str] = NIC_MODULES,
+    agent_bytecode: bool = False,
 ) -> Initramfs:
     """Return the initramfs for these inputs, building it on a cache miss.
+
+    ``agent_bytecode``: add the agent's ``.pyc`` files for this host's Python
+    (:func:`stoker.agent.bundle.bytecode`), made on a cache miss only.
 
     ``agent_files`` maps relative paths (``stoker/agent/__main__.py``) to file
     contents; they end up under ``/usr/lib/stoker-agent`` in the guest.
@@ -123,8 +127,9 @@ def build_initramfs(
     _feed(h, b"init", init_text.encode())
     for rel, data in agent:
         _feed(h, b"agent", rel.encode() + b"\0" + hashlib.sha256(data).digest())
-    # The agent's bytecode is made from those sources, by this Python, on a cache miss.
-    _feed(h, b"bytecode", bytecode_key())
+    if agent_bytecode:
+        # Made from those sources, by this Python, on a cache miss.
+        _feed(h, b"bytecode", bytecode_key())
     digest = h.hexdigest()
 
     names = tuple(name for name, _ in closure)
@@ -150,7 +155,11 @@ def build_initramfs(
                 modules=closure,
                 pci_modules=pci_closure,
                 nic_modules=nic_closure,
-                agent=_check_agent_files({**dict(agent), **bytecode(dict(agent))}),
+                agent=(
+                    _check_agent_files({**dict(agent), **bytecode(dict(agent))})
+                    if agent_bytecode
+                    else agent
+                ),
             )
         tmp.chmod(0o644)
         tmp.replace(out)

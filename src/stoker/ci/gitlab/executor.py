@@ -460,12 +460,13 @@ async def cleanup(options: ExecutorOptions, job: JobEnv, say: Write) -> None:
     path = SessionState.path(options, job)
     state = SessionState.load(path)
     problems: list[str] = []
+    unended: str | None = None
     if state is not None and state.url:
         try:
             async with ApiClient(state.url, _token_of(options, state), timeout=15) as api:
                 await _end_sessions(api, state.job_id, job.key, say)
         except (StokerError, OSError) as exc:
-            problems.append(f"ending the session: {exc}")
+            unended = f"ending the session: {exc}"
     elif state is None and options.service_url is not None:
         # prepare may have died between submitting and writing its state: find it by its mark.
         try:
@@ -480,6 +481,13 @@ async def cleanup(options: ExecutorOptions, job: JobEnv, say: Write) -> None:
             await stop_local_service(Path(state.directory), state.pid)
         except (StokerError, OSError) as exc:
             problems.append(f"stopping the private service: {exc}")
+        else:
+            if unended is not None:
+                # Its VM dies with the private service (parent-death signal): ended either way.
+                say(f"{unended}; the private service is stopped, and the VM with it")
+                unended = None
+    if unended is not None:
+        problems.insert(0, unended)
     if problems:
         # The state stays, so that another cleanup can finish the work.
         raise SystemFailure("cleanup incomplete: " + "; ".join(problems))

@@ -183,6 +183,8 @@ async def _watch(url: str, token: str, stop: asyncio.Event) -> None:
     """Stop once every job has ended (after the first), or when none came in time."""
     import httpx
 
+    from stoker.service.jobs import JobState
+
     started = time.monotonic()
     seen = False
     async with httpx.AsyncClient(
@@ -192,7 +194,9 @@ async def _watch(url: str, token: str, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.5)
             with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
                 jobs = (await client.get("/v1/jobs", params={"limit": 10})).json()["jobs"]
-                active = [j for j in jobs if j["state"] in ("queued", "booting", "running")]
+                # Every state but the final ones (an "assigned" job counts: it was taken
+                # for active once the service stopped itself under a prepare, mid-way).
+                active = [j for j in jobs if not JobState(j["state"]).terminal]
                 seen = seen or bool(jobs)
                 if (seen and not active) or (
                     not seen and time.monotonic() - started > FIRST_JOB_SECONDS
