@@ -67,6 +67,10 @@ def no_leaked_vms(runtime_dir: Path) -> Iterator[None]:
     # `stoker run` restores snapshots but starts no background snapshot makers (processes
     # no test would reap); test_snapshots.py tests the default by unsetting this.
     os.environ["STOKER_SNAPSHOT"] = "reuse"
+    # Images with kernel = "auto" boot Debian's kernel throughout, also after the
+    # kernel build test has put a microVM kernel in the shared cache: no test's
+    # kernel depends on the order the tests ran in.  test_image_vm.py tests "auto".
+    os.environ["STOKER_AUTO_KERNEL"] = "debian-cloud"
     yield
     deadline = time.monotonic() + 5
     leaked = _processes_mentioning(str(runtime_dir))

@@ -20,16 +20,10 @@ import argparse
 import asyncio
 import copy
 import functools
-import glob
-import gzip
 import json
-import lzma
 import os
 import re
-import shutil
 import signal
-import struct
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -60,7 +54,6 @@ from stoker.errors import (
     GuestProtocolError,
     InfrastructureError,
     LaunchError,
-    ProvisionError,
     UsageError,
 )
 from stoker.protocol import wire
@@ -1040,125 +1033,6 @@ def test_describe(tmp_path: Path) -> None:
     assert facts["version"] == "1.16.1"
     assert facts["usable"] in ("yes", "no") and facts["why"]
     assert "jailer" in facts
-
-
-# ---------------------------------------------------------------------------- vmlinux
-
-
-def _elf(size: int = 200_000) -> bytes:
-    """A stand-in ELF64 x86_64 image (compressible, not trivially so)."""
-    header = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack("<HH", 2, 62)
-    body = b"".join(i.to_bytes(4, "little") for i in range(size // 4))
-    return header + body[: size - len(header)]
-
-
-def _bzimage(payload: bytes, *, decoy: bytes = b"", setup_sects: int = 3) -> bytes:
-    """A file laid out like an x86 bzImage: boot sector + setup, then the payload."""
-    setup = bytearray((setup_sects + 1) * 512)
-    setup[0x1F1] = setup_sects
-    setup[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", setup, 0x206, 0x020F)
-    setup[0x300 : 0x300 + len(decoy)] = decoy  # something that looks compressed, but is not it
-    offset = 0x40  # the decompressor stub comes first in the protected-mode part
-    struct.pack_into("<II", setup, 0x248, offset, len(payload))
-    return bytes(setup) + b"\x90" * offset + payload + b"\xcc" * 100
-
-
-def _with_size(compressed: bytes, size: int) -> bytes:
-    """What the kernel build does for every format but gzip: append the size."""
-    return compressed + struct.pack("<I", size)
-
-
-def test_extract_gzip_bzimage(tmp_path: Path) -> None:
-    image = _elf()
-    decoy = gzip.compress(b"not a kernel")
-    path = tmp_path / "vmlinuz-6.1"
-    path.write_bytes(_bzimage(gzip.compress(image), decoy=decoy))
-    out = fc.extract_vmlinux(path)
-    assert out == tmp_path / "vmlinux-6.1"
-    assert out.read_bytes() == image
-
-
-def test_extract_xz_bzimage_and_cache(tmp_path: Path) -> None:
-    image = _elf()
-    path = tmp_path / "vmlinuz"
-    path.write_bytes(_bzimage(_with_size(lzma.compress(image), len(image))))
-    out = fc.extract_vmlinux(path, tmp_path / "out.elf")
-    assert out.read_bytes() == image
-    before = out.stat()
-    assert fc.extract_vmlinux(path, out) == out
-    assert out.stat().st_ino == before.st_ino  # reused, not rewritten
-    os.utime(path)  # a newer bzImage: extracted again
-    os.utime(out, (before.st_atime - 10, before.st_mtime - 10))
-    fc.extract_vmlinux(path, out)
-    assert out.stat().st_ino != before.st_ino
-
-
-@pytest.mark.skipif(shutil.which("lz4") is None, reason="the lz4 tool is not installed")
-def test_extract_lz4_bzimage_through_the_tool(tmp_path: Path) -> None:
-    image = _elf()
-    legacy = subprocess.run(["lz4", "-l", "-c"], input=image, capture_output=True, check=True)
-    path = tmp_path / "vmlinuz"
-    path.write_bytes(_bzimage(_with_size(legacy.stdout, len(image))))
-    assert fc.extract_vmlinux(path).read_bytes() == image
-
-
-def test_extract_by_magic_scan_without_a_header(tmp_path: Path) -> None:
-    image = _elf()
-    junk = b"\x1f\x8b\x08 not really gzip " * 3
-    path = tmp_path / "kernel.bin"
-    path.write_bytes(junk + lzma.compress(image) + b"trailing")
-    out = fc.extract_vmlinux(path)
-    assert out == tmp_path / "kernel.bin.vmlinux"
-    assert out.read_bytes() == image
-
-
-def test_extract_missing_tool_says_what_to_install(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda n: None if n == "zstd" else real_which(n))
-    path = tmp_path / "vmlinuz"
-    path.write_bytes(_bzimage(_with_size(b"\x28\xb5\x2f\xfd" + bytes(32), 100)))
-    with pytest.raises(ProvisionError, match="zstd") as caught:
-        fc.extract_vmlinux(path)
-    assert caught.value.hint == "install zstd (apt-get install zstd)"
-
-
-def test_extract_refuses_what_is_not_a_kernel(tmp_path: Path) -> None:
-    path = tmp_path / "vmlinuz"
-    path.write_bytes(_bzimage(gzip.compress(b"#!/bin/sh\necho not elf\n")))
-    with pytest.raises(ProvisionError, match="no compressed ELF kernel"):
-        fc.extract_vmlinux(path)
-    assert not list(tmp_path.glob(".vmlinux*"))  # no temporary file left
-
-
-def test_an_elf_kernel_is_used_as_it_is(tmp_path: Path) -> None:
-    path = tmp_path / "vmlinux"
-    path.write_bytes(_elf())
-    assert fc.extract_vmlinux(path) == path
-
-
-REAL_KERNELS = sorted(glob.glob(os.path.expanduser("~/.cache/stoker/kernels/*/boot/vmlinuz-*")))
-
-
-@pytest.mark.skipif(not REAL_KERNELS, reason="no kernel in ~/.cache/stoker/kernels (stoker run)")
-def test_extract_the_real_cached_kernel(tmp_path: Path) -> None:
-    bzimage = Path(REAL_KERNELS[-1])
-    header = fc.bzimage_payload(bzimage.read_bytes())
-    assert header is not None
-    fmt = fc._format_at(bzimage.read_bytes(), header[0])
-    if fmt in ("lz4", "zstd", "lzo") and shutil.which({"lzo": "lzop"}.get(fmt, fmt)) is None:
-        pytest.skip(f"the kernel is {fmt}-compressed and the {fmt} tool is not installed")
-    out = fc.extract_vmlinux(bzimage, tmp_path / "vmlinux")
-    data = out.read_bytes()
-    assert fc.is_elf64(data)
-    (e_machine,) = struct.unpack_from("<H", data, 18)
-    assert e_machine == 62  # EM_X86_64
-    (entry,) = struct.unpack_from("<Q", data, 24)
-    assert entry != 0
-    payload = bzimage.read_bytes()[header[0] : header[0] + header[1]]
-    assert len(data) == struct.unpack("<I", payload[-4:])[0]
 
 
 # ---------------------------------------------------------------------------- real boots

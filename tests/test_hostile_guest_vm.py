@@ -16,7 +16,7 @@ from stoker.errors import (
     UnsafeArchive,
 )
 from stoker.paths import Dirs
-from stoker.protocol.client import ChannelLimits
+from stoker.protocol.common import ChannelLimits
 from stoker.vm import VM, VMState
 
 pytestmark = pytest.mark.vm

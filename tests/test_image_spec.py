@@ -417,7 +417,8 @@ REJECTIONS = {
         """,
         3,
         "image.ci.kernel",
-        "unknown kernel 'linux-latest'; expected 'debian-cloud' or 'stoker-microvm' or a path",
+        "unknown kernel 'linux-latest'; expected 'debian-cloud', 'stoker-microvm', 'auto' "
+        "or a path",
     ),
     "bad size": (
         """

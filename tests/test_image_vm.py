@@ -10,6 +10,7 @@ under ``test-*`` names, so a second run finds them built.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from stoker.artifacts import BootArtifacts
+from stoker.artifacts import BootArtifacts, resolve_artifacts
 from stoker.ci import github, gitlab
+from stoker.errors import UsageError
 from stoker.images import ImageStore, SpecBuilder
 from stoker.images.builder import resolve_kernel
 from stoker.images.catalog import SPECS_DIR
@@ -306,7 +308,7 @@ async def test_image_on_the_microvm_kernel(
         (SPECS_DIR / "default.toml")
         .read_text()
         .replace('name = "default"', 'name = "test-microvm"')
-        .replace('kernel = "debian-cloud"', 'kernel = "stoker-microvm"')
+        .replace('kernel = "auto"', 'kernel = "stoker-microvm"')
     )
     proc = subprocess.run(
         [*STOKER, "image", "build", str(spec)],
@@ -325,3 +327,32 @@ async def test_image_on_the_microvm_kernel(
         assert vm.restored_from is None
     release, modules = result.stdout.decode().split()
     assert release != boot_artifacts.kernel.release and modules == "0"
+
+
+@pytest.mark.skipif(
+    os.environ.get("STOKER_TEST_KERNEL_BUILD") == "0", reason="STOKER_TEST_KERNEL_BUILD=0"
+)
+async def test_auto_kernel_follows_the_microvm_build(
+    dirs: Dirs, boot_artifacts: BootArtifacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default image says kernel = "auto": once the microVM kernel is built, it boots that."""
+    from stoker.kernel.build import build_microvm_kernel
+
+    built = await asyncio.to_thread(build_microvm_kernel, dirs)  # cached by the test above
+    assert ImageStore(dirs).get("default").manifest["kernel"]["kind"] == "auto"  # type: ignore[union-attr,index]
+    monkeypatch.delenv("STOKER_AUTO_KERNEL", raising=False)
+    async with VM("default", dirs=dirs, snapshot="never") as vm:
+        result = await vm.exec(["uname", "-r"], check=True)
+        assert vm.restored_from is None
+    assert result.stdout.decode().strip() == built.release
+    assert resolve_artifacts(dirs).kernel.vmlinuz == built.vmlinux
+    # The override (what the rest of the suite runs with): Debian's kernel, through PVH.
+    monkeypatch.setenv("STOKER_AUTO_KERNEL", "debian-cloud")
+    async with VM("default", dirs=dirs, snapshot="never") as vm:
+        result = await vm.exec(["uname", "-r"], check=True)
+    assert result.stdout.decode().strip() == boot_artifacts.kernel.release
+    assert resolve_artifacts(dirs).kernel.vmlinuz.name.startswith("vmlinux-")
+    monkeypatch.setenv("STOKER_AUTO_KERNEL", "linux-4.4")
+    with pytest.raises(UsageError, match=r"'linux-4\.4' is not a kernel"):
+        async with VM("default", dirs=dirs, snapshot="never"):
+            pass

@@ -46,7 +46,7 @@ from stoker.procs import run_checked
 HAVE_MKFS_EROFS = shutil.which("mkfs.erofs") is not None
 needs_mkfs = pytest.mark.skipif(not HAVE_MKFS_EROFS, reason="mkfs.erofs (erofs-utils) missing")
 is_root = os.geteuid() == 0
-DEFAULT_DIGEST = "d4f37014af0c98ae004245c46f294c96253212bcd0f8b4eec209ef453d5cef40"
+DEFAULT_DIGEST = "6c7fac1429a6923a9f297c6f13d8f816a44e3b56e80d362f1ec58355da85ff9a"
 
 
 # --- spec and digest ----------------------------------------------------------------------------

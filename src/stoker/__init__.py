@@ -27,13 +27,13 @@ from stoker.errors import (
 )
 
 if TYPE_CHECKING:
-    from stoker.protocol.client import ExecResult
+    from stoker.protocol.common import ExecResult
     from stoker.vm import VM, VMState
 
 
 # The VM machinery (pydantic, qemu.qmp) is imported on first use, so that
 # ``import stoker.errors`` stays cheap for tools that only need the errors.
-__getattr__ = lazy_exports(__name__, {"VM": "vm", "VMState": "vm", "ExecResult": "protocol.client"})
+__getattr__ = lazy_exports(__name__, {"VM": "vm", "VMState": "vm", "ExecResult": "protocol.common"})
 
 
 __version__ = "0.1.0"

@@ -7,8 +7,9 @@ with ``mmdebstrap`` (minutes), reporting progress through ``progress``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stoker.agent.bundle import agent_files
@@ -17,11 +18,22 @@ from stoker.images.base import Image
 from stoker.images.store import ImageStore
 from stoker.kernel import GUEST_MODULES, Kernel, build_initramfs, provision_kernel
 from stoker.kernel.build import KERNEL_NAME as MICROVM
-from stoker.kernel.build import BuiltKernel, build_microvm_kernel, entry_name, load_entry
+from stoker.kernel.build import (
+    BuiltKernel,
+    build_microvm_kernel,
+    cached_microvm_kernel,
+    entry_name,
+    load_entry,
+)
 from stoker.kernel.modules import NIC_MODULES, PCI_MODULES
+from stoker.kernel.vmlinux import pvh_kernel
 from stoker.paths import Dirs
 
 DEFAULT_IMAGE = "default"
+#: The spec's ``kernel = "auto"``: the microVM kernel once built, else Debian's.
+AUTO = "auto"
+#: Overrides what ``kernel = "auto"`` boots (``debian-cloud`` or ``stoker-microvm``).
+AUTO_KERNEL_ENV = "STOKER_AUTO_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -69,13 +81,19 @@ def resolve_artifacts(
             progress("building the default image (first run only; takes a few minutes)")
         found = store.ensure(default_builder(dirs, progress=progress), progress=progress)
     modules: tuple[str, ...] = GUEST_MODULES
-    if _check_kernel(found) == MICROVM:
+    kind = _check_kernel(found)
+    built = auto_microvm_kernel(dirs) if kind == AUTO else None
+    if kind == MICROVM or built is not None:
         # Everything built in: the initramfs only mounts and starts the agent.
         # The vmlinux boots through PVH (QEMU) and as-is on Firecracker.
-        kernel = _microvm_kernel(dirs, found, progress).as_kernel(boot="vmlinux")
+        built = built or _microvm_kernel(dirs, found, progress)
+        kernel = built.as_kernel(boot="vmlinux")
         modules = ()
     else:
         kernel = provision_kernel(dirs, progress=progress)
+        # Its vmlinux through the PVH entry: no real-mode setup and no
+        # decompression, which under TCG is about a tenth of a cold boot.
+        kernel = replace(kernel, vmlinuz=pvh_kernel(kernel.vmlinuz))
     initramfs = build_initramfs(
         dirs,
         kernel,
@@ -101,13 +119,33 @@ def _check_kernel(image: Image) -> str:
     kind = kernel.get("kind") if isinstance(kernel, dict) else None
     if kind in (None, "debian-cloud"):
         return "debian-cloud"
-    if kind == MICROVM:
-        return MICROVM
+    if kind in (MICROVM, AUTO):
+        return str(kind)
     raise ProvisionError(
         f"image {image.name!r} is made for a kernel file ({kind!r}); "
         "this runtime boots the Debian cloud kernel and stoker-microvm",
         hint='rebuild the image with kernel = "debian-cloud" or "stoker-microvm"',
     )
+
+
+def auto_microvm_kernel(dirs: Dirs) -> BuiltKernel | None:
+    """The microVM kernel an image with ``kernel = "auto"`` boots, None: Debian's.
+
+    The one ``stoker kernel build`` last built, if any (never builds: a file
+    read).  ``STOKER_AUTO_KERNEL=debian-cloud`` or ``=stoker-microvm`` decides
+    instead; the latter builds the kernel if it is missing.
+    """
+    choice = os.environ.get(AUTO_KERNEL_ENV, "")
+    if choice == "debian-cloud":
+        return None
+    if choice == MICROVM:
+        return build_microvm_kernel(dirs)
+    if choice:
+        raise UsageError(
+            f"{AUTO_KERNEL_ENV}={choice!r} is not a kernel",
+            hint=f"set it to debian-cloud or {MICROVM}, or unset it",
+        )
+    return cached_microvm_kernel(dirs)
 
 
 def _microvm_kernel(

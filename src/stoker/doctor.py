@@ -10,6 +10,7 @@ from typing import Literal
 from stoker.backends.accel import cached_verdict
 from stoker.backends.qemu import QEMU_BINARY, kvm_device_status, qemu_version
 from stoker.errors import LaunchError
+from stoker.kernel.vmlinux import default_vmlinux_path
 from stoker.paths import Dirs
 from stoker.procs import run_checked
 
@@ -66,6 +67,18 @@ def nix_check(path: str | None = None) -> Check:
     return Check("nix", "ok", f"{version} ({nix})" if version else nix)
 
 
+def microvm_check(dirs: Dirs, *, accel: str) -> Check:
+    """Whether the microVM kernel is built, and what it saves (or would) on this host."""
+    from stoker.boottimes import microvm_advice
+    from stoker.kernel.build import cached_microvm_kernel
+
+    built = cached_microvm_kernel(dirs)
+    advice = microvm_advice(dirs, built=built is not None, accel=accel)
+    if built is None:
+        return Check("microvm kernel", "warn", f"not built; {advice}")
+    return Check("microvm kernel", "ok", f"{built.release} built ({built.root}); {advice}")
+
+
 def run_checks(dirs: Dirs | None = None) -> Report:
     """Inspect the host; never raises for a missing piece, reports it instead."""
     from stoker.images import ImageStore
@@ -98,7 +111,8 @@ def run_checks(dirs: Dirs | None = None) -> Report:
     if kernel is not None:
         initrds = sorted(dirs.initramfs.glob("*.cpio.gz"))
         for initrd in initrds:
-            verdict = cached_verdict(dirs, kernel.vmlinuz, initrd) or verdict
+            for boots in (kernel.vmlinuz, default_vmlinux_path(kernel.vmlinuz)):
+                verdict = cached_verdict(dirs, boots, initrd) or verdict
     if not kvm_ok:
         add(Check("kvm", "warn", f"not usable: {kvm_why}; VMs use TCG emulation (slower)"))
     elif verdict is None:
@@ -129,6 +143,8 @@ def run_checks(dirs: Dirs | None = None) -> Report:
                 "" if apt else "stoker needs apt-get to fetch Debian's cloud kernel",
             )
         )
+
+    add(microvm_check(dirs, accel="kvm" if verdict is not None and verdict.usable else "tcg"))
 
     images = ImageStore(dirs).list()
     if images:

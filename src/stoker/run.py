@@ -14,17 +14,19 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stoker.archive import ExtractLimits
 from stoker.backends import VMMS, get_backend
 from stoker.backends.accel import AccelRequest
 from stoker.errors import CommandTimeout, UsageError
-from stoker.net.policy import NetworkPolicy
 from stoker.paths import Dirs
-from stoker.protocol.client import OutputSink
+from stoker.protocol.common import OutputSink
 from stoker.snapshots import SnapshotKey
 from stoker.vm import VM, SnapshotMode
+
+if TYPE_CHECKING:
+    from stoker.net.policy import NetworkPolicy
 
 GUEST_WORK_ROOT = "/work"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
+import importlib
 import logging
 import os
 import secrets
 import shutil
-import tempfile
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from stoker import vmfiles
 from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, safe_extract
@@ -41,11 +42,11 @@ from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
 from stoker.backends.accel import AccelRequest, resolve_accel
 from stoker.backends.base import Backend, LaunchedVM, MachineSpec
 from stoker.backends.qemu import SEED_SERIAL, QemuBackend, host_tsc_khz
+from stoker.boottimes import record_cold_boot
 from stoker.errors import (
     BootError,
     GuestPanic,
     GuestProtocolError,
-    InfrastructureError,
     JobFailed,
     LaunchError,
     StokerError,
@@ -53,11 +54,9 @@ from stoker.errors import (
     VMError,
     VMMCrashed,
 )
-from stoker.net.channel import GuestNetwork, proxy_env
-from stoker.net.policy import NetworkPolicy, image_network_policy
-from stoker.net.proxy import ConnectionRecord, EgressProxy, Resolver
+from stoker.lifecycle import Timings, VMState, require
 from stoker.paths import Dirs
-from stoker.protocol.client import AgentClient, ChannelClosed, ChannelLimits, ExecResult, OutputSink
+from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, OutputSink
 from stoker.snapshots import (
     MEMORY_FILE,
     SCRATCH_FILE,
@@ -70,14 +69,19 @@ from stoker.snapshots import (
 )
 from stoker.units import parse_size_mb
 
+if TYPE_CHECKING:
+    # Loaded when used: they import pydantic (about 60 ms), which a VM without
+    # a network needs only for its agent client, loaded while the VMM starts.
+    from stoker.net.policy import NetworkPolicy
+    from stoker.net.proxy import ConnectionRecord, EgressProxy, Resolver
+    from stoker.protocol.client import AgentClient
+
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 DEFAULT_BOOT_TIMEOUT = 120.0
-#: QEMU user-mode networking's DNS forwarder, as seen from a nat-mode guest.
-NAT_DNS = "10.0.2.3"
 #: ``never``: boot; ``reuse``: restore a matching snapshot if one exists, else boot;
 #: ``auto``: as reuse, and a VM that booted says which snapshot is missing
 #: (:attr:`VM.snapshot_missing`) so its owner can have it made after the run;
@@ -88,55 +92,6 @@ DEFAULT_CPUS = 2
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_DISK_MB = 4096
 MAX_CPUS = 64
-
-
-class VMState(enum.Enum):
-    CREATED = "created"
-    BOOTING = "booting"
-    READY = "ready"
-    STOPPING = "stopping"
-    DEAD = "dead"
-
-
-def require(*states: VMState) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
-    """Guard a coroutine method so it only runs in the given states."""
-
-    def deco(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        @functools.wraps(fn)
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            vm = args[0]
-            assert isinstance(vm, VM)
-            if vm.state not in states:
-                allowed = ", ".join(s.value for s in states)
-                raise InfrastructureError(
-                    f"{fn.__name__}() needs the VM to be {allowed}; it is {vm.state.value}"
-                )
-            return await fn(*args, **kwargs)
-
-        return wrapper
-
-    return deco
-
-
-@dataclass
-class Timings:
-    """Where the time went, in seconds (monotonic clock)."""
-
-    prepare: float = 0.0
-    launch: float = 0.0
-    agent_ready: float = 0.0
-    #: Unpacking the seed disk in the guest (0 without one).
-    seed: float = 0.0
-    teardown: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "prepare": round(self.prepare, 4),
-            "launch": round(self.launch, 4),
-            "agent_ready": round(self.agent_ready, 4),
-            "seed": round(self.seed, 4),
-            "teardown": round(self.teardown, 4),
-        }
 
 
 class VM:
@@ -184,8 +139,8 @@ class VM:
         self.image_env: dict[str, str] = {}
         #: The network policy asked for; None: the image's (its spec's ``[network]``).
         self._network_request = network
-        #: The policy in force, once the VM started.
-        self.network = network or NetworkPolicy()
+        # The policy in force once the VM started (None: none, made when asked for).
+        self._network: NetworkPolicy | None = network
         #: The job this VM serves (for connection records), if any.
         self.job = job
         self._on_connection = on_connection
@@ -220,6 +175,7 @@ class VM:
         # A clone whose project does not fit the template's seed slot gets it over the channel.
         self._seed_by_channel = False
         self._seed_timeout = seed_timeout
+        self._seed_size: int | None = None  # of its archive, once packed
         if snapshot not in ("never", "reuse", "auto", "create"):
             raise UsageError(f"snapshot must be never, reuse, auto or create, not {snapshot!r}")
         #: ``never``: always boot; ``auto``: restore when a matching snapshot
@@ -239,6 +195,20 @@ class VM:
         self._client: AgentClient | None = None
         self._vmm_exit: asyncio.Task[int] | None = None
         self._log = log.getChild(self.name)
+
+    @property
+    def network(self) -> NetworkPolicy:
+        """The network policy in force (the image's, once the VM started)."""
+        if self._network is None:
+            from stoker.net.policy import NetworkPolicy
+
+            self._network = NetworkPolicy()
+        return self._network
+
+    @property
+    def network_mode(self) -> str:
+        """``none``, ``egress`` or ``nat``: :attr:`network`'s mode, without loading it."""
+        return "none" if self._network is None else self._network.mode
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -263,6 +233,8 @@ class VM:
         """Boot (or restore) the VM and wait for its agent; on failure everything is torn down."""
         self.state = VMState.BOOTING
         t0 = time.monotonic()
+        # Needed once the VMM runs; loaded meanwhile (it imports pydantic: ~60 ms).
+        _preload("stoker.protocol.client")
         try:
             usable, why = self.backend.usable()
             if not usable:
@@ -320,6 +292,7 @@ class VM:
             self.seed_report = await asyncio.to_thread(
                 vmfiles.pack_to_file, self._seed[0], seed_tar
             )
+            self._seed_size = seed_tar.stat().st_size
         elif template is not None:
             # An empty seed slot: each clone puts its own project there (see _restore).
             seed_tar = await asyncio.to_thread(vmfiles.seed_slot, self.workdir / "seed-slot", None)
@@ -332,9 +305,7 @@ class VM:
         await self._launch(spec)
         self.timings.launch = time.monotonic() - t1
         assert self._vmm is not None
-        reader, writer = await self._guarded(self._vmm.transport.connect(self.boot_timeout))
-        self._client = AgentClient(reader, writer, limits=self.limits, name=self.name)
-        self._stack.push_async_callback(self._client.aclose)
+        self._client = await self._connect_agent()
         try:
             await self._guarded(self._client.wait_ready(self.boot_timeout))
         except TimeoutError:
@@ -346,17 +317,16 @@ class VM:
             ) from None
         await self._guarded(self._client.init(hostname=self.hostname))
         self.timings.agent_ready = time.monotonic() - t1
+        await asyncio.to_thread(
+            record_cold_boot,
+            self.dirs,
+            backend=self.backend.name,
+            package=artifacts.kernel.package,
+            accel=accel,
+            seconds=self.timings.agent_ready,
+        )
         if self._seed is not None:
-            t2 = time.monotonic()
-            await self._guarded(
-                self._client.unpack(
-                    SEED_SERIAL,
-                    self._seed[1],
-                    self._seed_timeout,
-                    device=self._vmm.seed_device,
-                )
-            )
-            self.timings.seed = time.monotonic() - t2
+            await self._unpack_seed()
 
     async def _restore(
         self, artifacts: BootArtifacts, accel: str, snapshot: Snapshot, t0: float
@@ -373,6 +343,7 @@ class VM:
         if self._seed is not None:
             seed = self.workdir / "seed.tar"
             self.seed_report = await asyncio.to_thread(vmfiles.pack_to_file, self._seed[0], seed)
+            self._seed_size = seed.stat().st_size  # before it is padded to the slot's size
         slot = await asyncio.to_thread(vmfiles.seed_slot, self.workdir / "seed-slot", seed)
         self._seed_by_channel = seed is not None and slot != seed
         spec = replace(
@@ -388,9 +359,7 @@ class VM:
         self.timings.launch = time.monotonic() - t1
         assert self._vmm is not None
         await self._guarded(self._vmm.load_state(snapshot.path, self.boot_timeout))
-        reader, writer = await self._guarded(self._vmm.transport.connect(self.boot_timeout))
-        self._client = AgentClient(reader, writer, limits=self.limits, name=self.name)
-        self._stack.push_async_callback(self._client.aclose)
+        self._client = await self._connect_agent()
         # The guest announced itself to the template long ago; what makes this
         # clone itself is a new identity, a reseeded RNG and the current time.
         try:
@@ -410,49 +379,42 @@ class VM:
         self.timings.agent_ready = time.monotonic() - t1
         self.restored_from = snapshot
         if self._seed is not None and not self._seed_by_channel:
-            t2 = time.monotonic()
-            await self._guarded(
-                self._client.unpack(
-                    SEED_SERIAL, self._seed[1], self._seed_timeout, device=self._vmm.seed_device
-                )
+            await self._unpack_seed()
+
+    async def _unpack_seed(self) -> None:
+        """Have the guest unpack the project from its seed disk into place."""
+        assert self._seed is not None and self._client is not None and self._vmm is not None
+        t = time.monotonic()
+        await self._guarded(
+            self._client.unpack(
+                SEED_SERIAL,
+                self._seed[1],
+                self._seed_timeout,
+                device=self._vmm.seed_device,
+                size=self._seed_size,
             )
-            self.timings.seed = time.monotonic() - t2
+        )
+        self.timings.seed = time.monotonic() - t
 
     async def _start_network(self) -> None:
-        """Give the guest the network its policy allows (after boot or restore).
+        """Give the guest the network its policy allows (after boot or restore)."""
+        if self.network_mode == "none":
+            return
+        from stoker.net.wiring import start_network
 
-        ``egress``: the agent offers a proxy on the guest's loopback and carries
-        each connection over the agent channel to this VM's own
-        :class:`~stoker.net.proxy.EgressProxy`, which enforces the allowlist.
-        The guest has no network device, so there is no other way out.
-        """
-        if self.network.mode == "none":
-            return
         assert self._client is not None
-        if self.network.mode == "nat":
-            # The device and its address came up in init (stoker.nic=1).
-            await self._guarded(self._client.net_start(0, {}, mode="nat", nameserver=NAT_DNS))
-            return
-        self.proxy = EgressProxy(
+        started = await start_network(
             self.network,
+            self._client,
+            stack=self._stack,
+            guarded=self._guarded,
+            proxy_port=self.backend.guest_proxy_port,
             vm=self.name,
             job=self.job,
             resolver=self._resolver,
             on_record=self._connection_ended,
         )
-        self._stack.push_async_callback(self.proxy.aclose)
-        net = GuestNetwork(
-            self._client,
-            self.proxy,
-            # Beyond the proxy's own limit (which answers with a reason), streams
-            # are refused silently: a flood costs the host nothing.
-            max_streams=2 * self.network.limits.max_connections + 16,
-            name=self.name,
-        )
-        self._stack.push_async_callback(net.aclose)
-        wanted = self.backend.guest_proxy_port
-        port = await self._guarded(net.start(proxy_env(wanted), port=wanted))
-        self.network_env = proxy_env(port)
+        self.proxy, self.network_env = started.proxy, started.env
 
     def _connection_ended(self, record: ConnectionRecord) -> None:
         if self._on_connection is not None:
@@ -464,6 +426,15 @@ class VM:
         self._vmm_exit = asyncio.get_running_loop().create_task(self._vmm.wait())
         self._stack.push_async_callback(self._cancel_exit_watch)
 
+    async def _connect_agent(self) -> AgentClient:
+        from stoker.protocol.client import AgentClient  # preloaded by start()
+
+        assert self._vmm is not None
+        reader, writer = await self._guarded(self._vmm.transport.connect(self.boot_timeout))
+        client = AgentClient(reader, writer, limits=self.limits, name=self.name)
+        self._stack.push_async_callback(client.aclose)
+        return client
+
     def snapshot_key(self, artifacts: BootArtifacts, accel: str) -> SnapshotKey:
         """What a snapshot of this VM is valid for (image, shape, kernel, backend, accel)."""
         return SnapshotKey(
@@ -473,7 +444,9 @@ class VM:
             disk_mb=self.disk_mb,
             backend=self.backend.name,
             backend_version=self.backend.describe().get("version", "unknown"),
-            kernel=f"{artifacts.kernel.package}={artifacts.kernel.version}",
+            # The file too: the same kernel booted as a bzImage or through PVH.
+            kernel=f"{artifacts.kernel.package}={artifacts.kernel.version}:"
+            f"{artifacts.kernel.vmlinuz.name}",
             initrd=artifacts.initrd.name,
             accel=accel,
             seed_slot_bytes=vmfiles.SEED_SLOT_BYTES,
@@ -483,7 +456,7 @@ class VM:
         """The snapshot to restore from, per the ``snapshot`` mode (None: boot)."""
         if self.snapshot_mode == "never" or self._template_dir is not None:
             return None
-        if self.network.mode == "nat":
+        if self.network_mode == "nat":
             # Templates have no network device; a nat VM always boots with one.
             return None
         if not self.backend.snapshots:
@@ -541,13 +514,19 @@ class VM:
             # Walk once through what every clone does first (unpack its project from the
             # seed slot, run a command) so that the programs and the agent code it needs
             # are in the guest's memory in the snapshot, not read from the image by each
-            # clone.  The slot is empty here: an empty archive.
+            # clone.  The slot is empty here: an empty archive, unpacked both ways a clone
+            # may (the agent extracts a small archive itself, GNU tar a large one).
             assert template._client is not None and template._vmm is not None
-            await template._guarded(
-                template._client.unpack(
-                    SEED_SERIAL, "/tmp", self._seed_timeout, device=template._vmm.seed_device
+            for size in (0, None):
+                await template._guarded(
+                    template._client.unpack(
+                        SEED_SERIAL,
+                        "/tmp",
+                        self._seed_timeout,
+                        device=template._vmm.seed_device,
+                        size=size,
+                    )
                 )
-            )
             await template.exec(["true"], timeout=60, check=True)
             # Everything the guest wrote is on the disk before its state is saved.
             await template.exec(["sync"], timeout=60, check=True)
@@ -579,8 +558,10 @@ class VM:
         self.cpus = pick(cpus, "cpus", DEFAULT_CPUS, 1, MAX_CPUS)
         self.memory_mb = pick(memory, "memory", DEFAULT_MEMORY_MB, 128, 1 << 24)
         self.disk_mb = pick(disk, "disk", DEFAULT_DISK_MB, 64, 1 << 24)
-        if self._network_request is None:
-            self.network = image_network_policy(manifest)
+        if self._network_request is None and manifest.get("network") is not None:
+            from stoker.net.policy import image_network_policy
+
+            self._network = image_network_policy(manifest)
         env = manifest.get("env")
         if isinstance(env, dict):
             self.image_env = {
@@ -588,20 +569,12 @@ class VM:
             }
 
     def _make_workdir(self) -> Path:
-        runtime = self.dirs.ensure_runtime()
-        vmfiles.sweep_stale_workdirs(runtime)
-        workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=runtime))
-        # Written whole and renamed into place: a concurrent sweep must never
-        # read a half-written (empty) owner file and take the directory for dead.
-        tmp = workdir / f".{vmfiles.OWNER_FILE}.tmp"
-        tmp.write_text(vmfiles.process_identity(os.getpid()) or "")
-        tmp.rename(workdir / vmfiles.OWNER_FILE)
-        return workdir
+        return vmfiles.make_workdir(self.dirs.ensure_runtime(), self.name)
 
     def _machine_spec(
         self, artifacts: BootArtifacts, accel: str, scratch: Path, seed: Path | None
     ) -> MachineSpec:
-        nat = self.network.mode == "nat"
+        nat = self.network_mode == "nat"
         if nat:
             offered, why = self.backend.nat_support()
             if not offered:
@@ -787,6 +760,23 @@ class VM:
         return await self._guarded(
             self._agent().get(patterns, cwd, lambda stream: safe_extract(stream, target, bounds))
         )
+
+
+def _preload(module: str) -> None:
+    """Import ``module`` in a thread while the VMM starts (a process of its own).
+
+    The thread holds the interpreter only while it runs Python; the event loop
+    meanwhile waits on the VMM.  Whoever imports ``module`` next waits for it;
+    an import error is raised there again, so it is dropped here.
+    """
+    if module in sys.modules:
+        return
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+    threading.Thread(target=load, name="stoker-preload", daemon=True).start()
 
 
 def default_guest_env() -> dict[str, str]:

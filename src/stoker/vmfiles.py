@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,21 @@ def process_identity(pid: int) -> str | None:
     except OSError:
         return None
     return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def make_workdir(runtime: Path, name: str) -> Path:
+    """A new work directory for VM ``name`` under ``runtime``, owned by this process.
+
+    Stale ones (their owner died) are swept first.
+    """
+    sweep_stale_workdirs(runtime)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=runtime))
+    # Written whole and renamed into place: a concurrent sweep must never
+    # read a half-written (empty) owner file and take the directory for dead.
+    tmp = workdir / f".{OWNER_FILE}.tmp"
+    tmp.write_text(process_identity(os.getpid()) or "")
+    tmp.rename(workdir / OWNER_FILE)
+    return workdir
 
 
 def sweep_stale_workdirs(runtime: Path) -> list[Path]:

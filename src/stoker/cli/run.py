@@ -24,6 +24,7 @@ from stoker.cli import (
     app,
     err,
     parse_env,
+    say,
 )
 from stoker.errors import StokerError, UsageError
 from stoker.units import parse_duration
@@ -133,8 +134,8 @@ def run(
                 stdout=_writer(out_stream),
                 stderr=_writer(sys.stderr.buffer),
                 stdin=_read_stdin() if stdin else None,
-                on_progress=lambda msg: err.print(f"[dim]stoker: {_safe(msg)}[/]"),
-                on_warning=lambda msg: err.print(f"[yellow]stoker: warning:[/] {_safe(msg)}"),
+                on_progress=lambda msg: say("stoker:", msg, style="dim"),
+                on_warning=lambda msg: say("stoker: warning:", msg, style="yellow"),
             )
         )
     except _Interrupted as exc:
@@ -172,10 +173,10 @@ def run(
 
 def _network_policy(mode: str | None, allow: list[str]) -> NetworkPolicy | None:
     """The policy the flags ask for; None: none given, the image decides."""
-    from stoker.net.policy import NetworkPolicy
-
     if mode is None and not allow:
         return None
+    from stoker.net.policy import NetworkPolicy
+
     return NetworkPolicy.from_options(mode=mode, allow=allow)
 
 

@@ -45,6 +45,7 @@ from stoker.images.fetch import DownloadProgress, FetchedArtifact, fetch_artifac
 from stoker.images.host_artifacts import resolve_artifacts
 from stoker.images.pack import DEFAULT_COMPRESSION, PackOptions, pack_tree
 from stoker.images.spec import (
+    AUTO_KERNEL,
     DEFAULT_KERNEL,
     ImageSpec,
     collect_input_digests,
@@ -67,7 +68,7 @@ Say = Callable[[str], None]
 class KernelRef:
     """The kernel an image is made for, as recorded in its manifest."""
 
-    #: ``"debian-cloud"``, ``"stoker-microvm"`` or ``"path"``.
+    #: ``"debian-cloud"``, ``"stoker-microvm"``, ``"auto"`` or ``"path"``.
     kind: str
     #: Identity entering the image digest.
     digest: str
@@ -97,6 +98,14 @@ def resolve_kernel(spec: ImageSpec, dirs: Dirs, *, progress: Say | None = None) 
             kind=DEFAULT_KERNEL,
             digest=f"{kernel.package}={kernel.version}",
             detail=f"{kernel.package} {kernel.version}",
+        )
+    if spec.kernel == AUTO_KERNEL:
+        # Chosen at each boot (see stoker.artifacts): the image's content does not
+        # depend on it, and snapshots are keyed by the kernel actually booted.
+        return KernelRef(
+            kind=AUTO_KERNEL,
+            digest=AUTO_KERNEL,
+            detail="stoker-microvm once built (stoker kernel build), else debian-cloud",
         )
     if spec.kernel == "stoker-microvm":
         from stoker.kernel.build import KERNEL_NAME, build_microvm_kernel

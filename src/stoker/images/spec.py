@@ -59,8 +59,11 @@ Keys of an image (all but ``base`` are optional):
     Maximum uncompressed size of the root filesystem, e.g. ``"2G"``.
 ``kernel``
     ``"debian-cloud"`` (default: the provisioned Debian cloud kernel),
-    ``"stoker-microvm"`` (a kernel built by stoker) or a path to a kernel image
-    (relative to the spec file).
+    ``"stoker-microvm"`` (a kernel built by stoker, built on first use),
+    ``"auto"`` (stoker-microvm once ``stoker kernel build`` has built it on this
+    host, else debian-cloud: for images that need nothing the microVM kernel
+    leaves out, such as modules, netfilter or Docker) or a path to a kernel
+    image (relative to the spec file).
 ``format``
     The root filesystem: ``"erofs"`` (default), ``"squashfs"`` or ``"ext4"``.
 ``compression``
@@ -151,8 +154,10 @@ DEBIAN_SUITES: tuple[str, ...] = ("bookworm", "trixie")
 UBUNTU_SUITES: tuple[str, ...] = ("noble",)
 BASE_KINDS: tuple[str, ...] = ("debian", "ubuntu", "oci", "nixos")
 #: Kernels known by name; anything else in ``kernel`` is a path.
-KERNELS: tuple[str, ...] = ("debian-cloud", "stoker-microvm")
+KERNELS: tuple[str, ...] = ("debian-cloud", "stoker-microvm", "auto")
 DEFAULT_KERNEL = "debian-cloud"
+#: The microVM kernel when it has been built on the host, else the default.
+AUTO_KERNEL = "auto"
 ARTIFACT_ENV_PREFIX = "STOKER_ARTIFACT_"
 #: What example specs carry until a real checksum is filled in; it matches no file.
 PLACEHOLDER_SHA256 = "0" * 64
@@ -588,7 +593,7 @@ class ImageSpec(_Model):
             return value
         if "/" not in value and not value.startswith("."):
             raise ValueError(
-                f"unknown kernel {value!r}; expected {' or '.join(repr(k) for k in KERNELS)} "
+                f"unknown kernel {value!r}; expected {', '.join(repr(k) for k in KERNELS)} "
                 "or a path to a kernel image"
             )
         path = _host_path(value, info)

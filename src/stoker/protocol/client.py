@@ -38,11 +38,11 @@ from stoker.errors import (
 )
 from stoker.protocol import messages as m
 from stoker.protocol import wire
+from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, OutputSink
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-OutputSink = Callable[[bytes], Awaitable[None] | None]
 #: Receives every frame on a guest-opened network channel (``kind, stream,
 #: channel, payload``); called by the reader, so it must never wait on the guest.
 NetHandler = Callable[[int, int, int, bytes], Awaitable[None]]
@@ -50,51 +50,6 @@ NetHandler = Callable[[int, int, int, bytes], Awaitable[None]]
 #: Events queued per operation before the reader stops reading (back-pressure).
 QUEUE_DEPTH = 64
 READ_SIZE = 256 * 1024
-
-
-class ChannelClosed(InfrastructureError):
-    """The agent channel ended (the VM stopped or the agent died)."""
-
-
-@dataclass(frozen=True)
-class ChannelLimits:
-    """Bounds on what the host accepts from a guest."""
-
-    #: Largest frame payload accepted.
-    max_frame: int = wire.MAX_PAYLOAD
-    #: Default cap on output captured in memory by :meth:`AgentClient.exec`.
-    max_capture: int = 64 << 20
-    #: Longest the host waits for a reply to a control request.
-    request_timeout: float = 30.0
-    #: Longest a file transfer may stall without progress.
-    transfer_idle_timeout: float = 60.0
-    #: Longest the host waits for a killed command to report its exit.
-    kill_grace: float = 10.0
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """How a command in the guest ended."""
-
-    exit_code: int | None
-    signal: int | None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    duration: float = 0.0
-    #: Set when the command could not be started at all (exit_code is 127).
-    spawn_error: str | None = None
-
-    @property
-    def returncode(self) -> int:
-        """Shell convention: the exit code, or 128 + the signal number."""
-        if self.exit_code is not None:
-            return self.exit_code
-        assert self.signal is not None
-        return 128 + self.signal
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
 
 
 @dataclass
@@ -184,12 +139,24 @@ class AgentClient:
         await self._request(request, m.Ok)
 
     async def unpack(
-        self, serial: str, dest: str, timeout: float, *, device: str | None = None
+        self,
+        serial: str,
+        dest: str,
+        timeout: float,
+        *,
+        device: str | None = None,
+        size: int | None = None,
     ) -> None:
-        """Have the agent extract the tar on the disk with ``serial`` (or at ``device``)."""
+        """Have the agent extract the tar on the disk with ``serial`` (or at ``device``).
+
+        ``size``: the archive's length, which lets the agent extract a small one
+        itself instead of starting ``tar`` (see the agent's ``SMALL_SEED``).
+        """
         request: dict[str, object] = {"type": "unpack", "serial": serial, "dest": dest}
         if device is not None:
             request["device"] = device
+        if size is not None:
+            request["size"] = size
         await self._request(request, m.Done, timeout=timeout)
 
     def attach_network(self, handler: NetHandler) -> None:

@@ -38,10 +38,11 @@ from typing import Any
 from stoker.agent.main import Agent, Channel, spawn_thread
 from stoker.backends.base import Backend, LaunchedVM, MachineSpec
 from stoker.errors import UsageError
+from stoker.lifecycle import VMState, require
 from stoker.protocol import wire
 from stoker.protocol.client import AgentClient
 from stoker.protocol.transport import SocketTransport
-from stoker.vm import VM, VMState, require
+from stoker.vm import VM
 from stoker.vmfiles import OWNER_FILE
 
 #: Exit status a fake VMM reports when :meth:`FakeLaunchedVM.crash` simulates a crash.

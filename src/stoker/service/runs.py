@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from stoker.errors import BootError, GuestPanic, GuestProtocolError, VMMCrashed
-from stoker.protocol.client import ExecResult
+from stoker.protocol.common import ExecResult
 from stoker.service.files import ArtifactFile
 from stoker.service.jobs import JobState, redact, retry_limit_of, secret_values
 from stoker.service.models import Job

@@ -15,7 +15,7 @@ import re
 
 from stoker.accounts import guest_user
 from stoker.errors import UsageError
-from stoker.protocol.client import ExecResult, OutputSink
+from stoker.protocol.common import ExecResult, OutputSink
 from stoker.vm import VM
 
 RUNNER_DIR = "/opt/actions-runner"

@@ -19,7 +19,7 @@ import httpx
 
 from stoker.accounts import guest_user
 from stoker.errors import UsageError
-from stoker.protocol.client import ExecResult, OutputSink
+from stoker.protocol.common import ExecResult, OutputSink
 from stoker.vm import VM
 
 RUNNER_BINARY = "/usr/local/bin/gitlab-runner"
