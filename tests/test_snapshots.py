@@ -339,6 +339,8 @@ def test_a_run_makes_the_snapshot_the_next_run_restores(dirs: Dirs, tmp_path: Pa
     try:
         first, err = run()
         assert first["started"] == "booted" and first["snapshot"] is None
+        # The suite pins kernel = "auto" to Debian's (conftest): --json names it.
+        assert str(first["kernel"]).startswith("linux-image-"), first
         pid = first["snapshot_maker_pid"]
         assert isinstance(pid, int), err
         makers.append(pid)

@@ -12,7 +12,6 @@ import fcntl
 import json
 import logging
 import os
-import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +100,8 @@ def record_cold_boot(dirs: Dirs, *, backend: str, package: str, accel: str, seco
 
 def boot_stats(dirs: Dirs) -> dict[tuple[str, str], BootStats]:
     """What this host measured, by (kernel, accelerator)."""
+    import statistics  # not at import: this module is on every VM's start path
+
     out: dict[tuple[str, str], BootStats] = {}
     for key, values in _load(_path(dirs)).items():
         kernel, _, accel = key.partition("/")

@@ -97,6 +97,8 @@ class RunSummary:
     timed_out: bool = False
     spawn_error: str | None = None
     accel: str | None = None
+    #: The guest kernel (``stoker-microvm 6.1.192``, ``linux-image-...-cloud-amd64``).
+    kernel: str | None = None
     vm: str | None = None
     #: Key digest of the snapshot the VM was restored from (None: it booted).
     snapshot: str | None = None
@@ -162,6 +164,7 @@ async def run_job(
     try:
         async with vm:
             summary.accel = vm.accel
+            summary.kernel = vm.kernel
             summary.started = "booted" if vm.restored_from is None else "restored"
             summary.missing_snapshot = vm.snapshot_missing
             if vm.restored_from is not None:

@@ -165,6 +165,8 @@ class VM:
         self.state = VMState.CREATED
         self.timings = Timings()
         self.accel: str | None = None
+        #: The kernel booted (package, and release where the package does not name it).
+        self.kernel: str | None = None
         self.workdir: Path | None = None
         self._on_progress = on_progress
         self._on_warning = on_warning
@@ -175,7 +177,6 @@ class VM:
         # A clone whose project does not fit the template's seed slot gets it over the channel.
         self._seed_by_channel = False
         self._seed_timeout = seed_timeout
-        self._seed_size: int | None = None  # of its archive, once packed
         if snapshot not in ("never", "reuse", "auto", "create"):
             raise UsageError(f"snapshot must be never, reuse, auto or create, not {snapshot!r}")
         #: ``never``: always boot; ``auto``: restore when a matching snapshot
@@ -233,8 +234,6 @@ class VM:
         """Boot (or restore) the VM and wait for its agent; on failure everything is torn down."""
         self.state = VMState.BOOTING
         t0 = time.monotonic()
-        # Needed once the VMM runs; loaded meanwhile (it imports pydantic: ~60 ms).
-        _preload("stoker.protocol.client")
         try:
             usable, why = self.backend.usable()
             if not usable:
@@ -247,6 +246,12 @@ class VM:
                 agent=self._agent_files,
             )
             self._apply_image_defaults(artifacts)
+            kernel = artifacts.kernel
+            self.kernel = (
+                kernel.package
+                if kernel.release in kernel.package
+                else f"{kernel.package} {kernel.release}"
+            )
             # Not in a thread: a cancellation while the thread ran would leave a
             # directory nobody registered for removal (the service cancels
             # starting VMs on shutdown).  It is a mkdtemp and a tiny file.
@@ -292,7 +297,6 @@ class VM:
             self.seed_report = await asyncio.to_thread(
                 vmfiles.pack_to_file, self._seed[0], seed_tar
             )
-            self._seed_size = seed_tar.stat().st_size
         elif template is not None:
             # An empty seed slot: each clone puts its own project there (see _restore).
             seed_tar = await asyncio.to_thread(vmfiles.seed_slot, self.workdir / "seed-slot", None)
@@ -343,7 +347,6 @@ class VM:
         if self._seed is not None:
             seed = self.workdir / "seed.tar"
             self.seed_report = await asyncio.to_thread(vmfiles.pack_to_file, self._seed[0], seed)
-            self._seed_size = seed.stat().st_size  # before it is padded to the slot's size
         slot = await asyncio.to_thread(vmfiles.seed_slot, self.workdir / "seed-slot", seed)
         self._seed_by_channel = seed is not None and slot != seed
         spec = replace(
@@ -391,7 +394,6 @@ class VM:
                 self._seed[1],
                 self._seed_timeout,
                 device=self._vmm.seed_device,
-                size=self._seed_size,
             )
         )
         self.timings.seed = time.monotonic() - t
@@ -422,12 +424,14 @@ class VM:
 
     async def _launch(self, spec: MachineSpec) -> None:
         assert self.workdir is not None
+        # Needed once the VMM runs; loaded while it starts (it imports pydantic: ~60 ms).
+        _preload("stoker.protocol.client")
         self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
         self._vmm_exit = asyncio.get_running_loop().create_task(self._vmm.wait())
         self._stack.push_async_callback(self._cancel_exit_watch)
 
     async def _connect_agent(self) -> AgentClient:
-        from stoker.protocol.client import AgentClient  # preloaded by start()
+        from stoker.protocol.client import AgentClient  # preloaded by _launch
 
         assert self._vmm is not None
         reader, writer = await self._guarded(self._vmm.transport.connect(self.boot_timeout))
@@ -514,19 +518,13 @@ class VM:
             # Walk once through what every clone does first (unpack its project from the
             # seed slot, run a command) so that the programs and the agent code it needs
             # are in the guest's memory in the snapshot, not read from the image by each
-            # clone.  The slot is empty here: an empty archive, unpacked both ways a clone
-            # may (the agent extracts a small archive itself, GNU tar a large one).
+            # clone.  The slot is empty here: an empty archive.
             assert template._client is not None and template._vmm is not None
-            for size in (0, None):
-                await template._guarded(
-                    template._client.unpack(
-                        SEED_SERIAL,
-                        "/tmp",
-                        self._seed_timeout,
-                        device=template._vmm.seed_device,
-                        size=size,
-                    )
+            await template._guarded(
+                template._client.unpack(
+                    SEED_SERIAL, "/tmp", self._seed_timeout, device=template._vmm.seed_device
                 )
+            )
             await template.exec(["true"], timeout=60, check=True)
             # Everything the guest wrote is on the disk before its state is saved.
             await template.exec(["sync"], timeout=60, check=True)

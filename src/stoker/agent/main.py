@@ -140,9 +140,6 @@ def set_hostname(name: str) -> None:
 # linux/random.h
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
-#: Seed archives up to this size are extracted by the agent itself: starting GNU
-#: tar (fork, exec, loading) costs more under emulation than tarfile spends on them.
-SMALL_SEED = 1 << 20
 #: linux/fs.h BLKFLSBUF: drop a block device's cached pages.
 BLKFLSBUF = 0x1261
 
@@ -594,11 +591,9 @@ class Agent:
         else:
             device = find_block_device(str(msg["serial"]))
         os.makedirs(dest, exist_ok=True)
-        size = msg.get("size")
-        small = isinstance(size, int) and 0 <= size <= SMALL_SEED
-        spawn_thread(self.unpack, channel, device, dest, small)
+        spawn_thread(self.unpack, channel, device, dest)
 
-    def unpack(self, channel: int, device: str, dest: str, small: bool = False) -> None:
+    def unpack(self, channel: int, device: str, dest: str) -> None:
         try:
             # A restored clone's seed disk was the template's empty slot: the kernel may
             # still cache what it read of it then.  Drop that before reading the project.
@@ -608,9 +603,7 @@ class Agent:
                     fcntl.ioctl(fd, BLKFLSBUF, 0)
             finally:
                 os.close(fd)
-            tar = None
-            if not small:
-                tar = next((t for t in ("/usr/bin/tar", "/bin/tar") if os.access(t, os.X_OK)), None)
+            tar = next((t for t in ("/usr/bin/tar", "/bin/tar") if os.access(t, os.X_OK)), None)
             if tar is not None:
                 # GNU tar (C) is several times faster than tarfile under emulation.
                 status, err = self.run_helper(
@@ -682,12 +675,22 @@ def _trusted_extract_args(tarfile: Any) -> Dict[str, Any]:
     return kwargs
 
 
+#: Disks found by serial.  A VM's disks never change (no hotplug), and a clone
+#: has its template's: the template's lookup spares each clone reading every
+#: disk's serial, a request to the device each, which costs under emulation.
+_DISKS_BY_SERIAL: Dict[str, str] = {}
+
+
 def find_block_device(serial: str) -> str:
     """``/dev/vdX`` of the virtio disk whose serial is ``serial``."""
+    known = _DISKS_BY_SERIAL.get(serial)
+    if known is not None and os.path.exists(known):
+        return known
     for name in sorted(os.listdir("/sys/block")):
         try:
             with open("/sys/block/%s/serial" % name) as fh:
                 if fh.read().strip() == serial:
+                    _DISKS_BY_SERIAL[serial] = "/dev/" + name
                     return "/dev/" + name
         except OSError:
             continue

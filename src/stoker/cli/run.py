@@ -23,6 +23,7 @@ from stoker.cli import (
     _writer,
     app,
     err,
+    finish,
     parse_env,
     say,
 )
@@ -168,7 +169,7 @@ def run(
                 f"[yellow]stoker: warning:[/] artifact pattern {_safe(repr(pattern))} "
                 "matched nothing"
             )
-    raise typer.Exit(summary.returncode if summary.returncode is not None else EXIT_INFRA)
+    raise finish(summary.returncode if summary.returncode is not None else EXIT_INFRA)
 
 
 def _network_policy(mode: str | None, allow: list[str]) -> NetworkPolicy | None:

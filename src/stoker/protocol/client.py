@@ -139,24 +139,12 @@ class AgentClient:
         await self._request(request, m.Ok)
 
     async def unpack(
-        self,
-        serial: str,
-        dest: str,
-        timeout: float,
-        *,
-        device: str | None = None,
-        size: int | None = None,
+        self, serial: str, dest: str, timeout: float, *, device: str | None = None
     ) -> None:
-        """Have the agent extract the tar on the disk with ``serial`` (or at ``device``).
-
-        ``size``: the archive's length, which lets the agent extract a small one
-        itself instead of starting ``tar`` (see the agent's ``SMALL_SEED``).
-        """
+        """Have the agent extract the tar on the disk with ``serial`` (or at ``device``)."""
         request: dict[str, object] = {"type": "unpack", "serial": serial, "dest": dest}
         if device is not None:
             request["device"] = device
-        if size is not None:
-            request["size"] = size
         await self._request(request, m.Done, timeout=timeout)
 
     def attach_network(self, handler: NetHandler) -> None:
