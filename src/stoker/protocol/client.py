@@ -26,8 +26,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
 
-import pydantic
-
 from stoker.errors import (
     CommandTimeout,
     FrameError,
@@ -243,15 +241,11 @@ class AgentClient:
         if kind == wire.MSG:
             try:
                 raw = wire.decode_msg(payload)
-                msg = m.guest_message.validate_python(raw)
+                msg = m.parse(raw)
             except wire.WireError as exc:
                 raise FrameError(f"guest sent an invalid message: {exc}") from None
-            except pydantic.ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise GuestProtocolError(
-                    f"guest sent an invalid message: {where}: {first['msg']}"
-                ) from None
+            except m.InvalidMessage as exc:
+                raise GuestProtocolError(f"guest sent an invalid message: {exc}") from None
             event = _Event(kind, stream, msg=msg)
         else:
             if stream == wire.STDIN:

@@ -1,8 +1,8 @@
 """What the agent client's users need without the client itself.
 
-Its limits, results and errors, in a module that does not import pydantic (the
-client validates every guest message with it): ``stoker run`` asks for its VM
-before that import, which then overlaps with the VM's start.
+Its limits, results and errors, in a module that loads nothing else (the client
+loads the message schemas and more): ``stoker run`` asks for its VM before the
+client is imported, which then overlaps with the VM's start.
 """
 
 from __future__ import annotations

@@ -1,85 +1,91 @@
 """Schemas of the messages the guest agent may send to the host.
 
 The guest is hostile: every MSG frame it sends is validated here before anything
-acts on it.  Unknown types, unknown fields, wrong types and oversized strings are
-all rejected (as :class:`~stoker.errors.GuestProtocolError` by the client).
+acts on it.  Unknown types, unknown fields, wrong types (no coercion: ``"1"`` is
+not ``1``, ``true`` is not ``1``) and oversized strings are all rejected (as
+:class:`~stoker.errors.GuestProtocolError` by the client).
+
+Written with msgspec rather than pydantic: every ``stoker run`` loads these
+schemas, and msgspec imports and builds them in a few milliseconds where
+pydantic takes about 60 (the CLI's start-up budget is 0.15 s).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
+import msgspec
 
-ShortStr = Annotated[str, StringConstraints(max_length=256)]
-Text = Annotated[str, StringConstraints(max_length=4096)]
+ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
+
+#: What :func:`parse` raises for a message that does not validate.
+InvalidMessage = msgspec.ValidationError
 
 
-class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+    """A message from the guest; ``type`` names which (the struct's tag)."""
 
 
-class Ready(_Msg):
+class Ready(_Msg, tag="ready", frozen=True):
     """The agent is up and serving."""
 
-    type: Literal["ready"]
     protocol: int
     agent: ShortStr
     python: ShortStr
     kernel: ShortStr
     pid1: bool
     #: Guest uptime (s) when the agent became ready, and when it started running.
-    uptime: float = Field(default=0.0, ge=0, le=1e9)
-    started: float = Field(default=0.0, ge=0, le=1e9)
+    uptime: Seconds = 0.0
+    started: Seconds = 0.0
 
 
-class Ok(_Msg):
-    type: Literal["ok"]
+class Ok(_Msg, tag="ok", frozen=True):
+    pass
 
 
-class Pong(_Msg):
-    type: Literal["pong"]
+class Pong(_Msg, tag="pong", frozen=True):
+    pass
 
 
-class Started(_Msg):
-    type: Literal["started"]
-    pid: int = Field(ge=1, le=1 << 22)
+class Started(_Msg, tag="started", frozen=True):
+    pid: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)]
 
 
-class Exit(_Msg):
+class Exit(_Msg, tag="exit", frozen=True):
     """A command ended: exactly one of ``code`` (0-255) or ``signal``."""
 
-    type: Literal["exit"]
-    code: int | None = Field(default=None, ge=0, le=255)
-    signal: int | None = Field(default=None, ge=1, le=64)
+    code: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    signal: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
 
-    @model_validator(mode="after")
-    def _one_of(self) -> Exit:
+    def __post_init__(self) -> None:
         if (self.code is None) == (self.signal is None):
             raise ValueError("exactly one of code and signal must be set")
-        return self
 
 
-class Done(_Msg):
-    type: Literal["done"]
-    missing: Annotated[list[ShortStr], Field(max_length=1024)] = []
+class Done(_Msg, tag="done", frozen=True):
+    missing: Annotated[list[ShortStr], msgspec.Meta(max_length=1024)] = msgspec.field(
+        default_factory=list
+    )
 
 
-class NetStarted(_Msg):
+class NetStarted(_Msg, tag="net_started", frozen=True):
     """The agent listens for proxied connections on the guest's loopback ``port``."""
 
-    type: Literal["net_started"]
     #: 0 in ``nat`` mode (no proxy: the guest has a network device).
-    port: int = Field(ge=0, le=65535)
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
-class Error(_Msg):
-    type: Literal["error"]
+class Error(_Msg, tag="error", frozen=True):
     message: Text
     spawn: bool = False
 
 
-GuestMessage = Annotated[
-    Ready | Ok | Pong | Started | Exit | Done | NetStarted | Error, Field(discriminator="type")
-]
-guest_message: TypeAdapter[GuestMessage] = TypeAdapter(GuestMessage)
+GuestMessage = Ready | Ok | Pong | Started | Exit | Done | NetStarted | Error
+
+
+def parse(raw: Any) -> GuestMessage:
+    """The message ``raw`` (a decoded JSON object) is; raises :data:`InvalidMessage`."""
+    message: GuestMessage = msgspec.convert(raw, GuestMessage, strict=True)
+    return message
