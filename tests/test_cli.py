@@ -264,7 +264,7 @@ def test_doctor_json() -> None:
     res = stoker("doctor", "--json")
     report = json.loads(res.stdout)
     names = {c["name"] for c in report["checks"]}
-    assert {"qemu", "kvm", "busybox-static", "kernel", "images", "disk"} <= names
+    assert {"qemu", "kvm", "busybox-static", "kernel", "microvm kernel", "images", "disk"} <= names
     assert res.returncode == (0 if report["ok"] else 1)
 
 
@@ -320,3 +320,52 @@ def test_the_build_progress_display_starts_and_stops() -> None:
 
     with _BuildProgress() as progress:
         progress.say("a step")
+
+
+def test_say_writes_plain_lines_without_control_characters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from stoker.cli import say
+
+    say("stoker: warning:", "guest said \x1b[2Jhi\x07", style="yellow")
+    say("stoker:", "", style="dim")
+    # Not a terminal here: no colour; the guest's escape sequence is neutralised.
+    assert capsys.readouterr().err == "stoker: warning: guest said \ufffd[2Jhi\ufffd\nstoker:\n"
+
+
+def test_finish_raises_for_in_process_callers() -> None:
+    import typer
+
+    from stoker.cli import finish
+
+    exit_ = finish(3)
+    assert isinstance(exit_, typer.Exit) and exit_.exit_code == 3
+
+
+def test_run_has_its_own_short_path_with_the_same_interface() -> None:
+    res = stoker("run", "--help")
+    assert res.returncode == 0 and "Usage: stoker run [OPTIONS]" in res.stdout
+    assert "--snapshot" in res.stdout and "--network" in res.stdout
+    res = stoker("run", "--bogus", ".", "--", "true")
+    assert res.returncode == 2 and "No such option: --bogus" in res.stderr
+    # The whole tree is still there for everything else.
+    res = stoker("--help")
+    assert res.returncode == 0 and "run" in res.stdout and "serve" in res.stdout
+
+
+def test_the_run_path_loads_neither_pydantic_nor_rich() -> None:
+    """What `stoker run` imports before and while its VM starts (no timing: the modules).
+
+    pydantic (through typer >= 0.29, the network policy, or the guest protocol)
+    cost 60-100 ms of every run; rich 17 ms.  A VM with a network loads the
+    policy, which is pydantic, when it needs it.
+    """
+    code = (
+        "import sys\n"
+        "import stoker.cli, stoker.cli.run, stoker.run, stoker.vm, stoker.protocol.client\n"
+        "from stoker.cli import say\n"
+        "say('stoker: warning:', 'x')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'rich'}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]", res.stdout

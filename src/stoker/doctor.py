@@ -110,8 +110,16 @@ def run_checks(dirs: Dirs | None = None) -> Report:
     verdict = None
     if kernel is not None:
         initrds = sorted(dirs.initramfs.glob("*.cpio.gz"))
+        # The probe ran with whatever the first run booted: Debian's kernel (its
+        # bzImage or its vmlinux) or the microVM kernel (kernel = "auto").
+        from stoker.kernel.build import cached_microvm_kernel
+
+        booted = [kernel.vmlinuz, default_vmlinux_path(kernel.vmlinuz)]
+        microvm = cached_microvm_kernel(dirs)
+        if microvm is not None:
+            booted += [microvm.vmlinux, microvm.bzimage]
         for initrd in initrds:
-            for boots in (kernel.vmlinuz, default_vmlinux_path(kernel.vmlinuz)):
+            for boots in booted:
                 verdict = cached_verdict(dirs, boots, initrd) or verdict
     if not kvm_ok:
         add(Check("kvm", "warn", f"not usable: {kvm_why}; VMs use TCG emulation (slower)"))
