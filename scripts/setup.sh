@@ -16,7 +16,7 @@ PACKAGES=(
   busybox-static    # the initramfs' only userland
   cpio kmod         # inspecting initramfs / modules when debugging
   zstd              # zstd-compressed kernel modules (trixie kernels) and OCI layers
-  lz4               # unpacking the kernel's vmlinux for Firecracker / Cloud Hypervisor
+  lz4               # unpacking the kernel's vmlinux (QEMU boots it through PVH; Firecracker needs it)
   build-essential flex bison bc libelf-dev   # `stoker kernel build` (the microVM kernel)
   xz-utils          # the linux-source tarball
   postgresql        # `stoker serve` on PostgreSQL (the multi-host tests start a throw-away cluster)
