@@ -635,6 +635,27 @@ def test_only_the_pointer_names_an_image(tmp_path: Path) -> None:
     assert store.get("fake") == image
 
 
+@needs_mkfs
+def test_names_sharing_one_entry_each_see_their_own_name(tmp_path: Path) -> None:
+    # Two specs that differ only in their name share one store entry (content
+    # addresses it).  Asked for by the second name, the image must not call itself by
+    # the first: that once made `stoker image inspect default` say "erofs-plain".
+    store = ImageStore(_dirs(tmp_path))
+    first = store.ensure(FakeImageBuilder(tmp_path / "m1", name="first"))
+    marks = tmp_path / "m2"
+    second = store.ensure(FakeImageBuilder(marks, name="second"))
+    assert not any(marks.iterdir())  # a cache hit
+    assert second.digest == first.digest
+    assert second.name == "second"
+    assert second.manifest["name"] == "second"
+    assert second.manifest["built_as"] == "first"
+    assert store.inspect("second").manifest["name"] == "second"
+    assert store.inspect("first").manifest["name"] == "first"
+    assert "built_as" not in store.inspect("first").manifest
+    on_disk = json.loads((store.root / first.digest / "manifest.json").read_text())
+    assert on_disk["name"] == "first"  # the build's record is left as written
+
+
 def test_get_rejects_bad_names(tmp_path: Path) -> None:
     store = ImageStore(_dirs(tmp_path))
     with pytest.raises(UsageError):
@@ -811,7 +832,7 @@ def test_real_default_image_is_complete(boot_artifacts: BootArtifacts, tmp_path:
 
 def _check_default_image(first: Image, extracted: Path) -> None:
     manifest = first.manifest
-    assert manifest["name"] == "default"
+    assert first.name == manifest["name"] == "default"
     assert manifest["builder"] == "spec"
     assert isinstance(manifest["base"], dict) and manifest["base"]["kind"] == "debian"
     # The microVM kernel once built, else Debian's: chosen at each boot.

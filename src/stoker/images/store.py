@@ -193,6 +193,12 @@ class ImageStore:
         manifest_name = manifest.get("name")
         if name is None:
             name = manifest_name if isinstance(manifest_name, str) else digest[:12]
+        elif manifest_name != name:
+            # Content addresses the store, and the name is not content: two specs that
+            # differ only in their name share one entry, whose manifest records the name
+            # it was first built under.  Show the name the image was asked for, and say
+            # what it was built as, rather than a stranger's name.
+            manifest = {**manifest, "name": name, "built_as": manifest_name}
         return Image(
             name=name,
             digest=digest,
