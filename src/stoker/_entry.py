@@ -16,6 +16,11 @@ def main() -> None:
 
         executor_app(args=sys.argv[2:], prog_name="stoker gitlab-executor")
         return
+    if sys.argv[1:2] == ["serve"]:
+        from stoker.service import early_signals
+
+        # Before the CLI's imports: a SIGTERM during start-up must still stop cleanly.
+        early_signals.catch()
     from stoker.cli import main as cli_main
 
     cli_main()

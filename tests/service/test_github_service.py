@@ -10,7 +10,6 @@ fake, runs it, reports it and exits.  With real VMs: ``tests/test_github_vm.py``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from chaos_harness import kill_fake_vms
 from github_harness import (
     APP_ID,
     INSTALLATION,
@@ -392,7 +392,7 @@ def test_kill_9_mid_job_leaves_no_orphans_after_restart(
                 first.wait()
             # Real VMs die with the daemon (QEMU has a parent-death signal); the fake
             # backend's "VMs" are host processes, so end them as their VMs would end.
-            _kill_fake_vm_processes(tmp_path)
+            kill_fake_vms(tmp_path)
         # GitHub notices the dead runner's job failing; meanwhile a new job queues.
         later = github.queue_job(REPO, LABELS, run=["true"])
         log2 = (tmp_path / "serve-2.log").open("wb")
@@ -478,27 +478,3 @@ def _runner_states(tmp_path: Path) -> dict[str, str]:
 
     with sqlite3.connect(tmp_path / "state" / "stoker.db") as db:
         return dict(db.execute("select name, state from github_runners").fetchall())
-
-
-def _kill_fake_vm_processes(below: Path) -> None:
-    """SIGKILL every process working below ``below`` (the fake VMs' files), and wait."""
-    import time
-
-    for _ in range(50):
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                cwd = os.readlink(f"/proc/{entry}/cwd")
-            except OSError:
-                continue
-            if cwd.startswith(str(below)) and int(entry) != os.getpid():
-                found.append(int(entry))
-        if not found:
-            return
-        for pid in found:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    raise AssertionError(f"processes of the killed service's fake VMs survive: {found}")

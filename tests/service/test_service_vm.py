@@ -13,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from chaos_harness import Daemon
 
 from stoker.service.config import ServiceConfig, load_config
 from stoker.service.jobs import JobRequest, JobState
@@ -235,49 +233,6 @@ async def test_a_pool_makes_its_snapshot_and_restores_from_then_on(tmp_path: Pat
 
 
 # ------------------------------------------------------------------ daemons, killed
-
-
-class Daemon:
-    """``python -m stoker.service`` in a subprocess; the test reaps it."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stoker.service", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> int:
-        """SIGTERM (graceful) and reap; returns the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
 
 
 @pytest.fixture

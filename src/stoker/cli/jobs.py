@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -380,6 +379,7 @@ def serve(
 
 
 async def _serve_until_signalled(config: Any) -> None:
+    from stoker.service import early_signals
     from stoker.service.daemon import serve as serve_api
 
     loop = asyncio.get_running_loop()
@@ -388,19 +388,21 @@ async def _serve_until_signalled(config: Any) -> None:
     stop = asyncio.Event()
     received: list[int] = []
 
-    def on_signal(signum: int) -> None:
+    def on_signal(signum: int, when: str = "") -> None:
         received.append(signum)
         if stop.is_set():
             task.cancel()
             return
         err.print(
-            f"stoker: signal {signum}: stopping; running jobs get up to "
+            f"stoker: signal {signum}{when}: stopping; running jobs get up to "
             f"{config.shutdown_grace_seconds:g}s"
         )
         stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in early_signals.STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
+    for early in early_signals.received()[:1]:
+        on_signal(early, " during start-up")
     try:
         await serve_api(
             config, stop=stop, on_ready=lambda url: err.print(f"stoker: serving on {url}")

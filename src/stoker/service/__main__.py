@@ -2,6 +2,11 @@
 
 import sys
 
-from stoker.service.daemon import main
+from stoker.service import early_signals
+
+# Before the heavy imports: a SIGTERM during start-up must still stop the daemon cleanly.
+early_signals.catch()
+
+from stoker.service.daemon import main  # noqa: E402
 
 sys.exit(main())

@@ -14,7 +14,6 @@ import builtins
 import contextlib
 import json
 import logging
-import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ import uvicorn
 
 from stoker.ci import integrations_for
 from stoker.errors import StokerError, UsageError
+from stoker.service import early_signals
 from stoker.service.api import create_app
 from stoker.service.config import ServiceConfig, load_config
 from stoker.service.metrics import Metrics
@@ -79,8 +79,12 @@ async def serve_headless(config: ServiceConfig, *, observer: Observer | None = N
     service = Service(config, observer=observer, integrations=integrations_for(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in early_signals.STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
+    if early_signals.received():
+        # Asked to stop while starting: finish starting (reconcile), then stop cleanly.
+        log.info("a stop signal came during start-up: stopping once started")
+        stop.set()
     await service.start()
     try:
         await stop.wait()
