@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from stoker.protocol import wire
 
-AGENT_VERSION = "0.2.0"
+AGENT_VERSION = "0.3.0"
 READ_SIZE = 256 * 1024
 #: How long to keep draining a command's output pipes after it exited (grandchildren
 #: may hold them open; we do not wait for them forever).
@@ -194,6 +194,52 @@ def power_off() -> None:
 # --------------------------------------------------------------------------- channel
 
 
+class Journal:
+    """The frames sent to the host since it last acknowledged them (``journal`` requests).
+
+    A host that may be restarted while a command runs (``stoker serve``) asks
+    for the journal.  From then on every frame of a host-opened channel is kept
+    here, at its byte offset in the journaled stream, until the host says (``ack``)
+    that it has stored everything before an offset; a new host process
+    (``resume``) gets every frame from the offset it last stored again.  Frames
+    of network channels are not journaled: their connections end with the host
+    that proxied them.  The size is bounded: past :data:`JOURNAL_LIMIT` bytes the
+    senders of output wait for an ``ack`` (the command blocks on its pipe).
+    """
+
+    def __init__(self) -> None:
+        self.frames: "List[bytes]" = []
+        #: Offset of the first frame kept, and of the end of the last one.
+        self.start = 0
+        self.end = 0
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def append(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.end += len(frame)
+
+    def trim(self, offset: int) -> None:
+        """Forget the frames that end at or before ``offset``."""
+        while self.frames and self.start + len(self.frames[0]) <= offset:
+            self.start += len(self.frames.pop(0))
+
+    def since(self, offset: int) -> "Optional[List[bytes]]":
+        """The frames from ``offset`` on; None unless ``offset`` starts a kept frame."""
+        pos = self.start
+        for i, frame in enumerate(self.frames):
+            if pos == offset:
+                return self.frames[i:]
+            pos += len(frame)
+        return [] if offset == self.end else None
+
+
+#: Journaled bytes beyond which output waits for the host's ``ack``.
+JOURNAL_LIMIT = 8 << 20
+
+
 class Channel:
     """Frames over one blocking file descriptor (virtio-serial port or socket).
 
@@ -201,6 +247,10 @@ class Channel:
     one the host makes: after a snapshot restore, the VMM resets vsock
     connections and the host connects again.  ``on_connect`` runs after each
     replacement (the agent announces itself again).
+
+    On virtio-serial a host that goes away (a restarted ``stoker serve``) makes
+    reads return nothing and writes block until a host connects again; what it
+    had not read may be lost, which the :class:`Journal` makes good.
     """
 
     def __init__(self, fd: int, listener: Optional[socket.socket] = None) -> None:
@@ -208,8 +258,11 @@ class Channel:
         os.set_blocking(fd, True)
         self.decoder = wire.Decoder()
         self.lock = threading.Lock()
+        #: Signalled when an ``ack`` made room in the journal.
+        self.room = threading.Condition(self.lock)
         self.listener = listener
         self.on_connect: Optional[Callable[[], None]] = None
+        self.journal: Optional[Journal] = None
 
     def _reconnect(self) -> None:
         assert self.listener is not None
@@ -234,33 +287,87 @@ class Channel:
                     self._reconnect()
                     continue
                 # virtio-serial reads 0 while the host side is disconnected; wait for it.
+                # A frame the old host left half-written is never completed: drop it.
+                self.decoder = wire.Decoder()
                 time.sleep(0.05)
                 continue
             frames = self.decoder.feed(data)
             if frames:
                 return frames
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, output: bool = False) -> None:
+        """Write one frame; journal it if the host asked.  ``output``: a command's
+        output, which waits while the journal is full (control replies never do,
+        or the reader thread that handles ``ack`` could wait on itself)."""
         with self.lock:
-            view = memoryview(frame)
-            while view:
-                try:
-                    n = os.write(self.fd, view)
-                except OSError as exc:
-                    if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-                        return  # the host went away; nothing to tell
-                    if exc.errno == errno.EAGAIN:
-                        select.select([], [self.fd], [], 1.0)
-                        continue
-                    raise
-                view = view[n:]
+            journal = self.journal
+            if journal is not None:
+                channel = wire.HEADER.unpack_from(frame, 0)[3]
+                if not channel & wire.NET_CHANNEL_BIT:
+                    while output and journal.size > JOURNAL_LIMIT and self.journal is journal:
+                        self.room.wait(1.0)
+                    journal.append(frame)
+            self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
+        """Write ``frame`` whole (the lock is held)."""
+        view = memoryview(frame)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                    return  # the host went away; nothing to tell
+                if exc.errno == errno.EAGAIN:
+                    select.select([], [self.fd], [], 1.0)
+                    continue
+                raise
+            view = view[n:]
 
     def msg(self, channel: int, message: Dict[str, Any]) -> None:
         self.send(wire.encode_msg(channel, message))
 
     def data(self, channel: int, stream: int, payload: bytes) -> None:
         for i in range(0, len(payload), wire.CHUNK):
-            self.send(wire.encode(wire.DATA, channel, payload[i : i + wire.CHUNK], stream))
+            frame = wire.encode(wire.DATA, channel, payload[i : i + wire.CHUNK], stream)
+            self.send(frame, output=True)
+
+    def start_journal(self, channel: int) -> None:
+        """Journal from now on; the reply (``journal_on``) is the journal's first frame."""
+        with self.lock:
+            self.journal = Journal()
+            frame = wire.encode_msg(channel, {"type": "journal_on"})
+            self.journal.append(frame)
+            self._write(frame)
+
+    def ack(self, offset: int) -> None:
+        with self.lock:
+            if self.journal is not None:
+                self.journal.trim(offset)
+                self.room.notify_all()
+
+    def resume(self, channel: int, nonce: str, offset: int, highest: int) -> None:
+        """Mark where a new host's stream starts, then send the journal from ``offset``.
+
+        The host discards everything before the ``resumed`` message (the tail of
+        a frame the old host did not read whole), so the marker is written
+        first, under the lock, before any other frame.
+        """
+        with self.lock:
+            frames = self.journal.since(offset) if self.journal is not None else None
+            marker: Dict[str, Any] = {"type": "resumed", "nonce": nonce, "highest": highest}
+            if frames is None:
+                kept = (self.journal.start, self.journal.end) if self.journal else (0, 0)
+                marker["error"] = "offset %d is not a frame kept in the journal [%d, %d)" % (
+                    offset,
+                    kept[0],
+                    kept[1],
+                )
+            else:
+                marker["offset"] = offset
+            self._write(wire.encode_msg(channel, marker))
+            for frame in frames or ():
+                self._write(frame)
 
     def eof(self, channel: int, stream: int) -> None:
         self.send(wire.encode(wire.EOF, channel, b"", stream))
@@ -310,6 +417,8 @@ class Agent:
         self.stopping = False
         #: The egress proxy forwarder (stoker.agent.netfwd), once the host asks for it.
         self.net: Any = None
+        #: The highest channel a host opened (a resuming host numbers on from there).
+        self.highest = 0
 
     # -- child reaping: we own waitpid(-1) because as PID 1 we inherit every orphan
 
@@ -365,6 +474,7 @@ class Agent:
                 except Exception as exc:  # one stream's trouble must not end the agent
                     log("net stream %x: %s: %s" % (channel, type(exc).__name__, exc))
             return
+        self.highest = max(self.highest, channel)
         if kind == wire.MSG:
             msg = wire.decode_msg(payload)
             handler = getattr(self, "on_" + msg["type"], None)
@@ -392,6 +502,20 @@ class Agent:
 
     def on_ping(self, channel: int, msg: Dict[str, Any]) -> None:
         self.chan.msg(channel, {"type": "pong"})
+
+    def on_journal(self, channel: int, msg: Dict[str, Any]) -> None:
+        """Keep what is sent until acknowledged, for a host that may restart (Journal)."""
+        self.chan.start_journal(channel)
+
+    def on_ack(self, channel: int, msg: Dict[str, Any]) -> None:
+        """The host stored everything before ``offset`` (no reply: acks are frequent)."""
+        self.chan.ack(int(msg["offset"]))
+
+    def on_resume(self, channel: int, msg: Dict[str, Any]) -> None:
+        """A new host process took over: send it the journal from what it stored."""
+        if self.net is not None:
+            self.net.reset()  # the proxied connections ended with the old host
+        self.chan.resume(channel, str(msg["nonce"]), int(msg["offset"]), self.highest)
 
     def on_init(self, channel: int, msg: Dict[str, Any]) -> None:
         # Sent after boot, and again after every snapshot restore: clones of one

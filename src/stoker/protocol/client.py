@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import queue
+import secrets
 import signal as signal_mod
-import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar, cast
@@ -37,17 +37,27 @@ from stoker.errors import (
 from stoker.protocol import messages as m
 from stoker.protocol import wire
 from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, OutputSink
+from stoker.protocol.streams import (
+    QUEUE_DEPTH,
+    AsyncToThreadReader,
+    ThreadToAsyncWriter,
+    run_consumer,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: Told the journal offsets (start, end) of each frame of a command, before its sink
+#: gets the frame's output (see :meth:`AgentClient.enable_journal`).
+FrameHook = Callable[[int, int], None]
 #: Receives every frame on a guest-opened network channel (``kind, stream,
 #: channel, payload``); called by the reader, so it must never wait on the guest.
 NetHandler = Callable[[int, int, int, bytes], Awaitable[None]]
 
-#: Events queued per operation before the reader stops reading (back-pressure).
-QUEUE_DEPTH = 64
 READ_SIZE = 256 * 1024
+#: Bytes a resuming host reads past, at most, before the agent's ``resumed`` marker:
+#: the rest of a frame the old host did not read whole, and frames written meanwhile.
+RESUME_SCAN_LIMIT = 64 << 20
 
 
 @dataclass
@@ -56,6 +66,9 @@ class _Event:
     stream: int
     payload: bytes = b""
     msg: Any = None
+    #: Offsets of the frame and of its end in the agent's journal (None: no journal).
+    start: int | None = None
+    end: int | None = None
 
 
 @dataclass
@@ -63,6 +76,10 @@ class _Op:
     channel: int
     events: asyncio.Queue[_Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_DEPTH))
     failed: BaseException | None = None
+    #: Journal offsets of the events queued or being handled, oldest first.
+    pending: deque[int] = field(default_factory=deque)
+    #: Whether the event :meth:`AgentClient._next` returned last is journaled.
+    handling: bool = False
 
 
 class AgentClient:
@@ -89,6 +106,12 @@ class AgentClient:
         self._log = log.getChild(name)
         self._net: NetHandler | None = None
         self.ready: m.Ready | None = None
+        #: Journal offset of the next journaled frame from the guest (None: no journal).
+        self._pos: int | None = None
+        self._journal_asked = False
+        #: While resuming: the marker's first bytes, and what was read before it.
+        self._resume: tuple[bytes, bytearray, int] | None = None
+        self._resume_nonce: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -205,6 +228,116 @@ class AgentClient:
         """Why the channel broke, if it did."""
         return self._failure
 
+    # ------------------------------------------------------------------ journal and resume
+
+    async def enable_journal(self) -> None:
+        """Have the agent keep what it sends until :meth:`ack`, so a new host can resume.
+
+        For a host process that may be restarted while a command runs (``stoker
+        serve``): it stores the command's output, then acks the stored offset
+        (:meth:`durable_offset`); after a restart :meth:`resume` gets the rest.
+        """
+        self._journal_asked = True
+        await self._request({"type": "journal"}, m.JournalOn)
+
+    def durable_offset(self) -> int | None:
+        """The journal offset before which every frame was handled (its output is in a sink).
+
+        None without a journal.  Frames still queued for an operation, or the one
+        it is handling, hold it back: they are not stored anywhere yet.
+        """
+        if self._pos is None:
+            return None
+        return min((op.pending[0] for op in self._ops.values() if op.pending), default=self._pos)
+
+    async def ack(self, offset: int) -> None:
+        """Tell the agent that everything before journal ``offset`` is stored."""
+        await self._send_msg(0, {"type": "ack", "offset": int(offset)})
+
+    @classmethod
+    async def resume(
+        cls,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        offset: int,
+        *,
+        channels: Iterable[int] = (),
+        limits: ChannelLimits | None = None,
+        name: str = "vm",
+        timeout: float = 30.0,
+    ) -> AgentClient:
+        """Take over an agent a previous host process (now gone) was talking to.
+
+        ``reader``/``writer`` are a new connection to the same guest; ``offset``
+        is the journal offset that host stored everything before.  The frames
+        from there on are sent again, and those of ``channels`` (operations the
+        old host had running, e.g. an exec: see :meth:`attach_exec`) are routed
+        to them.  Raises :class:`InfrastructureError` if the agent no longer
+        holds ``offset``.
+        """
+        client = cls(reader, writer, limits=limits, name=name)
+        nonce = secrets.token_hex(16)
+        prefix = b'{"type":"resumed","nonce":"' + nonce.encode() + b'"'
+        client._resume = (prefix, bytearray(), 0)
+        client._resume_nonce = nonce
+        for channel in channels:
+            if not 0 < channel < wire.NET_CHANNEL_BIT:
+                raise ValueError(f"not an operation's channel: {channel}")
+            client._ops[channel] = _Op(channel)
+        client.start()
+        try:
+            await client._send_msg(0, {"type": "resume", "nonce": nonce, "offset": int(offset)})
+            async with asyncio.timeout(timeout):
+                msg = await client._next_msg(client._ops[0])
+        except TimeoutError:
+            await client.aclose()
+            raise InfrastructureError(
+                f"the guest agent did not resume within {timeout:g}s"
+            ) from None
+        except BaseException:
+            await client.aclose()
+            raise
+        assert isinstance(msg, m.Resumed)  # _journal_event refused anything else
+        if msg.error is not None:
+            await client.aclose()
+            raise InfrastructureError(f"cannot resume the agent channel: {msg.error}")
+        return client
+
+    def _past_marker(self, data: bytes) -> bytes:
+        """While resuming: drop what precedes the ``resumed`` marker; then the bytes from it."""
+        assert self._resume is not None
+        prefix, seen, dropped = self._resume
+        seen += data
+        at = seen.find(prefix, wire.HEADER_SIZE)  # its frame's header comes first
+        if at < 0:
+            keep = len(prefix) + wire.HEADER_SIZE
+            if len(seen) > keep:
+                dropped += len(seen) - keep
+                del seen[:-keep]
+            if dropped > RESUME_SCAN_LIMIT:
+                raise GuestProtocolError(
+                    f"no resume marker from the agent within {RESUME_SCAN_LIMIT} bytes"
+                )
+            self._resume = (prefix, seen, dropped)
+            return b""
+        self._resume = None
+        return bytes(seen[at - wire.HEADER_SIZE :])
+
+    def _journal_event(self, msg: m.JournalOn | m.Resumed, size: int) -> int | None:
+        """Start counting journal offsets; the journal offset of ``msg``'s frame."""
+        if isinstance(msg, m.JournalOn):
+            if not self._journal_asked or self._pos is not None:
+                raise GuestProtocolError("guest sent 'journal_on' unasked")
+            self._pos = wire.HEADER_SIZE + size  # the reply is the journal's first frame
+            return 0
+        if self._resume_nonce is None or msg.nonce != self._resume_nonce:
+            raise GuestProtocolError("guest sent 'resumed' unasked")
+        self._resume_nonce = None
+        self._pos = msg.offset  # None (an error): the caller gives up
+        self._highest = max(self._highest, msg.highest)
+        self._ids = itertools.count(self._highest + 1)
+        return None
+
     # ------------------------------------------------------------------ reading
 
     async def _read_loop(self) -> None:
@@ -213,12 +346,18 @@ class AgentClient:
                 data = await self._reader.read(READ_SIZE)
                 if not data:
                     raise ChannelClosed("the guest agent closed the channel")
+                if self._resume is not None:
+                    data = self._past_marker(data)
                 try:
                     frames = self._decoder.feed(data)
                 except wire.WireError as exc:
                     raise FrameError(f"guest sent a malformed frame: {exc}") from None
                 for kind, stream, channel, payload in frames:
-                    await self._route(kind, stream, channel, payload)
+                    start = None
+                    if self._pos is not None and not channel & wire.NET_CHANNEL_BIT:
+                        start = self._pos
+                        self._pos += wire.HEADER_SIZE + len(payload)
+                    await self._route(kind, stream, channel, payload, start)
         except asyncio.CancelledError:
             raise
         except StokerError as exc:
@@ -226,7 +365,9 @@ class AgentClient:
         except (OSError, ConnectionError) as exc:
             self._fail_all(ChannelClosed(f"agent channel failed: {exc}"))
 
-    async def _route(self, kind: int, stream: int, channel: int, payload: bytes) -> None:
+    async def _route(
+        self, kind: int, stream: int, channel: int, payload: bytes, start: int | None = None
+    ) -> None:
         if channel & wire.NET_CHANNEL_BIT:
             if self._net is None:
                 raise GuestProtocolError(
@@ -246,6 +387,8 @@ class AgentClient:
                 raise FrameError(f"guest sent an invalid message: {exc}") from None
             except m.InvalidMessage as exc:
                 raise GuestProtocolError(f"guest sent an invalid message: {exc}") from None
+            if isinstance(msg, m.JournalOn | m.Resumed):
+                start = self._journal_event(msg, len(payload))
             event = _Event(kind, stream, msg=msg)
         else:
             if stream == wire.STDIN:
@@ -253,6 +396,10 @@ class AgentClient:
             event = _Event(kind, stream, payload)
         if op is None:
             return  # a finished operation; late frames are dropped
+        if start is not None and channel != 0:
+            # Channel 0's session messages are nobody's output: they never hold back acks.
+            event.start, event.end = start, start + wire.HEADER_SIZE + len(payload)
+            op.pending.append(start)
         await op.events.put(event)  # bounded: back-pressure on a flooding guest
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -266,10 +413,18 @@ class AgentClient:
                 with contextlib.suppress(asyncio.QueueFull):
                     op.events.put_nowait(_Event(0, 0))
 
+    def _handled(self, op: _Op) -> None:
+        """The caller is done with the event :meth:`_next` gave it (its output is in a sink)."""
+        if op.handling:
+            op.pending.popleft()
+            op.handling = False
+
     async def _next(self, op: _Op) -> _Event:
+        self._handled(op)
         if op.failed is not None and op.events.empty():
             raise op.failed
         event = await op.events.get()
+        op.handling = event.start is not None
         if event.kind == 0:
             assert op.failed is not None
             raise op.failed
@@ -351,6 +506,8 @@ class AgentClient:
         capture: bool = False,
         max_capture: int | None = None,
         timeout: float | None = None,
+        on_started: Callable[[int], None] | None = None,
+        on_frame: FrameHook | None = None,
     ) -> ExecResult:
         """Run ``argv`` in the guest and wait for it to end.
 
@@ -360,6 +517,10 @@ class AgentClient:
         is raised).  When ``timeout`` passes, the command's process group is
         killed and :class:`CommandTimeout` is raised.  A command that exits
         non-zero is *not* an error here: inspect :class:`ExecResult`.
+
+        ``on_started`` is told the command's channel once it runs (what a
+        resuming host attaches to); ``on_frame`` the journal offsets of its
+        frames (see :meth:`enable_journal`).
         """
         if not argv:
             raise ValueError("argv must not be empty")
@@ -392,28 +553,15 @@ class AgentClient:
             if not isinstance(first, m.Started):
                 raise GuestProtocolError(f"expected 'started', got {first.type!r}")
             running = True
+            if on_started is not None:
+                on_started(op.channel)
             if stdin is not None:
                 feeder = asyncio.get_running_loop().create_task(self._feed(op.channel, stdin))
-            try:
-                async with asyncio.timeout(timeout):
-                    exit_msg = await self._collect(op, sinks, bufs if capture else None, cap)
-            except TimeoutError:
-                await self._kill(op)
-                raise CommandTimeout(
-                    f"command timed out after {timeout:g}s and was killed: {argv[0]}",
-                    timeout=timeout or 0.0,
-                ) from None
-            except OutputLimitExceeded:
-                await self._kill(op)
-                raise
-            running = False
-            return ExecResult(
-                exit_msg.code,
-                exit_msg.signal,
-                bytes(bufs[wire.STDOUT]),
-                bytes(bufs[wire.STDERR]),
-                time.monotonic() - started,
+            result = await self._wait_exit(
+                op, argv[0], sinks, bufs if capture else None, cap, timeout, started, on_frame
             )
+            running = False
+            return result
         except asyncio.CancelledError:
             if running:
                 # Ctrl-C / cancellation: do not leave the command running in the guest.
@@ -427,19 +575,91 @@ class AgentClient:
                     await feeder
             self._close(op)
 
+    async def attach_exec(
+        self,
+        channel: int,
+        *,
+        stdout: OutputSink | None = None,
+        stderr: OutputSink | None = None,
+        timeout: float | None = None,
+        what: str = "the command",
+        on_frame: FrameHook | None = None,
+    ) -> ExecResult:
+        """Follow a command that a previous host process started on ``channel`` to its end.
+
+        The channel must have been named to :meth:`resume`.  Output from the
+        journal offset the resume started at goes to the sinks; ``timeout`` is
+        what is left of the command's own.  As :meth:`exec` otherwise (no capture).
+        """
+        op = self._ops.get(channel)
+        if op is None or channel == 0:
+            raise ValueError(f"channel {channel} was not named to resume()")
+        sinks = {wire.STDOUT: stdout, wire.STDERR: stderr}
+        try:
+            return await self._wait_exit(
+                op, what, sinks, None, 0, timeout, time.monotonic(), on_frame
+            )
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._signal(channel, signal_mod.SIGKILL))
+            raise
+        finally:
+            self._close(op)
+
+    async def _wait_exit(
+        self,
+        op: _Op,
+        what: str,
+        sinks: Mapping[int, OutputSink | None],
+        bufs: dict[int, bytearray] | None,
+        cap: int,
+        timeout: float | None,
+        started: float,
+        on_frame: FrameHook | None = None,
+    ) -> ExecResult:
+        """Deliver a running command's output until it exits, kill it on ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                exit_msg = await self._collect(op, sinks, bufs, cap, on_frame)
+        except TimeoutError:
+            await self._kill(op)
+            raise CommandTimeout(
+                f"command timed out after {timeout:g}s and was killed: {what}",
+                timeout=timeout or 0.0,
+            ) from None
+        except OutputLimitExceeded:
+            await self._kill(op)
+            raise
+        out = bufs or {}
+        return ExecResult(
+            exit_msg.code,
+            exit_msg.signal,
+            bytes(out.get(wire.STDOUT, b"")),
+            bytes(out.get(wire.STDERR, b"")),
+            time.monotonic() - started,
+        )
+
     async def _collect(
         self,
         op: _Op,
         sinks: Mapping[int, OutputSink | None],
         bufs: dict[int, bytearray] | None,
         cap: int,
+        on_frame: FrameHook | None = None,
     ) -> m.Exit:
         captured = 0
         while True:
+            self._handled(op)  # the sink took the last event: acks may include it now
             event = await self._next(op)
+            if on_frame is not None and event.start is not None and event.end is not None:
+                # Before the sink, with no await between: a sink that stores output
+                # synchronously stores it together with the offset it came at.
+                on_frame(event.start, event.end)
             if event.kind == wire.MSG:
                 if isinstance(event.msg, m.Exit):
                     return event.msg
+                if isinstance(event.msg, m.Started):
+                    continue  # a resumed journal can start before the command did
                 raise GuestProtocolError(f"unexpected {event.msg.type!r} while a command runs")
             if event.stream not in (wire.STDOUT, wire.STDERR) or event.kind != wire.DATA:
                 if event.kind == wire.EOF and event.stream in (wire.STDOUT, wire.STDERR):
@@ -486,7 +706,7 @@ class AgentClient:
         op = self._open()
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH)
-        sink = _ThreadToAsyncWriter(loop, chunks)
+        sink = ThreadToAsyncWriter(loop, chunks)
 
         def run() -> None:
             try:
@@ -530,8 +750,8 @@ class AgentClient:
         """
         op = self._open()
         loop = asyncio.get_running_loop()
-        source = _AsyncToThreadReader()
-        worker = loop.run_in_executor(None, _run_consumer, consume, source)
+        source = AsyncToThreadReader()
+        worker = loop.run_in_executor(None, run_consumer, consume, source)
         try:
             await self._send_msg(op.channel, {"type": "get", "paths": list(paths), "cwd": cwd})
             while True:
@@ -565,75 +785,3 @@ class AgentClient:
                 with contextlib.suppress(BaseException):
                     await worker
             self._close(op)
-
-
-def _run_consumer(consume: Callable[[BinaryIO], T], source: _AsyncToThreadReader) -> T:
-    try:
-        return consume(source)  # type: ignore[arg-type]
-    finally:
-        source.closed_by_reader = True
-
-
-class _ThreadToAsyncWriter:
-    """A write-only file for a worker thread that hands 64 KiB chunks to the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[bytes | None]) -> None:
-        self._loop = loop
-        self._q = q
-        self._buf = bytearray()
-        self._cancelled = threading.Event()
-
-    def write(self, data: bytes) -> int:
-        self._buf += data
-        while len(self._buf) >= wire.CHUNK:
-            self._push(bytes(self._buf[: wire.CHUNK]))
-            del self._buf[: wire.CHUNK]
-        return len(data)
-
-    def flush(self) -> None:
-        if self._buf:
-            self._push(bytes(self._buf))
-            self._buf.clear()
-
-    def _push(self, item: bytes | None) -> None:
-        if self._cancelled.is_set():
-            raise InfrastructureError("upload cancelled")
-        fut = asyncio.run_coroutine_threadsafe(self._q.put(item), self._loop)
-        while True:
-            try:
-                fut.result(timeout=0.5)
-                return
-            except TimeoutError:
-                if self._cancelled.is_set():
-                    fut.cancel()
-                    raise InfrastructureError("upload cancelled") from None
-
-    def finish(self) -> None:
-        with contextlib.suppress(InfrastructureError):
-            self._push(None)
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-
-class _AsyncToThreadReader(wire.ChunkReader):
-    """A read-only file for a worker thread, fed chunk by chunk from the event loop."""
-
-    def __init__(self) -> None:
-        super().__init__(QUEUE_DEPTH)
-        self.closed_by_reader = False
-
-    def feed(self, chunk: bytes | None) -> None:
-        with contextlib.suppress(queue.Full):
-            self.q.put_nowait(chunk)
-
-    async def afeed(self, chunk: bytes) -> None:
-        try:
-            self.q.put_nowait(chunk)
-        except queue.Full:
-            while not self.closed_by_reader:
-                try:
-                    await asyncio.to_thread(self.q.put, chunk, True, 0.5)
-                    return
-                except queue.Full:
-                    continue

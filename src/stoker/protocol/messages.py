@@ -77,12 +77,33 @@ class NetStarted(_Msg, tag="net_started", frozen=True):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
+class JournalOn(_Msg, tag="journal_on", frozen=True):
+    """The agent keeps what it sends until acknowledged; this reply is the journal's first frame."""
+
+
+class Resumed(_Msg, tag="resumed", frozen=True):
+    """A resuming host's stream starts here: the journal follows from ``offset``.
+
+    ``error`` instead of ``offset``: the journal no longer holds that offset.
+    ``highest`` is the highest channel the previous host opened.
+    """
+
+    nonce: ShortStr
+    highest: Annotated[int, msgspec.Meta(ge=0, le=0x7FFFFFFF)]
+    offset: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    error: Text | None = None
+
+    def __post_init__(self) -> None:
+        if (self.offset is None) == (self.error is None):
+            raise ValueError("exactly one of offset and error must be set")
+
+
 class Error(_Msg, tag="error", frozen=True):
     message: Text
     spawn: bool = False
 
 
-GuestMessage = Ready | Ok | Pong | Started | Exit | Done | NetStarted | Error
+GuestMessage = Ready | Ok | Pong | Started | Exit | Done | NetStarted | JournalOn | Resumed | Error
 
 
 def parse(raw: Any) -> GuestMessage:
