@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,3 +25,20 @@ def lazy_exports(package: str, homes: Mapping[str, str]) -> Callable[[str], Any]
         return getattr(importlib.import_module(f"{package}.{home}"), name)
 
     return __getattr__
+
+
+def preload(module: str) -> None:
+    """Import ``module`` in a thread while the VMM starts (a process of its own).
+
+    The thread holds the interpreter only while it runs Python; the event loop
+    meanwhile waits on the VMM.  Whoever imports ``module`` next waits for it;
+    an import error is raised there again, so it is dropped here.
+    """
+    if module in sys.modules:
+        return
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+    threading.Thread(target=load, name="stoker-preload", daemon=True).start()

@@ -22,13 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib
 import logging
 import os
 import secrets
 import shutil
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
@@ -37,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from stoker import vmfiles
+from stoker._lazy import preload
 from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, safe_extract
 from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
 from stoker.backends.accel import AccelRequest, resolve_accel
@@ -121,6 +119,7 @@ class VM:
         job: str | None = None,
         on_connection: Callable[[ConnectionRecord], None] | None = None,
         resolver: Resolver | None = None,
+        detached: bool = False,
     ) -> None:
         # None: the image's [defaults] decide (see _apply_image_defaults).
         if cpus is not None and not 1 <= cpus <= MAX_CPUS:
@@ -191,6 +190,8 @@ class VM:
         self.snapshot_missing: SnapshotKey | None = None
         #: What was copied in through the seed disk (set once the VM is ready).
         self.seed_report: PackReport | None = None
+        #: The VMM outlives this process (``stoker serve``: see :mod:`stoker.vmadopt`).
+        self.detached = detached
         self._stack = AsyncExitStack()
         self._vmm: LaunchedVM | None = None
         self._client: AgentClient | None = None
@@ -425,7 +426,7 @@ class VM:
     async def _launch(self, spec: MachineSpec) -> None:
         assert self.workdir is not None
         # Needed once the VMM runs; loaded while it starts (~15 ms with msgspec).
-        _preload("stoker.protocol.client")
+        preload("stoker.protocol.client")
         self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
         self._vmm_exit = asyncio.get_running_loop().create_task(self._vmm.wait())
         self._stack.push_async_callback(self._cancel_exit_watch)
@@ -594,6 +595,7 @@ class VM:
             scratch=scratch,
             seed=seed,
             tsc_khz=host_tsc_khz() if accel == "tcg" else None,
+            detached=self.detached,
         )
 
     async def destroy(self) -> None:
@@ -670,6 +672,11 @@ class VM:
         assert self._client is not None
         return self._client
 
+    @property
+    def agent(self) -> AgentClient:
+        """The agent channel, for what :meth:`exec` does not cover (the journal, acks)."""
+        return self._agent()
+
     # ------------------------------------------------------------------ operations
 
     @require(VMState.READY)
@@ -688,12 +695,15 @@ class VM:
         max_capture: int | None = None,
         timeout: float | None = None,
         check: bool = False,
+        on_started: Callable[[int], None] | None = None,
+        on_frame: Callable[[int, int], None] | None = None,
     ) -> ExecResult:
         """Run a command in the guest.
 
         ``env`` is the complete environment (a sensible ``PATH``, ``HOME`` and
         ``LANG`` are added where missing).  With ``check=True`` a command that
-        does not exit 0 raises :class:`~stoker.errors.JobFailed`.
+        does not exit 0 raises :class:`~stoker.errors.JobFailed`.  ``on_started``
+        and ``on_frame``: see :meth:`AgentClient.exec`.
         """
         full_env = {**default_guest_env(), **self.image_env, **self.network_env, **(env or {})}
         result = await self._guarded(
@@ -709,6 +719,8 @@ class VM:
                 capture=capture,
                 max_capture=max_capture,
                 timeout=timeout,
+                on_started=on_started,
+                on_frame=on_frame,
             )
         )
         if check and not result.ok:
@@ -758,23 +770,6 @@ class VM:
         return await self._guarded(
             self._agent().get(patterns, cwd, lambda stream: safe_extract(stream, target, bounds))
         )
-
-
-def _preload(module: str) -> None:
-    """Import ``module`` in a thread while the VMM starts (a process of its own).
-
-    The thread holds the interpreter only while it runs Python; the event loop
-    meanwhile waits on the VMM.  Whoever imports ``module`` next waits for it;
-    an import error is raised there again, so it is dropped here.
-    """
-    if module in sys.modules:
-        return
-
-    def load() -> None:
-        with contextlib.suppress(Exception):
-            importlib.import_module(module)
-
-    threading.Thread(target=load, name="stoker-preload", daemon=True).start()
 
 
 def default_guest_env() -> dict[str, str]:

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from stoker.errors import InfrastructureError
 from stoker.protocol.transport import Transport
@@ -62,6 +62,9 @@ class MachineSpec:
     #: Format of the scratch disk file: ``"raw"``, or ``"qcow2"`` for a clone's
     #: copy-on-write overlay on the template's disk.
     scratch_format: str = "raw"
+    #: The VMM outlives the process that starts it (``stoker serve``), which a
+    #: restarted service re-attaches to (:mod:`stoker.backends.detached`).
+    detached: bool = False
     #: A network device with unfiltered outbound access (``nat`` mode; QEMU's
     #: user-mode networking).  Off for ``none`` and ``egress``: those guests
     #: have no network device at all.
@@ -224,7 +227,21 @@ class Backend(ABC):
 # --- helpers every backend uses for its VMM process ----------------------------------------------
 
 
-async def wait_for(proc: asyncio.subprocess.Process, seconds: float) -> None:
+class ProcessLike(Protocol):
+    """What the helpers below need of a VMM process: ours, or one we adopted."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, signum: int) -> None: ...
+
+
+async def wait_for(proc: ProcessLike, seconds: float) -> None:
     """Wait up to ``seconds`` for ``proc`` to exit (no error if it does not)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
@@ -237,7 +254,7 @@ async def pump(reader: asyncio.StreamReader, sink: ConsoleBuffer) -> None:
         sink.feed(data)
 
 
-async def terminate(proc: asyncio.subprocess.Process, *, what: str, grace: float) -> None:
+async def terminate(proc: ProcessLike, *, what: str, grace: float) -> None:
     """SIGTERM, then SIGKILL, each given time to work; reaps.  Verified: raises
     :class:`InfrastructureError` if the process survives SIGKILL.
 

@@ -27,7 +27,7 @@ import shutil
 import socket
 import subprocess
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 from qemu.qmp import QMPClient
@@ -36,9 +36,18 @@ from stoker.backends.base import (
     Backend,
     LaunchedVM,
     MachineSpec,
+    ProcessLike,
     pump,
     terminate,
     wait_for,
+)
+from stoker.backends.detached import (
+    SOCKETS,
+    AdoptedProcess,
+    VmmRecord,
+    short_paths,
+    socket_path,
+    start_time,
 )
 from stoker.errors import InfrastructureError, LaunchError, VMError
 from stoker.procs import DIE_WITH_PARENT
@@ -84,7 +93,11 @@ def _network(spec: MachineSpec) -> list[str]:
 
 @dataclass(frozen=True)
 class QemuFds:
-    """Descriptor numbers (identical in parent and child) of the pre-connected sockets."""
+    """Descriptor numbers (identical in parent and child) of the pre-connected sockets.
+
+    For a detached VM (:attr:`MachineSpec.detached`) they are listening sockets
+    instead, which a restarted service connects to again.
+    """
 
     agent: int
     qmp: int
@@ -99,6 +112,8 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
         accel, cpu = ("tcg,thread=multi" if spec.cpus > 1 else "tcg"), TCG_CPU
     machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
     memory = ["-m", f"{spec.memory_mb}M"]
+    # A detached VMM listens for its controller, which may connect again after a restart.
+    server = ",server=on,wait=off" if spec.detached else ""
     if spec.memory_file is not None:
         machine += ",memory-backend=mem"
         share = "on" if spec.memory_shared else "off"
@@ -128,16 +143,16 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
         "-kernel", _escape(str(spec.kernel)),
         "-initrd", _escape(str(spec.initrd)),
         "-append", spec.kernel_cmdline(),
-        "-chardev", f"socket,id=console,fd={fds.console}",
+        "-chardev", f"socket,id=console,fd={fds.console}{server}",
         "-serial", "chardev:console",
-        "-chardev", f"socket,id=qmp,fd={fds.qmp}",
+        "-chardev", f"socket,id=qmp,fd={fds.qmp}{server}",
         "-mon", "chardev=qmp,mode=control",
     ]
     if spec.probe:
         return argv
     # Disk order matters: the guest sees root as /dev/vda and scratch as /dev/vdb.
     argv += [
-        "-chardev", f"socket,id=agent,fd={fds.agent}",
+        "-chardev", f"socket,id=agent,fd={fds.agent}{server}",
         "-device", "virtio-serial-device,max_ports=2",
         "-device", f"virtserialport,chardev=agent,name={wire.PORT_NAME}",
         "-drive", f"id=root,file={_escape(str(spec.rootfs))},format=raw,if=none,read-only=on",
@@ -166,7 +181,7 @@ def qemu_argv(spec: MachineSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> 
 class QemuVM(LaunchedVM):
     """A running QEMU process."""
 
-    proc: asyncio.subprocess.Process | None = None
+    proc: ProcessLike | None = None
     qmp: QMPClient | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)
@@ -310,23 +325,39 @@ class QemuBackend(Backend):
         return False, f"{self.binary} was built without user-mode networking (libslirp)"
 
     async def launch(self, spec: MachineSpec, workdir: Path, stack: AsyncExitStack) -> LaunchedVM:
-        pairs = {name: socket.socketpair() for name in ("agent", "qmp", "console")}
-        for ours, theirs in pairs.values():
-            stack.callback(ours.close)
-            stack.callback(theirs.close)
-        fds = QemuFds(*(pairs[n][1].fileno() for n in ("agent", "qmp", "console")))
+        # QEMU's ends, and ours: socketpairs, or for a detached VMM listening
+        # sockets in the work directory and our connections to them (queued in
+        # the backlog until QEMU accepts, so nothing it says is missed).
+        theirs: dict[str, socket.socket] = {}
+        ours: dict[str, socket.socket] = {}
+        with short_paths(workdir) as short:
+            for name in SOCKETS:
+                if spec.detached:
+                    theirs[name] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    stack.callback(theirs[name].close)
+                    theirs[name].bind(str(socket_path(short, name)))
+                    theirs[name].listen(4)
+                    ours[name] = _connected(socket_path(short, name), stack)
+                else:
+                    ours[name], theirs[name] = socket.socketpair()
+                    stack.callback(ours[name].close)
+                    stack.callback(theirs[name].close)
+        fds = QemuFds(*(theirs[n].fileno() for n in SOCKETS))
         argv = qemu_argv(spec, fds, binary=self.binary)
         log.debug("launching: %s", " ".join(argv))
-        vm = QemuVM(transport=SocketTransport(pairs["agent"][0].dup()), argv=argv)
+        vm = QemuVM(transport=SocketTransport(ours["agent"].dup()), argv=argv)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=[fds.agent, fds.qmp, fds.console],
+                pass_fds=list(astuple(fds)),
                 # Only calls a pre-resolved prctl(): safe between fork and exec.
-                preexec_fn=DIE_WITH_PARENT,
+                # A detached VMM is on its own: it must survive us (QEMU ignores
+                # SIGPIPE, so its stderr pipe closing with us does not end it).
+                preexec_fn=None if spec.detached else DIE_WITH_PARENT,
+                start_new_session=spec.detached,
                 cwd=workdir,
             )
         except FileNotFoundError as exc:
@@ -335,20 +366,17 @@ class QemuBackend(Backend):
             ) from exc
         vm.proc = proc
         stack.push_async_callback(vm.kill)
+        if spec.detached:
+            started = start_time(proc.pid)
+            if started is not None:
+                VmmRecord(proc.pid, started).write(workdir)
         # The child holds its own copies now; close ours so EOF propagates when it exits.
-        for _, theirs in pairs.values():
-            theirs.close()
-        loop = asyncio.get_running_loop()
+        for sock in theirs.values():
+            sock.close()
         assert proc.stderr is not None
-        vm.tasks.append(loop.create_task(pump(proc.stderr, vm.vmm_log)))
-        con_reader, con_writer = await asyncio.open_connection(sock=pairs["console"][0].dup())
-        vm.keep.append(con_writer)
-        vm.tasks.append(loop.create_task(pump(con_reader, vm.console)))
-        qmp = QMPClient(spec.name)
-        vm.qmp = qmp
+        vm.tasks.append(asyncio.get_running_loop().create_task(pump(proc.stderr, vm.vmm_log)))
         try:
-            async with asyncio.timeout(30):
-                await qmp.connect(pairs["qmp"][0].dup())
+            await self._attach(vm, ours, spec.name)
         except Exception as exc:
             # QEMU refused the command line: its stderr says why.
             with contextlib.suppress(TimeoutError):
@@ -361,6 +389,48 @@ class QemuBackend(Backend):
                 output=vm.vmm_log.text(),
             ) from exc
         return vm
+
+    async def _attach(self, vm: QemuVM, ours: dict[str, socket.socket], name: str) -> None:
+        """Follow the console and connect the monitor (within 30 s)."""
+        con_reader, con_writer = await asyncio.open_connection(sock=ours["console"].dup())
+        vm.keep.append(con_writer)
+        vm.tasks.append(asyncio.get_running_loop().create_task(pump(con_reader, vm.console)))
+        qmp = QMPClient(name)
+        vm.qmp = qmp
+        async with asyncio.timeout(30):
+            await qmp.connect(ours["qmp"].dup())
+
+    async def adopt(self, name: str, workdir: Path, stack: AsyncExitStack) -> LaunchedVM:
+        """Take over the detached VMM of ``workdir``, which an earlier process started.
+
+        Raises :class:`InfrastructureError` if it is not running any more.
+        """
+        record = VmmRecord.read(workdir)
+        if not record.alive():
+            raise InfrastructureError(f"the VMM of {workdir.name} (pid {record.pid}) is gone")
+        proc = AdoptedProcess(record)
+        stack.callback(proc.close)
+        try:
+            with short_paths(workdir) as short:
+                ours = {n: _connected(socket_path(short, n), stack) for n in SOCKETS}
+        except OSError as exc:
+            raise InfrastructureError(f"cannot reach the VMM of {workdir.name}: {exc}") from None
+        vm = QemuVM(transport=SocketTransport(ours["agent"].dup()), argv=[])
+        vm.proc = proc
+        stack.push_async_callback(vm.kill)
+        try:
+            await self._attach(vm, ours, name)
+        except Exception as exc:
+            raise InfrastructureError(f"cannot take over the VMM of {workdir.name}: {exc}") from exc
+        return vm
+
+
+def _connected(path: Path, stack: AsyncExitStack) -> socket.socket:
+    """A Unix socket connected to ``path``, closed with ``stack``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stack.callback(sock.close)
+    sock.connect(str(path))
+    return sock
 
 
 _VERSION_RE = re.compile(r"version (\d+\.\d+(?:\.\d+)?)")
