@@ -35,7 +35,7 @@ EXPECTED = "".join(f"line {i}\n" for i in range(COUNT)).encode()
 
 
 @pytest.fixture
-async def agent_socket(tmp_path: Path) -> AsyncIterator[Path]:
+async def agent_process(tmp_path: Path) -> AsyncIterator[tuple[Path, subprocess.Popen[bytes]]]:
     path = tmp_path / "agent.sock"
     proc = subprocess.Popen(
         [sys.executable, "-B", "-m", "stoker.agent", "--listen", str(path)],
@@ -47,10 +47,15 @@ async def agent_socket(tmp_path: Path) -> AsyncIterator[Path]:
             if path.exists():
                 break
             await asyncio.sleep(0.01)
-        yield path
+        yield path, proc
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def agent_socket(agent_process: tuple[Path, subprocess.Popen[bytes]]) -> Path:
+    return agent_process[0]
 
 
 async def _connect(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -139,6 +144,27 @@ async def test_an_offset_the_journal_no_longer_holds_is_refused(agent_socket: Pa
         assert result.exit_code == 7
     finally:
         await second.aclose()
+
+
+async def test_an_orphaned_agent_ends_its_vm(
+    agent_process: tuple[Path, subprocess.Popen[bytes]],
+) -> None:
+    path, proc = agent_process
+    reader, writer = await _connect(path)
+    host = AgentClient(reader, writer)
+    await host.wait_ready(10)
+    await host.enable_journal(orphan_timeout=1.0)
+    run = asyncio.get_running_loop().create_task(
+        host.exec(["sleep", "600"], env=ENV, capture=False)
+    )
+    await asyncio.sleep(0.5)
+    writer.transport.abort()  # the host dies, and no other comes
+    with pytest.raises(ChannelClosed):
+        await run
+    await host.aclose()
+    # The agent gives up after the timeout: a real guest powers off (here: it exits).
+    code = await asyncio.to_thread(proc.wait, 30)
+    assert code == 3
 
 
 # --- a guest misbehaving around the journal ------------------------------------------------------

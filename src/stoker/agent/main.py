@@ -263,10 +263,31 @@ class Channel:
         self.listener = listener
         self.on_connect: Optional[Callable[[], None]] = None
         self.journal: Optional[Journal] = None
+        #: Seconds without a host after which ``on_orphaned`` runs (None: wait forever).
+        self.orphan_timeout: Optional[float] = None
+        self.on_orphaned: Optional[Callable[[], None]] = None
+        self.lost_at: Optional[float] = None
+
+    def _orphaned(self) -> None:
+        """Called while no host is connected: give up once that lasted too long."""
+        if self.orphan_timeout is None or self.on_orphaned is None:
+            return
+        now = time.monotonic()
+        if self.lost_at is None:
+            self.lost_at = now
+        elif now - self.lost_at > self.orphan_timeout:
+            self.on_orphaned()
 
     def _reconnect(self) -> None:
         assert self.listener is not None
-        conn, _ = self.listener.accept()
+        while True:
+            self.listener.settimeout(0.5 if self.orphan_timeout is not None else None)
+            try:
+                conn, _ = self.listener.accept()
+                break
+            except socket.timeout:
+                self._orphaned()
+        self.lost_at = None
         with self.lock:
             old, self.fd = self.fd, conn.detach()
             os.set_blocking(self.fd, True)
@@ -289,8 +310,10 @@ class Channel:
                 # virtio-serial reads 0 while the host side is disconnected; wait for it.
                 # A frame the old host left half-written is never completed: drop it.
                 self.decoder = wire.Decoder()
+                self._orphaned()
                 time.sleep(0.05)
                 continue
+            self.lost_at = None
             frames = self.decoder.feed(data)
             if frames:
                 return frames
@@ -504,8 +527,25 @@ class Agent:
         self.chan.msg(channel, {"type": "pong"})
 
     def on_journal(self, channel: int, msg: Dict[str, Any]) -> None:
-        """Keep what is sent until acknowledged, for a host that may restart (Journal)."""
+        """Keep what is sent until acknowledged, for a host that may restart (Journal).
+
+        ``orphan_timeout``: a host that stays away this long is not coming back
+        (another host may run the job again by then): end the VM then.
+        """
+        timeout = msg.get("orphan_timeout")
+        if timeout is not None:
+            self.chan.orphan_timeout = float(timeout)
+            self.chan.on_orphaned = self.orphaned
         self.chan.start_journal(channel)
+
+    def orphaned(self) -> None:
+        log("no host for %.0fs: ending the VM" % (self.chan.orphan_timeout or 0))
+        for pid in list(self.procs.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, 9)
+        if self.pid1:
+            power_off()
+        os._exit(3)  # run on a host (tests): the process is the "VM"
 
     def on_ack(self, channel: int, msg: Dict[str, Any]) -> None:
         """The host stored everything before ``offset`` (no reply: acks are frequent)."""

@@ -230,15 +230,20 @@ class AgentClient:
 
     # ------------------------------------------------------------------ journal and resume
 
-    async def enable_journal(self) -> None:
+    async def enable_journal(self, orphan_timeout: float | None = None) -> None:
         """Have the agent keep what it sends until :meth:`ack`, so a new host can resume.
 
         For a host process that may be restarted while a command runs (``stoker
         serve``): it stores the command's output, then acks the stored offset
         (:meth:`durable_offset`); after a restart :meth:`resume` gets the rest.
+        With ``orphan_timeout`` the agent ends the VM once no host has been
+        connected for that long (another host may take the job over by then).
         """
         self._journal_asked = True
-        await self._request({"type": "journal"}, m.JournalOn)
+        request: dict[str, object] = {"type": "journal"}
+        if orphan_timeout is not None:
+            request["orphan_timeout"] = float(orphan_timeout)
+        await self._request(request, m.JournalOn)
 
     def durable_offset(self) -> int | None:
         """The journal offset before which every frame was handled (its output is in a sink).
