@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stoker import vmfiles
 from stoker.backends.base import Backend
 from stoker.errors import InfrastructureError
 from stoker.lifecycle import VMState
@@ -90,6 +91,8 @@ async def adopt_vm(
     # Removed with the VM, as a VM that booted removes its own.
     vm._stack.callback(shutil.rmtree, found.workdir)
     try:
+        # Ours now: sweeps of VMs whose owner died must leave it alone.
+        vmfiles.claim_workdir(found.workdir)
         if adopt is None:
             raise InfrastructureError(f"the {backend.name} backend cannot take over a VM")
         vm._vmm = await adopt(found.name, found.workdir, vm._stack)

@@ -39,12 +39,17 @@ def make_workdir(runtime: Path, name: str) -> Path:
     """
     sweep_stale_workdirs(runtime)
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=runtime))
+    claim_workdir(workdir)
+    return workdir
+
+
+def claim_workdir(workdir: Path) -> None:
+    """Record this process as the owner of ``workdir`` (a new VM's, or an adopted one's)."""
     # Written whole and renamed into place: a concurrent sweep must never
     # read a half-written (empty) owner file and take the directory for dead.
     tmp = workdir / f".{OWNER_FILE}.tmp"
     tmp.write_text(process_identity(os.getpid()) or "")
     tmp.rename(workdir / OWNER_FILE)
-    return workdir
 
 
 def sweep_stale_workdirs(runtime: Path) -> list[Path]:

@@ -22,12 +22,14 @@ from stoker.service.models import Base, Job, JobEvent
 from stoker.service.scheduler import Candidate
 
 ConfigFactory = Callable[..., ServiceConfig]
+#: The newest migration.
+HEAD = "0006"
 
 
 def _check_schema(url: str) -> None:
     upgrade(url)
     upgrade(url)  # idempotent
-    assert current_revision(url) == "0005"
+    assert current_revision(url) == HEAD
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
@@ -84,8 +86,10 @@ def test_network_columns_migrate_both_ways(tmp_path: Path) -> None:
     engine.dispose()
     assert not {"network", "network_summary"} & _job_columns(url)
     upgrade(url)
-    assert current_revision(url) == "0005"
-    assert {"network", "network_summary", "session_idle_s", "session_closed"} <= _job_columns(url)
+    assert current_revision(url) == HEAD
+    assert {"network", "network_summary", "session_idle_s", "session_closed", "resume"} <= (
+        _job_columns(url)
+    )
     db = Database(url)
     try:
         job = db.call(lambda s: s.get(Job, "j1"), write=False)
@@ -93,7 +97,7 @@ def test_network_columns_migrate_both_ways(tmp_path: Path) -> None:
     finally:
         db.close()
     command.downgrade(alembic_config(url), "0001")
-    assert not {"network", "network_summary", "session_idle_s"} & _job_columns(url)
+    assert not {"network", "network_summary", "session_idle_s", "resume"} & _job_columns(url)
 
 
 def _queue(db: Database, make_config: ConfigFactory, per_submitter: dict[str, int]) -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
+from typing import Any
 
 from stoker.accounts import guest_user
 from stoker.archive import ExtractLimits
 from stoker.errors import CommandTimeout, ProvisionError
+from stoker.protocol.common import ExecResult
 from stoker.service.files import ArtifactFile, JobFiles, JobInputError, hash_artifacts
 from stoker.service.jobs import job_env
 from stoker.service.logs import LogWriter
@@ -19,6 +22,7 @@ from stoker.service.models import Job
 from stoker.service.pools import GUEST_DIR
 from stoker.service.runs import Outcome, judge
 from stoker.vm import VM
+from stoker.vmadopt import follow_exec
 
 
 async def run_command(
@@ -28,11 +32,16 @@ async def run_command(
     files: JobFiles,
     max_artifact_bytes: int,
     enter: Callable[[str], None],
+    *,
+    orphan_timeout: float | None = None,
 ) -> Outcome:
     """Run ``job``'s command in ``vm`` (output to ``writer``), copy its artifacts out.
 
     ``enter`` is told the phase each part starts ("copying artifacts out"),
-    so that the caller's failure messages say where it failed.
+    so that the caller's failure messages say where it failed.  In a detached
+    VM the agent journals the command's output and ``writer`` stores resume
+    points, so that a restarted service takes over (:func:`resume_command`);
+    with no host for ``orphan_timeout`` seconds the VM ends itself.
     """
     env, uid, gid = job_env(job), None, None
     if job.user is not None:
@@ -43,6 +52,9 @@ async def run_command(
             raise JobInputError(f"{exc}") from None
         env = {"HOME": account.home, "USER": account.name, "LOGNAME": account.name, **env}
         uid, gid = account.uid, account.gid
+    if vm.detached:
+        await vm.agent.enable_journal(orphan_timeout=orphan_timeout)
+        writer.acks_to(vm.agent.ack)
     result = None
     try:
         result = await vm.exec(
@@ -55,9 +67,52 @@ async def run_command(
             stderr=functools.partial(writer.write, "stderr"),
             capture=False,
             timeout=job.timeout_s,
+            on_started=writer.command_started if vm.detached else None,
+            on_frame=writer.frame if vm.detached else None,
         )
     except CommandTimeout:
         await writer.system(f"the command timed out after {job.timeout_s:g}s; killed it")
+    return await _artifacts_and_outcome(job, vm, writer, files, max_artifact_bytes, enter, result)
+
+
+async def resume_command(
+    job: Job,
+    vm: VM,
+    writer: LogWriter,
+    files: JobFiles,
+    max_artifact_bytes: int,
+    enter: Callable[[str], None],
+    point: dict[str, Any],
+) -> Outcome:
+    """Follow the command an earlier process of this service started in ``vm`` (adopted)
+    from its resume ``point``, then as :func:`run_command`."""
+    writer.resume_from(point)
+    writer.acks_to(vm.agent.ack)
+    left = job.timeout_s - max(0.0, time.time() - float(point["started"]))
+    result = None
+    try:
+        result = await follow_exec(
+            vm,
+            int(point["channel"]),
+            stdout=functools.partial(writer.write, "stdout"),
+            stderr=functools.partial(writer.write, "stderr"),
+            timeout=max(left, 0.001),
+            on_frame=writer.frame,
+        )
+    except CommandTimeout:
+        await writer.system(f"the command timed out after {job.timeout_s:g}s; killed it")
+    return await _artifacts_and_outcome(job, vm, writer, files, max_artifact_bytes, enter, result)
+
+
+async def _artifacts_and_outcome(
+    job: Job,
+    vm: VM,
+    writer: LogWriter,
+    files: JobFiles,
+    max_artifact_bytes: int,
+    enter: Callable[[str], None],
+    result: ExecResult | None,
+) -> Outcome:
     artifacts: list[ArtifactFile] = []
     if job.artifacts:
         enter("copying artifacts out")

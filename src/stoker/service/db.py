@@ -32,8 +32,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from stoker.errors import InfrastructureError
-from stoker.service.jobs import ACTIVE, JobState, transition
-from stoker.service.models import Host, Job, VMRecord, utcnow
+from stoker.service.jobs import ACTIVE, JobState, JobView, recover, transition
+from stoker.service.models import Host, Job, LogChunk, VMRecord, utcnow
 from stoker.service.scheduler import Candidate
 
 log = logging.getLogger(__name__)
@@ -306,6 +306,31 @@ def expired_jobs(session: Session, *, now: datetime, limit: int = 100) -> list[J
     return list(session.scalars(query))
 
 
+def recover_expired(
+    session: Session,
+    *,
+    host: str,
+    now: datetime,
+    local: Collection[str],
+    lease_seconds: float,
+    retry_limit: int,
+) -> list[tuple[JobView, str, JobState]]:
+    """Recover jobs whose host stopped heartbeating (but ``local``: ``host`` runs them),
+    drop the VM records of silent hosts; return (job, from state, to state) of each."""
+    changes = []
+    for job in expired_jobs(session, now=now):
+        if job.id in local:
+            continue
+        source, lost_host = job.state, job.host
+        why = f"host {lost_host} stopped heartbeating (lease expired)"
+        target = recover(session, job, why, retry_limit, now)
+        changes.append((JobView.of(job), source, target))
+    stale_before = now - timedelta(seconds=lease_seconds)
+    silent = select(Host.name).where(Host.heartbeat_at < stale_before, Host.name != host)
+    session.execute(delete(VMRecord).where(VMRecord.host.in_(silent)))
+    return changes
+
+
 def renew_leases(
     session: Session, *, host: str, job_ids: Collection[str], until: datetime
 ) -> set[str]:
@@ -335,9 +360,43 @@ def heartbeat(session: Session, *, host: str, incarnation: str, now: datetime) -
     return True
 
 
-def forget_vms(session: Session, *, host: str) -> int:
-    """Delete every VM record of ``host`` (its VMs are gone); return how many there were."""
-    result = session.execute(delete(VMRecord).where(VMRecord.host == host))
+def log_end(session: Session, job_id: str) -> tuple[int, int, bool]:
+    """Where a job's stored output ends: its last chunk's seq, output bytes, truncated."""
+    job = session.get(Job, job_id)
+    last = session.scalar(select(func.max(LogChunk.seq)).where(LogChunk.job_id == job_id))
+    if job is None:
+        raise LookupError(job_id)
+    return last or 0, job.log_bytes, job.log_truncated
+
+
+def recover_orphans(
+    session: Session, *, host: str, why: str, retry_limit: int, keep: Sequence[str] = ()
+) -> list[tuple[JobView, str, JobState]]:
+    """Recover the active jobs of ``host`` but ``keep`` (see :func:`jobs.recover`);
+    return (job, from state, to state) of each."""
+    now = utcnow()
+    orphans = session.scalars(
+        select(Job)
+        .where(
+            Job.host == host,
+            Job.state.in_([s.value for s in ACTIVE]),
+            Job.id.not_in(list(keep)),
+        )
+        .with_for_update()
+    ).all()
+    changes = []
+    for job in orphans:
+        source = job.state
+        target = recover(session, job, why, retry_limit, now)
+        changes.append((JobView.of(job), source, target))
+    return changes
+
+
+def forget_vms(session: Session, *, host: str, keep: Sequence[str] = ()) -> int:
+    """Delete the VM records of ``host`` but ``keep`` (its VMs are gone); return how many."""
+    result = session.execute(
+        delete(VMRecord).where(VMRecord.host == host, VMRecord.name.not_in(list(keep)))
+    )
     return int(getattr(result, "rowcount", 0) or 0)
 
 

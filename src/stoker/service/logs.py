@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
-from typing import Literal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -91,6 +93,15 @@ class SecretMasker:
         rest, self._pending = self._pending, b""
         return rest
 
+    @property
+    def held(self) -> bytes:
+        """The tail held back (part of a secret, maybe): stored with a resume point."""
+        return self._pending
+
+    def hold(self, data: bytes) -> None:
+        """Hold ``data`` back again (resuming where an earlier process stopped)."""
+        self._pending = data
+
 
 class LogWriter:
     """A job's output on its way into :class:`~stoker.service.models.LogChunk` rows.
@@ -127,10 +138,45 @@ class LogWriter:
         self._lock = asyncio.Lock()
         self._on_flush = on_flush
         self._ticker: asyncio.Task[None] | None = None
+        # Resuming after a restart (detached VMs): the command's channel, when it
+        # started (wall clock), the journal offset of the last frame whose output
+        # was accepted, the offset last stored, and where to acknowledge stored ones.
+        self._resume: dict[str, Any] | None = None
+        self._offset = 0
+        self._stored_offset = -1
+        self._ack: Callable[[int], Awaitable[None]] | None = None
 
     @property
     def job_id(self) -> str:
         return self._job_id
+
+    # --- a resume point for a process that takes over after a restart --------------------
+
+    def command_started(self, channel: int) -> None:
+        """The command runs on agent ``channel``: from now on flushes store a resume point."""
+        self._resume = {"channel": channel, "started": time.time()}
+
+    def frame(self, start: int, end: int) -> None:
+        """The command's next frame ends at journal offset ``end`` (its output comes next)."""
+        self._offset = end
+
+    def acks_to(self, ack: Callable[[int], Awaitable[None]]) -> None:
+        """After each flush, tell ``ack`` the journal offset that is now stored."""
+        self._ack = ack
+
+    def resume_from(self, point: dict[str, Any]) -> None:
+        """Continue from a resume point an earlier process stored (held-back tails too)."""
+        self._resume = {"channel": int(point["channel"]), "started": float(point["started"])}
+        self._offset = self._stored_offset = int(point["offset"])
+        for stream, held in (point.get("held") or {}).items():
+            if stream in self._maskers and isinstance(held, str):
+                self._maskers[stream].hold(base64.b64decode(held))
+
+    def _resume_point(self) -> dict[str, Any] | None:
+        if self._resume is None:
+            return None
+        held = {s: base64.b64encode(m.held).decode() for s, m in self._maskers.items() if m.held}
+        return {**self._resume, "offset": self._offset, "held": held}
 
     def begin(self, seq: int, stored: int, truncated: bool) -> None:
         """Continue after what earlier attempts stored; start flushing periodically."""
@@ -232,13 +278,16 @@ class LogWriter:
     async def flush(self) -> None:
         """Write what is pending as one transaction (nothing before :meth:`begin`)."""
         async with self._lock:
-            if not self._pending or self._seq is None:
+            moved = self._resume is not None and self._offset != self._stored_offset
+            if (not self._pending and not moved) or self._seq is None:
                 return
             # Output that arrives while this is written waits for the next flush.
+            # The resume point is taken at the same instant: it covers exactly this output.
             pending, self._pending = self._pending, []
             size, self._pending_bytes = self._pending_bytes, 0
             rows, last, output = self._rows(pending, self._seq + 1)
             truncated = self._truncated
+            point = self._resume_point()
 
             def store(session: Session) -> None:
                 session.add_all(rows)
@@ -246,6 +295,8 @@ class LogWriter:
                 if job is not None:
                     job.log_bytes += output
                     job.log_truncated = job.log_truncated or truncated
+                    if point is not None:
+                        job.resume = point
 
             write = asyncio.get_running_loop().create_task(self._db.run(store))
             try:
@@ -256,10 +307,15 @@ class LogWriter:
                     await asyncio.wait({write})
                 if not write.cancelled() and write.exception() is None:
                     self._seq = last
+                    if point is not None:
+                        self._stored_offset = point["offset"]
                 else:
                     self._pending = pending + self._pending
                     self._pending_bytes += size
         self._on_flush(self._job_id)
+        if point is not None and self._ack is not None and self._stored_offset == point["offset"]:
+            with contextlib.suppress(Exception):  # the agent is gone: the job ends anyway
+                await self._ack(point["offset"])
 
     async def close(self) -> None:
         """Stop the periodic flush; what the maskers held back joins the pending output."""
@@ -273,6 +329,7 @@ class LogWriter:
 
     def store_rest(self, session: Session, job: Job) -> None:
         """Add what is still pending to ``session`` (the job's final transaction)."""
+        job.resume = None  # nothing to take over any more
         if not self._pending:
             return
         first = self._seq

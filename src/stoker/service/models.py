@@ -123,6 +123,10 @@ class Job(Base):
     session_idle_s: Mapped[float | None] = mapped_column(Float)
     #: The session's client said it has no more steps.
     session_closed: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Where a restarted service takes over the running command of a detached VM:
+    #: its agent channel, start time, the journal offset its stored output reaches
+    #: and the masking's held-back tails (:meth:`LogWriter.resume_from`).
+    resume: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     __table_args__ = (
         # The scheduler's scan: queued jobs by submitter in priority and FIFO order.

@@ -357,6 +357,9 @@ class Fleet:
             network=cfg.network,
             job=job,
             on_connection=functools.partial(self._on_connection, pool.name),
+            # Real VMs outlive a crashed or killed service, which takes them over on
+            # restart (stoker.service.adoption); fake ones are threads of this process.
+            detached=cls is ServiceVM,
         )
 
     async def _warm_one(self, pool: WarmPool) -> None:

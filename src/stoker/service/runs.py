@@ -11,7 +11,7 @@ import asyncio
 import enum
 import signal
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from stoker.errors import BootError, GuestPanic, GuestProtocolError, VMMCrashed
 from stoker.protocol.common import ExecResult
@@ -82,6 +82,8 @@ class JobRun:
     stop_reason: StopReason | None = None
     #: Where the connection records of the job's VM go (set once its log exists).
     connections: JobConnections | None = None
+    #: Taken over from an earlier process: where its command's stored output ends.
+    resume: dict[str, Any] | None = None
 
     def stop(self, reason: StopReason) -> None:
         """Ask the run to stop (the first reason wins)."""

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from stoker.backends.base import Backend
@@ -47,17 +47,20 @@ from stoker.errors import (
     UsageError,
 )
 from stoker.net.proxy import ConnectionRecord
-from stoker.service.command import run_command
+from stoker.service.adoption import Adopted, adopt_jobs, orphan_timeout
+from stoker.service.command import resume_command, run_command
 from stoker.service.config import ServiceConfig
 from stoker.service.db import (
     Database,
     cancel_requests,
     claim_jobs,
     existing_job_ids,
-    expired_jobs,
     forget_vms,
     heartbeat,
+    log_end,
     queue_depth,
+    recover_expired,
+    recover_orphans,
     register_host,
     renew_leases,
 )
@@ -72,13 +75,12 @@ from stoker.service.jobs import (
     TERMINAL,
     JobState,
     JobView,
-    recover,
     redact,
     secret_values,
     transition,
 )
 from stoker.service.logs import LogWriter, Notifier
-from stoker.service.models import Artifact, Host, Job, LogChunk, VMRecord, utcnow
+from stoker.service.models import Artifact, Host, Job, VMRecord, utcnow
 from stoker.service.network import JobConnections
 from stoker.service.pools import GUEST_DIR, Fleet, WarmPool, kill_stray_vmms, vm_record
 from stoker.service.runs import (
@@ -148,6 +150,8 @@ class Supervisor:
             on_connection=self._on_connection,
         )
         self.jobs: dict[str, JobRun] = {}
+        #: Jobs taken over on start, run once the task group exists.
+        self._adopted: list[JobRun] = []
         self.stopping = False
         #: Another process heartbeats under this host name: claim nothing more.
         self.displaced = False
@@ -176,6 +180,9 @@ class Supervisor:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self.fleet.tg = tg
+                for run in self._adopted:
+                    run.task = tg.create_task(self._run_job(run), name=f"stoker-job-{run.job.id}")
+                self._adopted.clear()
                 self._loops = [
                     tg.create_task(self._schedule_loop(), name="stoker-schedule"),
                     tg.create_task(self._heartbeat_loop(), name="stoker-heartbeat"),
@@ -232,12 +239,13 @@ class Supervisor:
     async def reconcile(self) -> None:
         """Make the database and this machine agree after a previous life ended.
 
-        The previous process's VMs died with it (QEMU runs with a parent-death
-        signal), so its claimed jobs go back to the queue (or to ``errored``
-        at the retry limit, ``cancelled`` if cancelling); its VM records are
-        dropped; stale VM work directories are removed, and any VMM still
+        Jobs whose VMs survived the previous process run on (:mod:`adoption`).
+        The other jobs it had claimed go back to the queue (or to ``errored``
+        at the retry limit, ``cancelled`` if cancelling); its other VM records
+        are dropped; stale VM work directories are removed, and any VMM still
         running from this service's runtime directory for a dead owner is killed.
         """
+        taken = await adopt_jobs(self.db, self.config, self.fleet.backend, self.host)
         now = utcnow()
         why = f"stoker serve on {self.host} restarted; the job's VM ended with the old process"
 
@@ -251,20 +259,16 @@ class Supervisor:
                 incarnation=self.incarnation,
                 now=now,
             )
-            orphans = session.scalars(
-                select(Job)
-                .where(Job.host == self.host, Job.state.in_([s.value for s in ACTIVE]))
-                .with_for_update()
-            ).all()
-            changes = []
-            for job in orphans:
-                source = job.state
-                target = recover(session, job, why, self.config.retry_limit, now)
-                changes.append((JobView.of(job), source, target))
-            forget_vms(session, host=self.host)
+            keep = [a.job.id for a in taken]
+            changes = recover_orphans(
+                session, host=self.host, why=why, retry_limit=self.config.retry_limit, keep=keep
+            )
+            forget_vms(session, host=self.host, keep=[a.vm.name for a in taken])
             return changes
 
         changes = await self.db.run(fix)
+        for found in taken:
+            self._take_over(found)
         for view, source, target in changes:
             self._log.warning(
                 "job %s: %s -> %s after a restart",
@@ -279,15 +283,30 @@ class Supervisor:
             self._log.warning("killed VMM pid %d left over from a previous run", pid)
         if self.dirs.runtime.exists():
             await asyncio.to_thread(sweep_stale_workdirs, self.dirs.runtime)
-        await asyncio.to_thread(self._sweep_orphan_files)
+        # Uploads and job directories a crash left without a job row.
+        existing = functools.partial(self.db.call, write=False)
+        await asyncio.to_thread(
+            sweep_orphan_files,
+            self.config.jobs_dir,
+            lambda ids: existing(functools.partial(existing_job_ids, ids=ids)),
+        )
 
-    def _sweep_orphan_files(self) -> None:
-        """Remove uploads and job directories a crash left without a job row."""
-
-        def existing(names: list[str]) -> set[str]:
-            return self.db.call(functools.partial(existing_job_ids, ids=names), write=False)
-
-        sweep_orphan_files(self.config.jobs_dir, existing)
+    def _take_over(self, found: Adopted) -> None:
+        """Run a job adopted from the previous life on as this host's (see :mod:`adoption`)."""
+        pool = self.pools[found.pool]
+        self.fleet.reserve(pool.config.cpus, pool.config.memory)
+        run = JobRun(found.job, found.pool, vm=found.vm, resume=found.point)
+        self.jobs[found.job.id] = run
+        self._adopted.append(run)
+        record = VMRecord(name=found.vm.name, pool=pool.name, job_id=found.job.id, state="busy")
+        record.pid, record.workdir = found.vm.vmm_pid, str(found.vm.workdir)
+        self.fleet.spawn(self.fleet.record_vm(record))
+        self._log.warning(
+            "job %s: took over its VM %s from the previous process; the command runs on",
+            found.job.id,
+            found.vm.name,
+            extra={"job": found.job.id, "vm": found.vm.name, "host": self.host},
+        )
 
     # ------------------------------------------------------------------ capacity
 
@@ -422,12 +441,33 @@ class Supervisor:
         pool = self.pools[run.pool]
         secrets_ = secret_values(job)
         phase = "preparing the job"
+
+        def enter(name: str) -> None:
+            nonlocal phase
+            phase = name
+
         try:
             for victim in run.evicted:
                 await self.fleet.destroy(victim)
             run.evicted.clear()
             self.fleet.settle_evicted(run)
             files = JobFiles.of(self.config.jobs_dir, job.id)
+            if run.resume is not None and run.vm is not None:
+                phase = "running the command"
+                writer.begin(*await self.db.run(functools.partial(log_end, job_id=job.id)))
+                await writer.system(
+                    f"stoker serve on {self.host} restarted; took over VM {run.vm.name}: "
+                    "the command runs on"
+                )
+                return await resume_command(
+                    job,
+                    run.vm,
+                    writer,
+                    files,
+                    self.config.limits.max_artifact_bytes,
+                    enter,
+                    run.resume,
+                )
             kind = VMKind.WARM if run.vm is not None else VMKind.COLD
             # A git source is fetched after the job is booting; anything else is ready now.
             source = files.ready_source(job, self._empty)
@@ -483,13 +523,14 @@ class Supervisor:
                     poll=self.config.poll_seconds,
                     default_cwd=GUEST_DIR,
                 ).run()
-
-            def enter(name: str) -> None:
-                nonlocal phase
-                phase = name
-
             return await run_command(
-                job, vm, writer, files, self.config.limits.max_artifact_bytes, enter
+                job,
+                vm,
+                writer,
+                files,
+                self.config.limits.max_artifact_bytes,
+                enter,
+                orphan_timeout=orphan_timeout(self.config),
             )
         except LeaseLost:
             return Outcome(None, "this host lost the job's lease", lost=True)
@@ -567,13 +608,7 @@ class Supervisor:
                 job.lease_until = now + lease
             if record is not None:
                 session.merge(record)
-            logs = None
-            if log_state:
-                last = session.scalar(
-                    select(func.max(LogChunk.seq)).where(LogChunk.job_id == job_id)
-                )
-                logs = (last or 0, job.log_bytes, job.log_truncated)
-            return source, job, logs
+            return source, job, log_end(session, job_id) if log_state else None
 
         source, job, logs = await self.db.run(move)
         self._observe_transition(JobView.of(job), source, to)
@@ -715,26 +750,16 @@ class Supervisor:
 
     async def sweep(self, now: datetime | None = None) -> int:
         """Recover jobs whose host stopped heartbeating; return how many."""
-        at = now or utcnow()
-        local = set(self.jobs)
-        stale_before = at - timedelta(seconds=self.config.lease_seconds)
-
-        def take_over(session: Session) -> list[tuple[JobView, str, JobState]]:
-            changes = []
-            for job in expired_jobs(session, now=at):
-                if job.id in local:
-                    continue  # ours and running: the heartbeat just renewed it
-                source, lost_host = job.state, job.host
-                why = f"host {lost_host} stopped heartbeating (lease expired)"
-                target = recover(session, job, why, self.config.retry_limit, at)
-                changes.append((JobView.of(job), source, target))
-            silent = select(Host.name).where(
-                Host.heartbeat_at < stale_before, Host.name != self.host
+        changes = await self.db.run(
+            functools.partial(
+                recover_expired,
+                host=self.host,
+                now=now or utcnow(),
+                local=set(self.jobs),  # ours and running: the heartbeat just renewed them
+                lease_seconds=self.config.lease_seconds,
+                retry_limit=self.config.retry_limit,
             )
-            session.execute(delete(VMRecord).where(VMRecord.host.in_(silent)))
-            return changes
-
-        changes = await self.db.run(take_over)
+        )
         for view, source, target in changes:
             self._log.warning(
                 "job %s: %s -> %s (%s)",
