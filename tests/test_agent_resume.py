@@ -91,6 +91,7 @@ async def _first_host_dies_mid_command(path: Path) -> tuple[bytes, int, int]:
             stdout=store.sink,
             on_started=channels.append,
             on_frame=store.on_frame,
+            journal=True,
         )
     )
     while store.data.count(b"\n") < 60:

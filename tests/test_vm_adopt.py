@@ -44,9 +44,9 @@ state_file = sys.argv[1]
 command = sys.argv[2]
 
 async def main():
-    vm = VM(cpus=1, memory=512, disk=1024, snapshot="never", accel="tcg", detached=True)
+    vm = VM(cpus=1, memory=512, disk=1024, snapshot="never", accel="tcg", detached=True,
+            orphan_timeout=120)
     await vm.start()
-    await vm.agent.enable_journal()
     stored = bytearray()
     seen = {"offset": 0, "channel": None}
 
@@ -72,7 +72,8 @@ async def main():
         stored.extend(data)
         save()
 
-    await vm.exec(["sh", "-c", command], stdout=sink, on_started=on_started, on_frame=on_frame)
+    await vm.exec(["sh", "-c", command], stdout=sink, on_started=on_started, on_frame=on_frame,
+                  journal=True)
 
 asyncio.run(main())
 """

@@ -120,6 +120,7 @@ class VM:
         on_connection: Callable[[ConnectionRecord], None] | None = None,
         resolver: Resolver | None = None,
         detached: bool = False,
+        orphan_timeout: float | None = None,
     ) -> None:
         # None: the image's [defaults] decide (see _apply_image_defaults).
         if cpus is not None and not 1 <= cpus <= MAX_CPUS:
@@ -190,8 +191,9 @@ class VM:
         self.snapshot_missing: SnapshotKey | None = None
         #: What was copied in through the seed disk (set once the VM is ready).
         self.seed_report: PackReport | None = None
-        #: The VMM outlives this process (``stoker serve``: see :mod:`stoker.vmadopt`).
-        self.detached = detached
+        #: The VMM outlives this process (``stoker serve``: see :mod:`stoker.vmadopt`);
+        #: with no host for ``orphan_timeout`` seconds the guest ends itself.
+        self.detached, self.orphan_timeout = detached, orphan_timeout
         self._stack = AsyncExitStack()
         self._vmm: LaunchedVM | None = None
         self._client: AgentClient | None = None
@@ -276,6 +278,8 @@ class VM:
             else:
                 await self._boot(artifacts, accel, t0)
             await self._start_network()
+            if self.detached:  # journaled commands, and the orphan timer
+                await self._guarded(self._agent().enable_journal(self.orphan_timeout))
             self.state = VMState.READY
             self._log.debug("ready in %.2fs (accel=%s)", self.timings.agent_ready, accel)
             if snapshot is not None and self._seed is not None and self._seed_by_channel:
@@ -697,13 +701,14 @@ class VM:
         check: bool = False,
         on_started: Callable[[int], None] | None = None,
         on_frame: Callable[[int, int], None] | None = None,
+        journal: bool = False,
     ) -> ExecResult:
         """Run a command in the guest.
 
         ``env`` is the complete environment (a sensible ``PATH``, ``HOME`` and
         ``LANG`` are added where missing).  With ``check=True`` a command that
-        does not exit 0 raises :class:`~stoker.errors.JobFailed`.  ``on_started``
-        and ``on_frame``: see :meth:`AgentClient.exec`.
+        does not exit 0 raises :class:`~stoker.errors.JobFailed`.  ``journal``,
+        ``on_started`` and ``on_frame``: see :meth:`AgentClient.exec` (detached VMs).
         """
         full_env = {**default_guest_env(), **self.image_env, **self.network_env, **(env or {})}
         result = await self._guarded(
@@ -721,6 +726,7 @@ class VM:
                 timeout=timeout,
                 on_started=on_started,
                 on_frame=on_frame,
+                journal=journal,
             )
         )
         if check and not result.ok:

@@ -195,16 +195,17 @@ def power_off() -> None:
 
 
 class Journal:
-    """The frames sent to the host since it last acknowledged them (``journal`` requests).
+    """The frames of journaled commands sent since the host last acknowledged them.
 
     A host that may be restarted while a command runs (``stoker serve``) asks
-    for the journal.  From then on every frame of a host-opened channel is kept
-    here, at its byte offset in the journaled stream, until the host says (``ack``)
-    that it has stored everything before an offset; a new host process
-    (``resume``) gets every frame from the offset it last stored again.  Frames
-    of network channels are not journaled: their connections end with the host
-    that proxied them.  The size is bounded: past :data:`JOURNAL_LIMIT` bytes the
-    senders of output wait for an ``ack`` (the command blocks on its pipe).
+    for the journal (``journal``) and starts such commands with ``journal``
+    set.  Every frame of their channels is kept here, at its byte offset in the
+    stream of journaled frames, until the host says (``ack``) that it has stored
+    everything before an offset; a new host process (``resume``) gets every
+    frame from the offset it last stored again.  Nothing else is journaled
+    (replies, file transfers, network streams end with the host that asked).
+    The size is bounded: past :data:`JOURNAL_LIMIT` bytes a command's output
+    waits for an ``ack`` (the command blocks on its pipe).
     """
 
     def __init__(self) -> None:
@@ -263,6 +264,8 @@ class Channel:
         self.listener = listener
         self.on_connect: Optional[Callable[[], None]] = None
         self.journal: Optional[Journal] = None
+        #: Channels of the commands started with ``journal`` set.
+        self.journaled: "set[int]" = set()
         #: Seconds without a host after which ``on_orphaned`` runs (None: wait forever).
         self.orphan_timeout: Optional[float] = None
         self.on_orphaned: Optional[Callable[[], None]] = None
@@ -324,12 +327,10 @@ class Channel:
         or the reader thread that handles ``ack`` could wait on itself)."""
         with self.lock:
             journal = self.journal
-            if journal is not None:
-                channel = wire.HEADER.unpack_from(frame, 0)[3]
-                if not channel & wire.NET_CHANNEL_BIT:
-                    while output and journal.size > JOURNAL_LIMIT and self.journal is journal:
-                        self.room.wait(1.0)
-                    journal.append(frame)
+            if journal is not None and wire.HEADER.unpack_from(frame, 0)[3] in self.journaled:
+                while output and journal.size > JOURNAL_LIMIT and self.journal is journal:
+                    self.room.wait(1.0)
+                journal.append(frame)
             self._write(frame)
 
     def _write(self, frame: bytes) -> None:
@@ -356,12 +357,11 @@ class Channel:
             self.send(frame, output=True)
 
     def start_journal(self, channel: int) -> None:
-        """Journal from now on; the reply (``journal_on``) is the journal's first frame."""
+        """Keep the frames of journaled commands from now on (offsets start at 0)."""
         with self.lock:
-            self.journal = Journal()
-            frame = wire.encode_msg(channel, {"type": "journal_on"})
-            self.journal.append(frame)
-            self._write(frame)
+            if self.journal is None:
+                self.journal = Journal()
+            self._write(wire.encode_msg(channel, {"type": "journal_on"}))
 
     def ack(self, offset: int) -> None:
         with self.lock:
@@ -654,6 +654,8 @@ class Agent:
             self.children[proc.pid] = entry
             self.have_children.notify()
         self.procs[channel] = proc.pid
+        if msg.get("journal") and self.chan.journal is not None:
+            self.chan.journaled.add(channel)  # before "started": every frame of it counts
         if want_stdin:
             feed = wire.ChunkReader(QUEUE_DEPTH)
             self.stdin[channel] = feed
@@ -716,6 +718,7 @@ class Agent:
             self.chan.msg(channel, {"type": "exit", "signal": os.WTERMSIG(status)})
         else:
             self.chan.msg(channel, {"type": "exit", "code": os.WEXITSTATUS(status)})
+        self.chan.journaled.discard(channel)  # its last frame is out
 
     def on_put(self, channel: int, msg: Dict[str, Any]) -> None:
         dest = str(msg["dest"])

@@ -109,6 +109,8 @@ class AgentClient:
         #: Journal offset of the next journaled frame from the guest (None: no journal).
         self._pos: int | None = None
         self._journal_asked = False
+        #: Channels whose frames the agent journals (commands started with ``journal``).
+        self._journaled: set[int] = set()
         #: While resuming: the marker's first bytes, and what was read before it.
         self._resume: tuple[bytes, bytearray, int] | None = None
         self._resume_nonce: str | None = None
@@ -289,6 +291,7 @@ class AgentClient:
             if not 0 < channel < wire.NET_CHANNEL_BIT:
                 raise ValueError(f"not an operation's channel: {channel}")
             client._ops[channel] = _Op(channel)
+            client._journaled.add(channel)
         client.start()
         try:
             await client._send_msg(0, {"type": "resume", "nonce": nonce, "offset": int(offset)})
@@ -333,8 +336,8 @@ class AgentClient:
         if isinstance(msg, m.JournalOn):
             if not self._journal_asked or self._pos is not None:
                 raise GuestProtocolError("guest sent 'journal_on' unasked")
-            self._pos = wire.HEADER_SIZE + size  # the reply is the journal's first frame
-            return 0
+            self._pos = 0  # the journal counts the frames of journaled commands only
+            return None
         if self._resume_nonce is None or msg.nonce != self._resume_nonce:
             raise GuestProtocolError("guest sent 'resumed' unasked")
         self._resume_nonce = None
@@ -359,7 +362,7 @@ class AgentClient:
                     raise FrameError(f"guest sent a malformed frame: {exc}") from None
                 for kind, stream, channel, payload in frames:
                     start = None
-                    if self._pos is not None and not channel & wire.NET_CHANNEL_BIT:
+                    if self._pos is not None and channel in self._journaled:
                         start = self._pos
                         self._pos += wire.HEADER_SIZE + len(payload)
                     await self._route(kind, stream, channel, payload, start)
@@ -513,6 +516,7 @@ class AgentClient:
         timeout: float | None = None,
         on_started: Callable[[int], None] | None = None,
         on_frame: FrameHook | None = None,
+        journal: bool = False,
     ) -> ExecResult:
         """Run ``argv`` in the guest and wait for it to end.
 
@@ -523,14 +527,19 @@ class AgentClient:
         killed and :class:`CommandTimeout` is raised.  A command that exits
         non-zero is *not* an error here: inspect :class:`ExecResult`.
 
-        ``on_started`` is told the command's channel once it runs (what a
-        resuming host attaches to); ``on_frame`` the journal offsets of its
-        frames (see :meth:`enable_journal`).
+        With ``journal`` (after :meth:`enable_journal`) the agent keeps the
+        command's frames until acked: ``on_started`` is told its channel once it
+        runs (what a resuming host attaches to), ``on_frame`` the journal
+        offsets of its frames.
         """
         if not argv:
             raise ValueError("argv must not be empty")
         cap = self.limits.max_capture if max_capture is None else max_capture
+        if journal and self._pos is None:
+            raise ValueError("journal=True needs enable_journal() first")
         op = self._open()
+        if journal:
+            self._journaled.add(op.channel)  # before the request: every reply frame counts
         started = time.monotonic()
         feeder: asyncio.Task[None] | None = None
         bufs: dict[int, bytearray] = {wire.STDOUT: bytearray(), wire.STDERR: bytearray()}
@@ -547,6 +556,7 @@ class AgentClient:
                     "uid": uid,
                     "gid": gid,
                     "stdin": stdin is not None,
+                    "journal": journal,
                 },
             )
             async with asyncio.timeout(self.limits.request_timeout):

@@ -32,16 +32,13 @@ async def run_command(
     files: JobFiles,
     max_artifact_bytes: int,
     enter: Callable[[str], None],
-    *,
-    orphan_timeout: float | None = None,
 ) -> Outcome:
     """Run ``job``'s command in ``vm`` (output to ``writer``), copy its artifacts out.
 
     ``enter`` is told the phase each part starts ("copying artifacts out"),
     so that the caller's failure messages say where it failed.  In a detached
     VM the agent journals the command's output and ``writer`` stores resume
-    points, so that a restarted service takes over (:func:`resume_command`);
-    with no host for ``orphan_timeout`` seconds the VM ends itself.
+    points, so that a restarted service takes over (:func:`resume_command`).
     """
     env, uid, gid = job_env(job), None, None
     if job.user is not None:
@@ -53,7 +50,6 @@ async def run_command(
         env = {"HOME": account.home, "USER": account.name, "LOGNAME": account.name, **env}
         uid, gid = account.uid, account.gid
     if vm.detached:
-        await vm.agent.enable_journal(orphan_timeout=orphan_timeout)
         writer.acks_to(vm.agent.ack)
     result = None
     try:
@@ -69,6 +65,7 @@ async def run_command(
             timeout=job.timeout_s,
             on_started=writer.command_started if vm.detached else None,
             on_frame=writer.frame if vm.detached else None,
+            journal=vm.detached,
         )
     except CommandTimeout:
         await writer.system(f"the command timed out after {job.timeout_s:g}s; killed it")

@@ -27,6 +27,7 @@ from sqlalchemy import delete
 
 from stoker.backends.base import Backend
 from stoker.net.proxy import ConnectionRecord
+from stoker.service.adoption import orphan_timeout
 from stoker.service.config import PoolConfig, ServiceConfig
 from stoker.service.db import Database
 from stoker.service.fake_backend import FakeBackend, FakeVM
@@ -360,6 +361,7 @@ class Fleet:
             # Real VMs outlive a crashed or killed service, which takes them over on
             # restart (stoker.service.adoption); fake ones are threads of this process.
             detached=cls is ServiceVM,
+            orphan_timeout=orphan_timeout(self.config),
         )
 
     async def _warm_one(self, pool: WarmPool) -> None:

@@ -47,7 +47,7 @@ from stoker.errors import (
     UsageError,
 )
 from stoker.net.proxy import ConnectionRecord
-from stoker.service.adoption import Adopted, adopt_jobs, orphan_timeout
+from stoker.service.adoption import Adopted, adopt_jobs
 from stoker.service.command import resume_command, run_command
 from stoker.service.config import ServiceConfig
 from stoker.service.db import (
@@ -530,7 +530,6 @@ class Supervisor:
                 files,
                 self.config.limits.max_artifact_bytes,
                 enter,
-                orphan_timeout=orphan_timeout(self.config),
             )
         except LeaseLost:
             return Outcome(None, "this host lost the job's lease", lost=True)
