@@ -676,6 +676,15 @@ class VM:
         assert self._client is not None
         return self._client
 
+    def abandon(self) -> None:
+        """Let go of a detached VM without stopping it: the next process adopts it."""
+        if self._client is not None:
+            self._client.abort()
+        self._stack.pop_all()  # neither the VMM nor its work directory goes
+        if self._vmm_exit is not None:
+            self._vmm_exit.cancel()
+        self.state = VMState.DEAD
+
     @property
     def agent(self) -> AgentClient:
         """The agent channel, for what :meth:`exec` does not cover (the journal, acks)."""

@@ -319,6 +319,44 @@ async def test_kill_9_and_restart(
         await client.stop()
 
 
+async def test_a_restart_hands_running_jobs_over(
+    daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """``on_stop = "hand-over"``: SIGTERM leaves the command running; the next process
+    takes it over (``systemctl restart`` without draining or killing anything)."""
+    daemon = daemons(
+        "handover",
+        state_dir=str(tmp_path / "handover-state"),
+        heartbeat_seconds=1,
+        lease_seconds=30,
+        poll_seconds=0.5,
+        on_stop="hand-over",
+    )
+    client = Service(load_config(daemon.config))
+    await client.open()
+    try:
+        daemon.start()
+        job = await client.submit(JobRequest(command=("sh", "-c", TICKING)), "tester")
+        await until(lambda: _has_output(client, job.id, "tick 3"), 180, "the command to run")
+        vmms = qemu_children(daemon.pid)
+        assert len(vmms) == 1, vmms
+        assert daemon.stop() == 0, daemon.tail()
+        assert alive(vmms[0])  # handed over, not stopped
+        assert "left running" in daemon.tail()
+        daemon.start()
+        done = await client.wait(job.id, timeout=180)
+        assert done.state is JobState.SUCCEEDED and done.attempt == 0, done.reason
+        out = await stdout_of(client, job.id)
+        assert out == "attempt=0\n" + "".join(f"tick {i}\n" for i in range(20)) + "finished\n"
+        assert daemon.stop() == 0, daemon.tail()
+        assert not any(alive(p) for p in vmms)
+    except BaseException:
+        print(daemon.tail())
+        raise
+    finally:
+        await client.stop()
+
+
 async def _has_output(client: Service, job_id: str, text: str) -> bool:
     return text in await stdout_of(client, job_id)
 

@@ -225,6 +225,10 @@ class AgentClient:
             await self._writer.wait_closed()
         self._fail_all(ChannelClosed("agent channel closed"))
 
+    def abort(self) -> None:
+        """Drop the connection at once, saying nothing (a new process takes over)."""
+        self._writer.transport.abort()
+
     @property
     def failure(self) -> BaseException | None:
         """Why the channel broke, if it did."""

@@ -12,6 +12,7 @@ unchanged).  Example, with the defaults of every optional key::
     lease_seconds = 15                  # a host silent this long has lost its jobs
     heartbeat_seconds = 5
     shutdown_grace_seconds = 60
+    on_stop = "drain"                   # or "hand-over": running jobs go on for the next process
     poll_seconds = 1.0                  # how often to look for work other processes queued
 
     [listen]
@@ -264,6 +265,10 @@ class ServiceConfig(_Model):
     lease_seconds: Seconds = 15.0
     heartbeat_seconds: Seconds = 5.0
     shutdown_grace_seconds: Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)] = 60.0
+    #: On SIGTERM: ``drain`` (running jobs get ``shutdown_grace_seconds`` to finish)
+    #: or ``hand-over`` (jobs running a command are left running in their VMs for
+    #: the next process, which takes them over: restarts and upgrades).
+    on_stop: Literal["drain", "hand-over"] = "drain"
     poll_seconds: Seconds = 1.0
     listen: ListenConfig = Field(default_factory=ListenConfig)
     host: HostConfig = Field(default_factory=HostConfig)

@@ -317,6 +317,15 @@ class LogWriter:
             with contextlib.suppress(Exception):  # the agent is gone: the job ends anyway
                 await self._ack(point["offset"])
 
+    async def hand_over(self) -> None:
+        """Store what is pending with its resume point; the next process goes on from there."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        await self.flush()
+
     async def close(self) -> None:
         """Stop the periodic flush; what the maskers held back joins the pending output."""
         if self._ticker is not None:

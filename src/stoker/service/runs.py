@@ -21,7 +21,7 @@ from stoker.service.models import Job
 from stoker.service.network import JobConnections
 from stoker.vm import VM
 
-StopReason = Literal["cancel", "shutdown", "lease_lost"]
+StopReason = Literal["cancel", "shutdown", "lease_lost", "hand_over"]
 FailureKind = Literal[
     "boot", "vmm_crash", "guest_panic", "guest", "infrastructure", "internal", "host_lost"
 ]
@@ -84,6 +84,16 @@ class JobRun:
     connections: JobConnections | None = None
     #: Taken over from an earlier process: where its command's stored output ends.
     resume: dict[str, Any] | None = None
+
+    def resume_ready(self) -> bool:
+        """Whether another process could take this run over (its command runs journaled)."""
+        vm = self.vm
+        return (
+            vm is not None
+            and vm.detached
+            and self.job.session_idle_s is None
+            and (self.resume is not None or self.job.state == "running")
+        )
 
     def stop(self, reason: StopReason) -> None:
         """Ask the run to stop (the first reason wins)."""

@@ -205,6 +205,12 @@ class Supervisor:
         self._wake.set()
         self._log.info("stopping: %d jobs running, grace %.0fs", len(self.jobs), grace)
         self.fleet.drain()
+        if self.config.on_stop == "hand-over":
+            for run in self.jobs.values():
+                if run.resume_ready() and run.vm is not None:
+                    # Its command runs on; the next process adopts the VM.
+                    run.stop_reason = "hand_over"
+                    run.vm.abandon()
         tasks = [r.task for r in self.jobs.values() if r.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -552,6 +558,8 @@ class Supervisor:
             await self._say(writer, reason + (f" ({exc.hint})" if exc.hint else ""))
             return Outcome(None, reason, failure="infrastructure", retry=False)
         except InfrastructureError as exc:
+            if run.stop_reason == "hand_over":
+                return Outcome(None, "handed over to the next process", lost=True)
             return await self._infra(writer, phase, exc, secrets_)
 
     async def _infra(
@@ -618,6 +626,12 @@ class Supervisor:
         """Destroy the VM, then record the outcome with the last output; never raises."""
         job = run.job
         pool = self.pools[run.pool]
+        if run.stop_reason == "hand_over":
+            with contextlib.suppress(Exception):  # else the resume point stored last is used
+                await writer.hand_over()
+            self._log.info("job %s: left running in VM %s for the next process", job.id, run.vm)
+            self.jobs.pop(job.id, None)
+            return
         try:
             if run.vm is not None:
                 await run.vm.destroy()
