@@ -1,7 +1,7 @@
 """Restarting ``stoker serve`` with jobs mid-run: every job finishes, none runs again.
 
 One ``stoker serve`` host (real microVMs, SQLite) runs 5 jobs at once; each
-prints its attempt number, 40 numbered lines half a second apart, then
+prints its attempt number, 120 numbered lines half a second apart (a minute), then
 ``finished``.  Once every job is past its fourth line the daemon is restarted,
 two ways in the same run:
 
@@ -36,7 +36,7 @@ from stoker.service.config import load_config  # noqa: E402
 from stoker.service.jobs import JobRequest, JobState  # noqa: E402
 from stoker.service.service import Service  # noqa: E402
 
-LINES = 40
+LINES = 120
 COMMAND = (
     'echo "attempt=$STOKER_JOB_ATTEMPT"; i=0; '
     f'while [ $i -lt {LINES} ]; do echo "line $i"; i=$((i+1)); sleep 0.5; done; echo finished'

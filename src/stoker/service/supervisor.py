@@ -301,6 +301,7 @@ class Supervisor:
         """Run a job adopted from the previous life on as this host's (see :mod:`adoption`)."""
         pool = self.pools[found.pool]
         self.fleet.reserve(pool.config.cpus, pool.config.memory)
+        pool.busy += 1
         run = JobRun(found.job, found.pool, vm=found.vm, resume=found.point)
         self.jobs[found.job.id] = run
         self._adopted.append(run)
