@@ -92,7 +92,7 @@ REJECTIONS = {
         """,
         6,
         "image.ci.defaults.ram",
-        "unknown key 'ram'; expected one of: cpus, disk, memory",
+        "unknown key 'ram'; expected one of: cpus, disk, job_memory_limit, job_pids_limit, memory",
     ),
     "wrong type": (
         """

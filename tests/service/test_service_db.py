@@ -27,7 +27,7 @@ ConfigFactory = Callable[..., ServiceConfig]
 def _check_schema(url: str) -> None:
     upgrade(url)
     upgrade(url)  # idempotent
-    assert current_revision(url) == "0005"
+    assert current_revision(url) == "0006"
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
@@ -84,7 +84,7 @@ def test_network_columns_migrate_both_ways(tmp_path: Path) -> None:
     engine.dispose()
     assert not {"network", "network_summary"} & _job_columns(url)
     upgrade(url)
-    assert current_revision(url) == "0005"
+    assert current_revision(url) == "0006"
     assert {"network", "network_summary", "session_idle_s", "session_closed"} <= _job_columns(url)
     db = Database(url)
     try:

@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+from stoker.agent import limits
 from stoker.protocol import wire
 
 AGENT_VERSION = "0.2.0"
@@ -310,6 +311,9 @@ class Agent:
         self.stopping = False
         #: The egress proxy forwarder (stoker.agent.netfwd), once the host asks for it.
         self.net: Any = None
+        #: Commands' cgroups (only as PID 1: never touch a host's hierarchy in tests).
+        self.cgroups = limits.Cgroups() if pid1 else None
+        self.groups: Dict[int, limits.JobCgroup] = {}  # channel -> its command's cgroup
 
     # -- child reaping: we own waitpid(-1) because as PID 1 we inherit every orphan
 
@@ -433,8 +437,12 @@ class Agent:
     def on_signal(self, channel: int, msg: Dict[str, Any]) -> None:
         pid = self.procs.get(channel)
         if pid is not None:
+            signum = int(msg["signal"])
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, int(msg["signal"]))
+                os.killpg(pid, signum)
+            group = self.groups.get(channel)
+            if group is not None and signum == 9:
+                group.kill()  # also what left the process group (setsid, a fork bomb)
 
     def run_helper(self, argv: List[str]) -> "tuple[int, bytes]":
         """Run a helper to completion; its exit is collected through the reaper."""
@@ -461,6 +469,7 @@ class Agent:
         want_stdin = bool(msg.get("stdin"))
         gid = msg.get("gid")
         entry: List[Any] = [threading.Event(), None]
+        group, note = self.job_cgroup(msg.get("limits"))
         with self.children_lock:
             try:
                 proc = subprocess.Popen(
@@ -475,8 +484,12 @@ class Agent:
                     user=msg.get("uid"),
                     group=gid,
                     extra_groups=[] if gid is not None else None,
+                    # Into its cgroup before exec: nothing it starts runs outside it.
+                    preexec_fn=group.enter if group is not None else None,
                 )
             except (OSError, subprocess.SubprocessError, ValueError) as exc:
+                if group is not None and self.cgroups is not None:
+                    self.cgroups.release(group)
                 what = argv[0] if argv else "?"
                 self.chan.msg(
                     channel,
@@ -490,12 +503,37 @@ class Agent:
             self.children[proc.pid] = entry
             self.have_children.notify()
         self.procs[channel] = proc.pid
+        if group is not None:
+            self.groups[channel] = group
+        watch = limits.Watch(group, note).start()
         if want_stdin:
             feed = wire.ChunkReader(QUEUE_DEPTH)
             self.stdin[channel] = feed
             spawn_thread(self.feed_stdin, proc.stdin, feed)
         self.chan.msg(channel, {"type": "started", "pid": proc.pid})
-        spawn_thread(self.supervise, channel, proc, entry)
+        spawn_thread(self.supervise, channel, proc, entry, watch)
+
+    def job_cgroup(self, asked: Any) -> "tuple[Optional[limits.JobCgroup], Optional[str]]":
+        """A cgroup with the limits the host ``asked`` for (None: run unlimited), and a note."""
+        if self.cgroups is None or not isinstance(asked, dict):
+            return None, None
+        if not self.cgroups.setup(mount):
+            log("commands run without limits: %s" % self.cgroups.note)
+            return None, self.cgroups.note
+        memory = asked.get("memory_mb")
+        reserve = asked.get("memory_reserve_mb")
+        pids = asked.get("pids")
+        memory_mb = limits.memory_limit_mb(
+            int(memory) if memory is not None else None,
+            int(reserve) if reserve is not None else None,
+            limits.mem_total_mb(),
+        )
+        try:
+            group = self.cgroups.create(memory_mb, int(pids) if pids is not None else None)
+        except OSError as exc:
+            log("cannot create a cgroup: %s" % exc)
+            return None, "cannot create the command's cgroup: %s" % (exc.strerror or exc)
+        return group, self.cgroups.note
 
     def feed_stdin(self, pipe: Any, feed: wire.ChunkReader) -> None:
         fd = pipe.fileno()
@@ -529,7 +567,7 @@ class Agent:
             pipe.close()
             self.chan.eof(channel, stream)
 
-    def supervise(self, channel: int, proc: Any, entry: List[Any]) -> None:
+    def supervise(self, channel: int, proc: Any, entry: List[Any], watch: limits.Watch) -> None:
         stop = threading.Event()
         pumps = [
             spawn_thread(self.pump, channel, wire.STDOUT, proc.stdout, stop),
@@ -548,10 +586,17 @@ class Agent:
         if feed is not None:
             feed.put(None)
         self.procs.pop(channel, None)
+        watch.finish()
+        evidence = watch.evidence()
+        group = self.groups.pop(channel, None)
+        if group is not None and self.cgroups is not None:
+            self.cgroups.release(group)
+        reply: Dict[str, Any] = {"type": "exit", "evidence": evidence}
         if os.WIFSIGNALED(status):
-            self.chan.msg(channel, {"type": "exit", "signal": os.WTERMSIG(status)})
+            reply["signal"] = os.WTERMSIG(status)
         else:
-            self.chan.msg(channel, {"type": "exit", "code": os.WEXITSTATUS(status)})
+            reply["code"] = os.WEXITSTATUS(status)
+        self.chan.msg(channel, reply)
 
     def on_put(self, channel: int, msg: Dict[str, Any]) -> None:
         dest = str(msg["dest"])

@@ -351,6 +351,7 @@ class AgentClient:
         capture: bool = False,
         max_capture: int | None = None,
         timeout: float | None = None,
+        limits: Mapping[str, int | None] | None = None,
     ) -> ExecResult:
         """Run ``argv`` in the guest and wait for it to end.
 
@@ -359,7 +360,9 @@ class AgentClient:
         total; beyond that the command is killed and :class:`OutputLimitExceeded`
         is raised).  When ``timeout`` passes, the command's process group is
         killed and :class:`CommandTimeout` is raised.  A command that exits
-        non-zero is *not* an error here: inspect :class:`ExecResult`.
+        non-zero is *not* an error here: inspect :class:`ExecResult`.  ``limits``
+        (:meth:`~stoker.protocol.common.JobLimits.request`) puts the command in
+        a cgroup with those limits; its evidence comes back in the result.
         """
         if not argv:
             raise ValueError("argv must not be empty")
@@ -381,6 +384,7 @@ class AgentClient:
                     "uid": uid,
                     "gid": gid,
                     "stdin": stdin is not None,
+                    **({"limits": dict(limits)} if limits is not None else {}),
                 },
             )
             async with asyncio.timeout(self.limits.request_timeout):
@@ -413,6 +417,7 @@ class AgentClient:
                 bytes(bufs[wire.STDOUT]),
                 bytes(bufs[wire.STDERR]),
                 time.monotonic() - started,
+                evidence=exit_msg.evidence,
             )
         except asyncio.CancelledError:
             if running:

@@ -27,6 +27,7 @@ from sqlalchemy import delete
 
 from stoker.backends.base import Backend
 from stoker.net.proxy import ConnectionRecord
+from stoker.protocol.common import JobLimits
 from stoker.service.config import PoolConfig, ServiceConfig
 from stoker.service.db import Database
 from stoker.service.fake_backend import FakeBackend, FakeVM
@@ -357,6 +358,7 @@ class Fleet:
             network=cfg.network,
             job=job,
             on_connection=functools.partial(self._on_connection, pool.name),
+            job_limits=JobLimits(memory_mb=cfg.job_memory_limit, pids=cfg.job_pids_limit),
         )
 
     async def _warm_one(self, pool: WarmPool) -> None:

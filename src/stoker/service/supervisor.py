@@ -640,6 +640,7 @@ class Supervisor:
             if target in TERMINAL:
                 job.exit_code = outcome.exit_code
                 job.signal = outcome.signal
+                job.cause = outcome.recorded_cause
                 session.execute(delete(Artifact).where(Artifact.job_id == job_id))
                 session.add_all(
                     Artifact(job_id=job_id, name=a.name, size=a.size, sha256=a.sha256, path=a.path)
