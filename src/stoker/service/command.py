@@ -11,14 +11,14 @@ from collections.abc import Callable
 
 from stoker.accounts import guest_user
 from stoker.archive import ExtractLimits
-from stoker.errors import CommandTimeout, JobKernelPanic, ProvisionError
+from stoker.errors import CommandTimeout, ProvisionError
 from stoker.outcomes import describe, exec_cause, timeout_message
 from stoker.service.files import ArtifactFile, JobFiles, JobInputError, hash_artifacts
 from stoker.service.jobs import job_env
 from stoker.service.logs import LogWriter
 from stoker.service.models import Job
 from stoker.service.pools import GUEST_DIR
-from stoker.service.runs import Outcome, judge, panic_outcome
+from stoker.service.runs import Outcome, judge
 from stoker.vm import VM
 
 
@@ -33,8 +33,7 @@ async def run_command(
     """Run ``job``'s command in ``vm`` (output to ``writer``), copy its artifacts out.
 
     ``enter`` is told the phase each part starts ("copying artifacts out"),
-    so that the caller's failure messages say where it failed.  A guest kernel
-    panic while it runs fails the job (the command's doing; no retry).
+    so that the caller's failure messages say where it failed.
     """
     env, uid, gid = job_env(job), None, None
     if job.user is not None:
@@ -58,11 +57,6 @@ async def run_command(
             capture=False,
             timeout=job.timeout_s,
         )
-    except JobKernelPanic as exc:
-        # The command panicked the guest (as root it can): its failure, no retry.
-        message = str(exc).splitlines()[0]
-        await writer.system(message)
-        return panic_outcome(message)
     except CommandTimeout:
         await writer.system(timeout_message(job.timeout_s))
     else:

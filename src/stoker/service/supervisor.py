@@ -44,6 +44,7 @@ from stoker.backends.base import Backend
 from stoker.errors import (
     GuestProtocolError,
     InfrastructureError,
+    JobKernelPanic,
     UsageError,
 )
 from stoker.net.proxy import ConnectionRecord
@@ -89,6 +90,7 @@ from stoker.service.runs import (
     VMKind,
     classify,
     headline,
+    panic_outcome,
     stop_outcome,
 )
 from stoker.service.scheduler import (
@@ -499,6 +501,11 @@ class Supervisor:
             reason = redact(str(exc), secrets_)
             await self._say(writer, reason)
             return Outcome(JobState.FAILED, reason)
+        except JobKernelPanic as exc:
+            # The command (or a session's step) panicked the guest: its failure, no retry.
+            reason = redact(headline(exc), secrets_)
+            await self._say(writer, reason)
+            return panic_outcome(reason)
         except GuestProtocolError as exc:
             if phase in ("running the command", "copying artifacts out"):
                 # The guest is the job's own code: it broke the protocol, the job fails.
