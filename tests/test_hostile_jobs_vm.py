@@ -95,6 +95,10 @@ async def test_fork_bomb_ends_at_the_process_limit_not_the_timeout(vm: VM) -> No
     assert ev.pids_max_hits > 0
     assert "process limit (1024 processes; a fork bomb?)" in describe("pids_limit", res)
     await assert_guest_is_clean(vm)
+    # A bomb whose first shell exits at once (0) is not left raging in the guest either.
+    res = await sh(vm, "f() { f | f & }; f", timeout=600)
+    assert res.exit_code == 0 and exec_cause(res) == "pids_limit", res
+    await assert_guest_is_clean(vm)
 
 
 async def test_a_full_disk_is_named(vm: VM) -> None:

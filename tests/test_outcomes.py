@@ -258,6 +258,23 @@ def test_the_watch_kills_a_command_that_keeps_hitting_its_process_limit(
     assert watch.evidence()["killed_for"] == "pids_limit"
 
 
+@pytest.mark.parametrize(("hits", "left", "killed"), [(3, 5, True), (0, 5, False), (3, 0, False)])
+def test_what_a_command_leaves_behind_is_killed_only_if_it_hit_the_limit(
+    fake_cgroup_root: Path, hits: int, left: int, killed: bool
+) -> None:
+    # A fork bomb that detached from its shell (which exited 0) against a daemon started
+    # in the background, or a command whose processes all ended.
+    groups = limits.Cgroups(str(fake_cgroup_root))
+    groups.setup(never_mount)
+    group = groups.create(None, 16)
+    (Path(group.path) / "pids.events").write_text(f"max {hits}\n")
+    (Path(group.path) / "pids.current").write_text(f"{left}\n")
+    watch = limits.Watch(group, None).start()
+    watch.finish()
+    assert (watch.killed_for == "pids_limit") is killed
+    assert (Path(group.path) / "cgroup.kill").exists() is killed
+
+
 def test_the_watch_records_the_fullest_disk() -> None:
     watch = limits.Watch(None, None)
     watch.sample()

@@ -36,7 +36,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = "/sys/fs/cgroup"
 PREFIX = "stoker-exec-"
@@ -164,6 +164,28 @@ class Cgroups:
             self.controllers = wanted
             self.ready = True
             return True
+
+    def for_command(
+        self,
+        asked: Dict[str, Any],
+        mount: Callable[[str, str, str], None],
+        log: Callable[[str], None],
+    ) -> "Tuple[Optional[JobCgroup], Optional[str]]":
+        """A cgroup with the limits the host ``asked`` for (None: run unlimited), and a note."""
+        if not self.setup(mount):
+            log("commands run without limits: %s" % self.note)
+            return None, self.note
+        memory, reserve, pids = (asked.get(k) for k in ("memory_mb", "memory_reserve_mb", "pids"))
+        memory_mb = memory_limit_mb(
+            int(memory) if memory is not None else None,
+            int(reserve) if reserve is not None else None,
+            mem_total_mb(),
+        )
+        try:
+            return self.create(memory_mb, int(pids) if pids is not None else None), self.note
+        except OSError as exc:
+            log("cannot create a cgroup: %s" % exc)
+            return None, "cannot create the command's cgroup: %s" % (exc.strerror or exc)
 
     def create(self, memory_mb: Optional[int], pids: Optional[int]) -> "JobCgroup":
         """A fresh cgroup with the given limits (None: that limit is not set)."""
@@ -320,9 +342,21 @@ class Watch:
         self._pids_hits = hits
 
     def finish(self) -> None:
-        """The command ended: stop watching (after one last sample)."""
+        """The command ended: stop watching (after one last sample).
+
+        What it left behind that has been hitting the process limit is a fork
+        bomb that detached from its first shell (``f(){ f|f& }; f`` exits at
+        once): it is killed rather than left to slow the guest down.
+        Background processes that never met the limit keep running.
+        """
         self.done.set()
         self.thread.join()
+        group = self.group
+        if group is None or self.killed_for is not None:
+            return
+        if group.events("pids.events").get("max", 0) > 0 and group.number("pids.current"):
+            self.killed_for = "pids_limit"
+            group.kill()
 
     def evidence(self) -> Dict[str, Any]:
         """What the host needs to name how the command ended (bounded, JSON-ready)."""

@@ -469,7 +469,9 @@ class Agent:
         want_stdin = bool(msg.get("stdin"))
         gid = msg.get("gid")
         entry: List[Any] = [threading.Event(), None]
-        group, note = self.job_cgroup(msg.get("limits"))
+        group, note = None, None
+        if self.cgroups is not None and isinstance(msg.get("limits"), dict):
+            group, note = self.cgroups.for_command(msg["limits"], mount, log)
         with self.children_lock:
             try:
                 proc = subprocess.Popen(
@@ -512,28 +514,6 @@ class Agent:
             spawn_thread(self.feed_stdin, proc.stdin, feed)
         self.chan.msg(channel, {"type": "started", "pid": proc.pid})
         spawn_thread(self.supervise, channel, proc, entry, watch)
-
-    def job_cgroup(self, asked: Any) -> "tuple[Optional[limits.JobCgroup], Optional[str]]":
-        """A cgroup with the limits the host ``asked`` for (None: run unlimited), and a note."""
-        if self.cgroups is None or not isinstance(asked, dict):
-            return None, None
-        if not self.cgroups.setup(mount):
-            log("commands run without limits: %s" % self.cgroups.note)
-            return None, self.cgroups.note
-        memory = asked.get("memory_mb")
-        reserve = asked.get("memory_reserve_mb")
-        pids = asked.get("pids")
-        memory_mb = limits.memory_limit_mb(
-            int(memory) if memory is not None else None,
-            int(reserve) if reserve is not None else None,
-            limits.mem_total_mb(),
-        )
-        try:
-            group = self.cgroups.create(memory_mb, int(pids) if pids is not None else None)
-        except OSError as exc:
-            log("cannot create a cgroup: %s" % exc)
-            return None, "cannot create the command's cgroup: %s" % (exc.strerror or exc)
-        return group, self.cgroups.note
 
     def feed_stdin(self, pipe: Any, feed: wire.ChunkReader) -> None:
         fd = pipe.fileno()
