@@ -126,8 +126,9 @@ async def main() -> None:
     for row in rows:
         limit = SPIN_TIMEOUT if row.job in ("CPU spin", "output flood") else timeout
         ratio = row.seconds / limit
+        command = row.command.replace("|", "\\|")  # a table cell
         print(
-            f"| {row.job} | `{row.command}` | `{row.cause}` | {row.seconds:.1f} s | "
+            f"| {row.job} | `{command}` | `{row.cause}` | {row.seconds:.1f} s | "
             f"{ratio:.3f} | {row.message} |"
         )
 
