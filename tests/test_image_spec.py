@@ -92,7 +92,7 @@ REJECTIONS = {
         """,
         6,
         "image.ci.defaults.ram",
-        "unknown key 'ram'; expected one of: cpus, disk, memory",
+        "unknown key 'ram'; expected one of: cpus, disk, job_memory_limit, job_pids_limit, memory",
     ),
     "wrong type": (
         """
@@ -862,6 +862,29 @@ def test_digest_depends_on_builder_version_kernel_and_defaults(project: Path) ->
     assert spec_digest(bigger, input_digests=inputs, builder_version="1") != base
     same = simple(project, '[defaults]\nmemory = "1G"\ndisk = "4096M"')
     assert spec_digest(same, input_digests=inputs, builder_version="1") == base
+
+
+def test_job_limits_in_defaults(project: Path) -> None:
+    spec = simple(project, '[defaults]\njob_pids_limit = 256\njob_memory_limit = "512M"')
+    assert (spec.defaults.job_pids_limit, spec.defaults.job_memory_limit) == (256, 512)
+    plain = simple(project, "")
+    assert (plain.defaults.job_pids_limit, plain.defaults.job_memory_limit) == (None, None)
+    # Images that set no limits keep the digests they had; a limit is part of the image.
+    assert "job_pids_limit" not in digest_document(plain)["defaults"]
+    assert digest(spec) != digest(plain)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("job_pids_limit = 0", "defaults.job_pids_limit: expected a number >= 1"),
+        ('job_pids_limit = "lots"', "defaults.job_pids_limit: expected an integer"),
+        ('job_memory_limit = "8M"', "job_memory_limit must be at least 16 MiB"),
+    ],
+)
+def test_bad_job_limits(project: Path, body: str, expected: str) -> None:
+    text = f'name = "x"\nbase = "debian:bookworm"\n[defaults]\n{body}\n'
+    assert expected in rejection(project, text)
 
 
 def test_digest_document_has_defaults_and_no_host_paths(project: Path) -> None:

@@ -6,7 +6,8 @@ failed*, so callers (and the CLI's exit status) never confuse the two::
     StokerError
     ├── UsageError                 bad input from the user: a clear message, nothing lost
     ├── JobFailed                  the user's command ran and failed (exit status or signal)
-    │   └── CommandTimeout         the user's command exceeded its time limit
+    │   ├── CommandTimeout         the user's command exceeded its time limit
+    │   └── JobKernelPanic         the guest kernel panicked while the user's command ran
     └── InfrastructureError        stoker, the host or the VM broke (CLI exit status 125)
         ├── LaunchError            a helper program failed to start or exited non-zero
         ├── ProvisionError         fetching a kernel or building an image failed
@@ -60,6 +61,19 @@ class CommandTimeout(JobFailed):
     def __init__(self, message: str, *, timeout: float) -> None:
         super().__init__(message, exit_code=None, signal=None)
         self.timeout = timeout
+
+
+class JobKernelPanic(JobFailed):
+    """The guest kernel panicked while the user's command ran (as root it can make it).
+
+    Not an infrastructure failure: the same command would panic the next VM too
+    (a panic during boot is a :class:`GuestPanic`).  ``console`` holds the panic
+    and its trace.
+    """
+
+    def __init__(self, message: str, *, console: str = "") -> None:
+        super().__init__(message, exit_code=None, signal=None)
+        self.console = console
 
 
 class InfrastructureError(StokerError):
@@ -122,7 +136,13 @@ class BootError(VMError):
 
 
 class GuestPanic(VMError):
-    """The guest kernel panicked."""
+    """The guest kernel panicked (``reason``: the panic's first line)."""
+
+    def __init__(
+        self, message: str, *, console: str = "", reason: str = "", hint: str | None = None
+    ) -> None:
+        super().__init__(message, console=console, hint=hint)
+        self.reason = reason or message
 
 
 class VMMCrashed(VMError):

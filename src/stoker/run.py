@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 from stoker.archive import ExtractLimits
 from stoker.backends import VMMS, get_backend
 from stoker.backends.accel import AccelRequest
-from stoker.errors import CommandTimeout, UsageError
+from stoker.errors import CommandTimeout, JobKernelPanic, UsageError, VMMCrashed
+from stoker.outcomes import Cause, describe, exec_cause, timeout_message, vmm_crash_message
 from stoker.paths import Dirs
-from stoker.protocol.common import OutputSink
+from stoker.protocol.common import MAX_PIDS, ExecResult, JobLimits, OutputSink
 from stoker.snapshots import SnapshotKey
+from stoker.units import parse_size_mb
 from stoker.vm import VM, SnapshotMode
 
 if TYPE_CHECKING:
@@ -57,6 +59,10 @@ class RunRequest:
     vmm: str = "qemu"
     #: The network policy; None: the image's (its spec's ``[network]``, else none).
     network: NetworkPolicy | None = None
+    #: Limits of the command's processes inside the guest; None: the image's
+    #: (``job_pids_limit``, ``job_memory_limit``), else stoker's defaults.
+    pids_limit: int | None = None
+    memory_limit: str | None = None
 
     def validate(self) -> None:
         if not self.argv:
@@ -80,6 +86,18 @@ class RunRequest:
             raise UsageError(f"unknown VMM {self.vmm!r}", hint=f"use one of {', '.join(VMMS)}")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} exists and is not a directory")
+        self.job_limits()
+
+    def job_limits(self) -> JobLimits:
+        """The limits asked for (raises :class:`UsageError` for bad values)."""
+        if self.pids_limit is not None and not 1 <= self.pids_limit <= MAX_PIDS:
+            raise UsageError(
+                f"--pids-limit must be between 1 and {MAX_PIDS}, got {self.pids_limit}"
+            )
+        memory = None
+        if self.memory_limit is not None:
+            memory = parse_size_mb(self.memory_limit, what="--memory-limit", minimum=16)
+        return JobLimits(memory_mb=memory, pids=self.pids_limit)
 
     @property
     def guest_dir(self) -> str:
@@ -96,6 +114,14 @@ class RunSummary:
     returncode: int | None = None
     timed_out: bool = False
     spawn_error: str | None = None
+    #: How the command ended (:mod:`stoker.outcomes`): ``exit``, ``signal``,
+    #: ``spawn_error``, ``oom``, ``pids_limit``, ``disk_full``, ``timeout``,
+    #: ``kernel_panic`` or ``vmm_crash`` (None: it never ran).
+    cause: Cause | None = None
+    #: One line saying why, for every cause but a plain ``exit``.
+    message: str | None = None
+    #: The limits the command ran with (``memory_mb``, ``pids``; None: unlimited).
+    limits: dict[str, int | None] = field(default_factory=dict)
     accel: str | None = None
     #: The guest kernel (``stoker-microvm 6.1.192``, ``linux-image-...-cloud-amd64``).
     kernel: str | None = None
@@ -139,7 +165,9 @@ async def run_job(
     """Run ``req`` in a fresh VM; raises only for infrastructure and usage errors.
 
     A command that fails or times out is reported in the summary (``timed_out``
-    is set and ``returncode`` is 124 for a timeout, like ``timeout(1)``).
+    is set and ``returncode`` is 124 for a timeout, like ``timeout(1)``), with
+    its ``cause`` and a ``message``; so is a guest kernel panic or a VMM that
+    died while the command ran (``returncode`` None: there is no exit status).
     """
     req.validate()
     summary = RunSummary()
@@ -159,6 +187,7 @@ async def run_job(
         snapshot=req.snapshot,
         backend=get_backend(req.vmm),
         network=req.network,
+        job_limits=req.job_limits(),
     )
     summary.vm = vm.name
     try:
@@ -192,11 +221,21 @@ async def run_job(
                 summary.signal = result.signal
                 summary.returncode = result.returncode
                 summary.spawn_error = result.spawn_error
+                _explain(summary, result, on_warning)
                 if result.spawn_error:
                     await _maybe_await(stderr(f"stoker: {result.spawn_error}\n".encode()))
-            except CommandTimeout:
+            except CommandTimeout as exc:
                 summary.timed_out = True
                 summary.returncode = 124
+                summary.cause, summary.message = "timeout", timeout_message(exc.timeout)
+            except (JobKernelPanic, VMMCrashed) as exc:
+                # The VM is gone (no artifacts to copy); the summary says why.
+                panic = isinstance(exc, JobKernelPanic)
+                summary.cause = "kernel_panic" if panic else "vmm_crash"
+                first = str(exc).splitlines()[0]
+                summary.message = first if panic else vmm_crash_message(first)
+                summary.timings["command"] = time.monotonic() - t
+                return summary
             summary.timings["command"] = time.monotonic() - t
             if req.artifacts:
                 t = time.monotonic()
@@ -217,6 +256,23 @@ async def run_job(
         summary.timings["total"] = time.monotonic() - t0
         summary.timings = {k: round(v, 4) for k, v in summary.timings.items()}
     return summary
+
+
+def _explain(
+    summary: RunSummary, result: ExecResult, on_warning: Callable[[str], None] | None
+) -> None:
+    """Record the cause of ``result``, its message and the limits it ran with."""
+    summary.cause = exec_cause(result)
+    if summary.cause != "exit":
+        summary.message = describe(summary.cause, result)
+    ev = result.evidence
+    if ev is not None:
+        summary.limits = {
+            "memory_mb": ev.memory_max // (1 << 20) if ev.memory_max is not None else None,
+            "pids": ev.pids_max,
+        }
+        if ev.note and on_warning is not None:
+            on_warning(f"the command ran without limits: {ev.note}")
 
 
 def network_summary(vm: VM) -> dict[str, Any]:

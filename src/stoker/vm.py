@@ -46,6 +46,7 @@ from stoker.errors import (
     GuestPanic,
     GuestProtocolError,
     JobFailed,
+    JobKernelPanic,
     LaunchError,
     StokerError,
     UsageError,
@@ -53,8 +54,9 @@ from stoker.errors import (
     VMMCrashed,
 )
 from stoker.lifecycle import Timings, VMState, require
+from stoker.outcomes import panic_message, signal_name
 from stoker.paths import Dirs
-from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, OutputSink
+from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, JobLimits, OutputSink
 from stoker.snapshots import (
     MEMORY_FILE,
     SCRATCH_FILE,
@@ -121,6 +123,7 @@ class VM:
         resolver: Resolver | None = None,
         detached: bool = False,
         orphan_timeout: float | None = None,
+        job_limits: JobLimits | None = None,
     ) -> None:
         # None: the image's [defaults] decide (see _apply_image_defaults).
         if cpus is not None and not 1 <= cpus <= MAX_CPUS:
@@ -137,6 +140,9 @@ class VM:
         )
         #: Environment of every command, from the image (``env`` of its spec).
         self.image_env: dict[str, str] = {}
+        #: Limits of every command's processes in the guest; what the caller leaves
+        #: None the image's [defaults] decide, then stoker's defaults.
+        self.job_limits = job_limits or JobLimits()
         #: The network policy asked for; None: the image's (its spec's ``[network]``).
         self._network_request = network
         # The policy in force once the VM started (None: none, made when asked for).
@@ -561,6 +567,7 @@ class VM:
         self.cpus = pick(cpus, "cpus", DEFAULT_CPUS, 1, MAX_CPUS)
         self.memory_mb = pick(memory, "memory", DEFAULT_MEMORY_MB, 128, 1 << 24)
         self.disk_mb = pick(disk, "disk", DEFAULT_DISK_MB, 64, 1 << 24)
+        self.job_limits = self.job_limits.or_image_defaults(defaults)
         if self._network_request is None and manifest.get("network") is not None:
             from stoker.net.policy import image_network_policy
 
@@ -663,14 +670,19 @@ class VM:
             reason = panic.split("\n", 1)[0].strip()
             # Show the panic and its trace rather than whatever scrolled last.
             trace = "\n".join(panic.replace("\r", "").split("\n")[:40])
-            return GuestPanic(f"the guest kernel panicked: {reason}", console=trace)
+            return GuestPanic(f"the guest kernel panicked: {reason}", console=trace, reason=reason)
         if self._vmm.vmm_log.total:
             console += "\n" + self._vmm.vmm_log.tail(5)
         if self.state is VMState.BOOTING:
             return BootError(
                 f"the VM stopped during boot (VMM exit status {status})", console=console
             )
-        return VMMCrashed(f"the VMM exited unexpectedly (status {status})", console=console)
+        how = (
+            f"killed by signal {signal_name(-status)}"
+            if status is not None and status < 0
+            else f"status {status}"
+        )
+        return VMMCrashed(f"the VMM exited unexpectedly ({how})", console=console)
 
     def _agent(self) -> AgentClient:
         assert self._client is not None
@@ -716,28 +728,36 @@ class VM:
 
         ``env`` is the complete environment (a sensible ``PATH``, ``HOME`` and
         ``LANG`` are added where missing).  With ``check=True`` a command that
-        does not exit 0 raises :class:`~stoker.errors.JobFailed`.  ``journal``,
-        ``on_started`` and ``on_frame``: see :meth:`AgentClient.exec` (detached VMs).
+        does not exit 0 raises :class:`~stoker.errors.JobFailed`.  The command
+        runs within :attr:`job_limits`; the result's ``evidence`` says what it
+        met (:func:`stoker.outcomes.exec_cause` names the cause).  A guest
+        kernel panic while it runs raises :class:`~stoker.errors.JobKernelPanic`
+        (the command's doing); a VMM that dies, :class:`~stoker.errors.VMMCrashed`.
+        ``journal``, ``on_started``, ``on_frame``: see :meth:`AgentClient.exec`.
         """
         full_env = {**default_guest_env(), **self.image_env, **self.network_env, **(env or {})}
-        result = await self._guarded(
-            self._agent().exec(
-                argv,
-                env=full_env,
-                cwd=cwd,
-                uid=uid,
-                gid=gid,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                capture=capture,
-                max_capture=max_capture,
-                timeout=timeout,
-                on_started=on_started,
-                on_frame=on_frame,
-                journal=journal,
+        try:
+            result = await self._guarded(
+                self._agent().exec(
+                    argv,
+                    env=full_env,
+                    cwd=cwd,
+                    uid=uid,
+                    gid=gid,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    capture=capture,
+                    max_capture=max_capture,
+                    timeout=timeout,
+                    limits=self.job_limits.request(self.memory_mb),
+                    on_started=on_started,
+                    on_frame=on_frame,
+                    journal=journal,
+                )
             )
-        )
+        except GuestPanic as exc:
+            raise JobKernelPanic(panic_message(exc.reason), console=exc.console) from exc
         if check and not result.ok:
             how = (
                 f"exit status {result.exit_code}"

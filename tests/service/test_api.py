@@ -625,6 +625,9 @@ async def test_metrics_follow_jobs_through_their_states(api: Api) -> None:
     after = await scrape(api)
     assert after[("stoker_jobs_total", (("outcome", "succeeded"),))] == 1
     assert after[("stoker_jobs_total", (("outcome", "failed"),))] == 1
+    finished = "stoker_jobs_finished_total"
+    assert after[(finished, (("cause", "exit"), ("outcome", "succeeded")))] == 1
+    assert after[(finished, (("cause", "exit"), ("outcome", "failed")))] == 1
     assert after[("stoker_job_wait_seconds_count", ())] == 2
     assert after[("stoker_boot_seconds_count", (("kind", "cold"),))] >= 2
     assert ("stoker_vms", (("state", "busy"),)) in after
@@ -642,6 +645,7 @@ async def test_metrics_follow_jobs_through_their_states(api: Api) -> None:
         await api.service.wait(job["id"], timeout=20)
     final = await scrape(api)
     assert final[("stoker_jobs_total", (("outcome", "cancelled"),))] == 6
+    assert final[("stoker_jobs_finished_total", (("cause", "none"), ("outcome", "cancelled")))] == 6
     # failures are counted by kind, a bounded label
     api.metrics.infrastructure_failure("boot")
     assert (await scrape(api))[("stoker_failures_total", (("reason", "boot"),))] == 1

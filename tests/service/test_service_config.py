@@ -57,6 +57,8 @@ labels = ["linux", "small"]
 min_idle = 2
 max = 6
 timeout = "30m"
+job_pids_limit = 2048
+job_memory_limit = "400M"
 
 [pools.big]
 image = "python"
@@ -82,6 +84,11 @@ def test_full_file() -> None:
         "small",
     )
     assert config.pools["big"].image == "python" and config.pools["big"].min_idle == 0
+    assert (config.pools["small"].job_pids_limit, config.pools["small"].job_memory_limit) == (
+        2048,
+        400,
+    )
+    assert config.pools["big"].job_pids_limit is None  # the image's, else stoker's default
     assert config.submitters.policy("release-bot").priority == 10
     assert config.submitters.policy("anyone").max_concurrent == 2
     assert config.tokens[0].scopes == ("submit", "read")
@@ -138,6 +145,11 @@ def test_several_errors_are_all_reported() -> None:
         ("lease_seconds = 4\nheartbeat_seconds = 3\n", "at most half of lease_seconds"),
         ('[limits]\nmax_log_bytes = "lots"\n', "expected a size like 64M"),
         ('shutdown_grace_seconds = "soon"\n', "expected a duration"),
+        ("[pools.a]\njob_pids_limit = 0\n", "pools.a.job_pids_limit: expected a number >= 1"),
+        (
+            '[pools.a]\njob_memory_limit = "8M"\n',
+            "job_memory_limit must be at least 16 MiB, got '8M'",
+        ),
     ],
 )
 def test_bad_values(text: str, expected: str) -> None:

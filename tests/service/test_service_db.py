@@ -23,7 +23,7 @@ from stoker.service.scheduler import Candidate
 
 ConfigFactory = Callable[..., ServiceConfig]
 #: The newest migration.
-HEAD = "0006"
+HEAD = "0007"
 
 
 def _check_schema(url: str) -> None:
@@ -87,9 +87,14 @@ def test_network_columns_migrate_both_ways(tmp_path: Path) -> None:
     assert not {"network", "network_summary"} & _job_columns(url)
     upgrade(url)
     assert current_revision(url) == HEAD
-    assert {"network", "network_summary", "session_idle_s", "session_closed", "resume"} <= (
-        _job_columns(url)
-    )
+    assert {
+        "network",
+        "network_summary",
+        "session_idle_s",
+        "session_closed",
+        "resume",
+        "cause",
+    } <= (_job_columns(url))
     db = Database(url)
     try:
         job = db.call(lambda s: s.get(Job, "j1"), write=False)

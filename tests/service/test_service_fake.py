@@ -388,10 +388,24 @@ async def test_a_vmm_crash_is_retried_and_spares_the_other_jobs(
     assert isinstance(vmm, FakeLaunchedVM)
     await vmm.crash()
     done = await service.wait(victim.id, timeout=20)
-    assert done.state is JobState.SUCCEEDED and done.attempt == 1
+    assert done.state is JobState.SUCCEEDED and done.attempt == 1 and done.cause == "exit"
     assert "VMM exited unexpectedly" in (await output(service, victim.id))["system"]
     other = await service.wait(bystander.id, timeout=20)
     assert other.state is JobState.SUCCEEDED and other.attempt == 0
+
+
+async def test_a_vmm_crash_on_the_last_attempt_is_recorded_as_its_cause(
+    fake_service: ServiceFactory,
+) -> None:
+    backend = FakeBackend()
+    service = await fake_service(backend=backend)
+    job = await service.submit(sh("echo started; sleep 60", retries=0), "gina")
+    await until(lambda: state_is(service, job.id, JobState.RUNNING))
+    vmm = backend.live[(await service.get(job.id)).vm_name or ""]
+    assert isinstance(vmm, FakeLaunchedVM)
+    await vmm.crash()
+    done = await service.wait(job.id, timeout=20)
+    assert (done.state, done.cause, done.attempt) == (JobState.ERRORED, "vmm_crash", 0)
 
 
 # ------------------------------------------------------------------ warm pools

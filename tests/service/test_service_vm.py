@@ -99,6 +99,8 @@ async def warm_service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
                     "min_idle": 1,
                     "max": 2,
                     "snapshot": "never",
+                    # The job's own limit inside the guest (a hog meets it quickly).
+                    "job_memory_limit": "150M",
                 }
             },
         }
@@ -189,8 +191,32 @@ async def test_timeout(warm_service: Service) -> None:
         JobRequest(command=("sh", "-c", "echo going; sleep 600"), timeout=3), "vm"
     )
     done = await service.wait(job.id, timeout=120)
-    assert done.state is JobState.TIMED_OUT and done.reason == "timed out after 3s"
+    assert done.state is JobState.TIMED_OUT and done.cause == "timeout"
+    assert done.reason == "the command timed out after 3s and was killed"
     assert await stdout_of(service, job.id) == "going\n"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_hostile_jobs_fail_with_their_cause_and_are_not_retried(
+    warm_service: Service,
+) -> None:
+    service = warm_service
+    await idle_vm(service)
+    hog = "x = []\nwhile True:\n    x.append(bytearray(16 << 20))\n"
+    oom = await service.submit(JobRequest(command=("python3", "-c", hog)), "vm")
+    panic = await service.submit(
+        JobRequest(command=("sh", "-c", "echo c > /proc/sysrq-trigger")), "vm"
+    )
+    done = await service.wait(oom.id, timeout=180)
+    reason = "the command was killed by the guest's out-of-memory killer (memory limit 150 MiB)"
+    assert (done.state, done.cause, done.reason) == (JobState.FAILED, "oom", reason)
+    assert done.signal == 9 and done.attempt == 0
+    system = "".join(c.text for c in await service.logs(oom.id) if c.stream == "system")
+    assert reason in system
+    done = await service.wait(panic.id, timeout=180)
+    assert (done.state, done.cause) == (JobState.FAILED, "kernel_panic"), done.reason
+    assert done.attempt == 0  # the job's own doing: another VM would panic too
+    assert (done.reason or "").startswith("the guest kernel panicked while the command ran: ")
 
 
 async def test_a_pool_makes_its_snapshot_and_restores_from_then_on(tmp_path: Path) -> None:

@@ -14,7 +14,13 @@ from collections.abc import Mapping
 from importlib import resources
 
 # Files of the host package that the agent needs, relative to the package root.
-_SOURCES = ("protocol/wire.py", "agent/main.py", "agent/netfwd.py", "agent/__main__.py")
+_SOURCES = (
+    "protocol/wire.py",
+    "agent/main.py",
+    "agent/limits.py",
+    "agent/netfwd.py",
+    "agent/__main__.py",
+)
 
 
 def agent_files() -> dict[str, bytes]:

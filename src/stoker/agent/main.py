@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+from stoker.agent import limits
 from stoker.protocol import wire
 
 AGENT_VERSION = "0.3.0"
@@ -442,6 +443,9 @@ class Agent:
         self.net: Any = None
         #: The highest channel a host opened (a resuming host numbers on from there).
         self.highest = 0
+        #: Commands' cgroups (only as PID 1: never touch a host's hierarchy in tests).
+        self.cgroups = limits.Cgroups() if pid1 else None
+        self.groups: Dict[int, limits.JobCgroup] = {}  # channel -> its command's cgroup
 
     # -- child reaping: we own waitpid(-1) because as PID 1 we inherit every orphan
 
@@ -597,8 +601,12 @@ class Agent:
     def on_signal(self, channel: int, msg: Dict[str, Any]) -> None:
         pid = self.procs.get(channel)
         if pid is not None:
+            signum = int(msg["signal"])
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, int(msg["signal"]))
+                os.killpg(pid, signum)
+            group = self.groups.get(channel)
+            if group is not None and signum == 9:
+                group.kill()  # also what left the process group (setsid, a fork bomb)
 
     def run_helper(self, argv: List[str]) -> "tuple[int, bytes]":
         """Run a helper to completion; its exit is collected through the reaper."""
@@ -625,6 +633,9 @@ class Agent:
         want_stdin = bool(msg.get("stdin"))
         gid = msg.get("gid")
         entry: List[Any] = [threading.Event(), None]
+        group, note = None, None
+        if self.cgroups is not None and isinstance(msg.get("limits"), dict):
+            group, note = self.cgroups.for_command(msg["limits"], mount, log)
         with self.children_lock:
             try:
                 proc = subprocess.Popen(
@@ -639,8 +650,12 @@ class Agent:
                     user=msg.get("uid"),
                     group=gid,
                     extra_groups=[] if gid is not None else None,
+                    # Into its cgroup before exec: nothing it starts runs outside it.
+                    preexec_fn=group.enter if group is not None else None,
                 )
             except (OSError, subprocess.SubprocessError, ValueError) as exc:
+                if group is not None and self.cgroups is not None:
+                    self.cgroups.release(group)
                 what = argv[0] if argv else "?"
                 self.chan.msg(
                     channel,
@@ -656,12 +671,15 @@ class Agent:
         self.procs[channel] = proc.pid
         if msg.get("journal") and self.chan.journal is not None:
             self.chan.journaled.add(channel)  # before "started": every frame of it counts
+        if group is not None:
+            self.groups[channel] = group
+        watch = limits.Watch(group, note).start()
         if want_stdin:
             feed = wire.ChunkReader(QUEUE_DEPTH)
             self.stdin[channel] = feed
             spawn_thread(self.feed_stdin, proc.stdin, feed)
         self.chan.msg(channel, {"type": "started", "pid": proc.pid})
-        spawn_thread(self.supervise, channel, proc, entry)
+        spawn_thread(self.supervise, channel, proc, entry, watch)
 
     def feed_stdin(self, pipe: Any, feed: wire.ChunkReader) -> None:
         fd = pipe.fileno()
@@ -695,7 +713,7 @@ class Agent:
             pipe.close()
             self.chan.eof(channel, stream)
 
-    def supervise(self, channel: int, proc: Any, entry: List[Any]) -> None:
+    def supervise(self, channel: int, proc: Any, entry: List[Any], watch: limits.Watch) -> None:
         stop = threading.Event()
         pumps = [
             spawn_thread(self.pump, channel, wire.STDOUT, proc.stdout, stop),
@@ -714,10 +732,17 @@ class Agent:
         if feed is not None:
             feed.put(None)
         self.procs.pop(channel, None)
+        watch.finish()
+        evidence = watch.evidence()
+        group = self.groups.pop(channel, None)
+        if group is not None and self.cgroups is not None:
+            self.cgroups.release(group)
+        reply: Dict[str, Any] = {"type": "exit", "evidence": evidence}
         if os.WIFSIGNALED(status):
-            self.chan.msg(channel, {"type": "exit", "signal": os.WTERMSIG(status)})
+            reply["signal"] = os.WTERMSIG(status)
         else:
-            self.chan.msg(channel, {"type": "exit", "code": os.WEXITSTATUS(status)})
+            reply["code"] = os.WEXITSTATUS(status)
+        self.chan.msg(channel, reply)
         self.chan.journaled.discard(channel)  # its last frame is out
 
     def on_put(self, channel: int, msg: Dict[str, Any]) -> None:

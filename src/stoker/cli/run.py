@@ -57,6 +57,22 @@ def run(
     timeout: Annotated[
         str | None, typer.Option(help="Kill the command after this long (30s, 10m, 1h).")
     ] = None,
+    pids_limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Most processes the command may have in the guest; a command that keeps "
+            "hitting it (a fork bomb) is killed \\[default: the image's, else 1 per MiB "
+            "of guest memory, at least 512].",
+        ),
+    ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(
+            help="Most memory the command may use in the guest, e.g. 512M; beyond it the "
+            "guest's OOM killer ends it \\[default: the image's, else the guest's memory "
+            "minus 128 MiB for the agent].",
+        ),
+    ] = None,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="K=V (or K to pass the host's value).")
     ] = None,
@@ -127,6 +143,8 @@ def run(
             snapshot=_snapshot_mode(snapshot),
             vmm=vmm,
             network=_network_policy(network, allow or []),
+            pids_limit=pids_limit,
+            memory_limit=memory_limit,
         )
         out_stream = sys.stderr.buffer if json_summary else sys.stdout.buffer
         startup = _seconds_since_process_start()
@@ -156,8 +174,9 @@ def run(
         summary.snapshot_maker_pid = pid
         if pid is not None:
             err.print("[dim]stoker: making a snapshot in the background: later runs restore[/]")
-    if summary.timed_out:
-        err.print(f"[red]stoker: command timed out after {timeout} and was killed[/]")
+    if summary.message is not None:
+        # Why it ended, in one line: an OOM kill, a fork bomb, a full disk, a timeout, a panic.
+        err.print(f"[red]stoker: {_safe(summary.message)}[/]")
     _report_denied(summary.denied_connections(), summary.network)
     if json_summary:
         sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")

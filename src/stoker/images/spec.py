@@ -73,7 +73,12 @@ Keys of an image (all but ``base`` are optional):
 ``[defaults]``
     ``cpus`` (default 2), ``memory`` (default ``"1G"``), ``disk`` (the writable
     layer, default ``"4G"``) for VMs made from the image.  Sizes are strings with
-    a K/M/G/T suffix or integers in MiB and are stored as MiB.
+    a K/M/G/T suffix or integers in MiB and are stored as MiB.  Limits of each
+    command's processes inside the guest: ``job_pids_limit`` (processes; a
+    command that keeps hitting it, a fork bomb, is killed) and
+    ``job_memory_limit`` (beyond it the guest's OOM killer ends the command);
+    unset, stoker's defaults apply (1 process per MiB of guest memory, at least
+    512; the guest's memory minus 128 MiB kept for the agent).
 ``[network]``
     The network VMs made from the image get unless the run says otherwise:
     ``mode`` (``"none"``, ``"egress"`` or ``"nat"``), ``allow`` (allowlist
@@ -310,6 +315,7 @@ RunStep = Annotated[str, AfterValidator(_check_run_step)]
 MemoryMB = Annotated[int, _size("memory", 128)]
 DiskMB = Annotated[int, _size("disk", 64)]
 SizeLimitMB = Annotated[int, _size("size_limit", 1)]
+JobMemoryMB = Annotated[int, _size("job_memory_limit", 16)]
 
 
 # --- host paths ---------------------------------------------------------------------------------
@@ -499,6 +505,10 @@ class VMDefaults(_Model):
     memory: MemoryMB = 1024
     #: Size of the writable layer, MiB.
     disk: DiskMB = 4096
+    #: Most processes of one command in the guest (None: stoker's default).
+    job_pids_limit: int | None = Field(default=None, ge=1, le=1 << 22)
+    #: Most memory of one command in the guest, MiB (None: the guest's minus a reserve).
+    job_memory_limit: JobMemoryMB | None = None
 
 
 class AgentOptions(_Model):
@@ -1127,6 +1137,9 @@ def digest_document(spec: ImageSpec) -> dict[str, Any]:
     if data["network"] is None:
         # Images that say nothing about networking keep the digests they had.
         del data["network"]
+    for key in ("job_pids_limit", "job_memory_limit"):
+        if data["defaults"][key] is None:
+            del data["defaults"][key]  # images that set no limits keep their digests
     for file in data["files"]:
         del file["src"]
     for artifact in data["artifacts"]:

@@ -521,6 +521,7 @@ class AgentClient:
         on_started: Callable[[int], None] | None = None,
         on_frame: FrameHook | None = None,
         journal: bool = False,
+        limits: Mapping[str, int | None] | None = None,
     ) -> ExecResult:
         """Run ``argv`` in the guest and wait for it to end.
 
@@ -529,7 +530,9 @@ class AgentClient:
         total; beyond that the command is killed and :class:`OutputLimitExceeded`
         is raised).  When ``timeout`` passes, the command's process group is
         killed and :class:`CommandTimeout` is raised.  A command that exits
-        non-zero is *not* an error here: inspect :class:`ExecResult`.
+        non-zero is *not* an error here: inspect :class:`ExecResult`.  ``limits``
+        (:meth:`~stoker.protocol.common.JobLimits.request`) puts the command in
+        a cgroup with those limits; its evidence comes back in the result.
 
         With ``journal`` (after :meth:`enable_journal`) the agent keeps the
         command's frames until acked: ``on_started`` is told its channel once it
@@ -561,6 +564,7 @@ class AgentClient:
                     "gid": gid,
                     "stdin": stdin is not None,
                     "journal": journal,
+                    **({"limits": dict(limits)} if limits is not None else {}),
                 },
             )
             async with asyncio.timeout(self.limits.request_timeout):
@@ -656,6 +660,7 @@ class AgentClient:
             bytes(out.get(wire.STDOUT, b"")),
             bytes(out.get(wire.STDERR, b"")),
             time.monotonic() - started,
+            evidence=exit_msg.evidence,
         )
 
     async def _collect(

@@ -12,7 +12,7 @@ pydantic takes about 60 (the CLI's start-up budget is 0.15 s).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -53,11 +53,47 @@ class Started(_Msg, tag="started", frozen=True):
     pid: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)]
 
 
+Bytes = Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
+
+
+class Evidence(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the agent measured about how a command ended (the host names the cause).
+
+    See :mod:`stoker.agent.limits`.  Every field is optional: an older agent
+    (a restored snapshot's) sends none of them.
+    """
+
+    #: The command ran in a cgroup of its own (with the limits below).
+    cgroup: bool = False
+    #: Processes of the command the guest's OOM killer killed.
+    oom_kills: Count = 0
+    #: Times a fork failed because the command was at its process limit.
+    pids_max_hits: Count = 0
+    #: The limits in force (bytes, processes); None: not limited.
+    memory_max: Bytes | None = None
+    pids_max: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)] | None = None
+    #: The most memory the command's cgroup held.
+    memory_peak: Bytes | None = None
+    #: The agent killed the command itself, and why.
+    killed_for: Literal["pids_limit"] | None = None
+    #: The writable file system with the least free space seen while the
+    #: command ran, its free and total bytes and free inodes (no free inode:
+    #: ``disk_free`` is 0).
+    disk_path: ShortStr | None = None
+    disk_free: Bytes | None = None
+    disk_size: Bytes | None = None
+    disk_inodes_free: Bytes | None = None
+    #: Why the command ran without limits (e.g. a kernel without cgroup v2).
+    note: ShortStr | None = None
+
+
 class Exit(_Msg, tag="exit", frozen=True):
     """A command ended: exactly one of ``code`` (0-255) or ``signal``."""
 
     code: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
     signal: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
+    evidence: Evidence | None = None
 
     def __post_init__(self) -> None:
         if (self.code is None) == (self.signal is None):

@@ -14,6 +14,7 @@ from typing import Any
 from stoker.accounts import guest_user
 from stoker.archive import ExtractLimits
 from stoker.errors import CommandTimeout, ProvisionError
+from stoker.outcomes import describe, exec_cause, timeout_message
 from stoker.protocol.common import ExecResult
 from stoker.service.files import ArtifactFile, JobFiles, JobInputError, hash_artifacts
 from stoker.service.jobs import job_env
@@ -68,7 +69,7 @@ async def run_command(
             journal=vm.detached,
         )
     except CommandTimeout:
-        await writer.system(f"the command timed out after {job.timeout_s:g}s; killed it")
+        await writer.system(timeout_message(job.timeout_s))
     return await _artifacts_and_outcome(job, vm, writer, files, max_artifact_bytes, enter, result)
 
 
@@ -97,7 +98,7 @@ async def resume_command(
             on_frame=writer.frame,
         )
     except CommandTimeout:
-        await writer.system(f"the command timed out after {job.timeout_s:g}s; killed it")
+        await writer.system(timeout_message(job.timeout_s))
     return await _artifacts_and_outcome(job, vm, writer, files, max_artifact_bytes, enter, result)
 
 
@@ -110,6 +111,10 @@ async def _artifacts_and_outcome(
     enter: Callable[[str], None],
     result: ExecResult | None,
 ) -> Outcome:
+    if result is not None:
+        cause = exec_cause(result)
+        if cause in ("oom", "pids_limit", "disk_full"):
+            await writer.system(describe(cause, result))  # why, next to the output it cut off
     artifacts: list[ArtifactFile] = []
     if job.artifacts:
         enter("copying artifacts out")

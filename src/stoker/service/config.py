@@ -55,6 +55,12 @@ unchanged).  Example, with the defaults of every optional key::
     timeout = "30m"                     # default and maximum job timeout
     snapshot = "auto"                   # restore VMs from a snapshot (made after the first boot)
     network = { mode = "egress", allow = ["@pypi", "github.com"] }   # default: the image's
+    job_pids_limit = 2048               # processes of a job's command in the guest (a fork
+                                        # bomb is killed); default: the image's, else 1 per
+                                        # MiB of guest memory, at least 512
+    job_memory_limit = "400M"           # its memory in the guest (beyond: the guest's OOM
+                                        # killer); default: the image's, else the guest's
+                                        # memory minus 128 MiB for the agent
 
     [[tokens]]                          # read by the REST API
     name = "ci"
@@ -109,6 +115,7 @@ from stoker.images.spec import (
     DiskMB,
     ImageName,
     Items,
+    JobMemoryMB,
     KeyPath,
     MemoryMB,
     _key_path,
@@ -234,6 +241,9 @@ class PoolConfig(_Model):
     snapshot: Literal["never", "reuse", "auto", "create"] = "auto"
     #: The network of the pool's VMs (None: the image's ``[network]``, else none).
     network: NetworkPolicy | None = None
+    #: Limits of a job's command inside the guest (None: the image's, else stoker's defaults).
+    job_pids_limit: int | None = Field(default=None, ge=1, le=1 << 22)
+    job_memory_limit: JobMemoryMB | None = None
 
     @model_validator(mode="after")
     def _min_idle_within_max(self) -> PoolConfig:

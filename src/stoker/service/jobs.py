@@ -605,6 +605,10 @@ class JobView(_View):
     exit_code: int | None
     signal: int | None
     reason: str | None
+    #: How the command ended, once the job did (:mod:`stoker.outcomes`: exit, signal,
+    #: spawn_error, oom, pids_limit, disk_full, output_limit, timeout, kernel_panic,
+    #: vmm_crash); None: it never ran (or a service before causes were recorded).
+    cause: str | None = None
     host: str | None
     vm_name: str | None
     vm_kind: str | None
@@ -657,6 +661,7 @@ class JobView(_View):
             attempt=job.attempt,
             exit_code=job.exit_code,
             signal=job.signal,
+            cause=job.cause,
             reason=job.reason,
             host=job.host,
             vm_name=job.vm_name,

@@ -9,6 +9,10 @@ do not share or collide on counters.  Names::
     stoker_boot_seconds{kind=cold|warm}         histogram  VM start until its agent answers
     stoker_vms{state}                           gauge      this host's VMs by state
     stoker_jobs_total{outcome}                  counter    jobs that ended, by final state
+    stoker_jobs_finished_total{outcome,cause}   counter    the same, with how the command ended
+                                                           (stoker.outcomes: oom, pids_limit,
+                                                           disk_full, timeout, kernel_panic,
+                                                           vmm_crash, exit, ...; none: it never ran)
     stoker_failures_total{reason}               counter    infrastructure failures, by kind
     stoker_capacity_used{resource=cpus|memory_mb} gauge    what this host's VMs hold
     stoker_capacity_total{resource=cpus|memory_mb} gauge   this host's budget (after overcommit)
@@ -34,6 +38,7 @@ from typing import Final, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from stoker.outcomes import CAUSES
 from stoker.service.jobs import TERMINAL, JobState, JobView
 
 __all__ = ["CONTENT_TYPE", "Metrics", "failure_kind"]
@@ -93,6 +98,13 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.finished = Counter(
+            "stoker_jobs_finished",
+            "Jobs that reached a final state, by that state and how their command ended "
+            "(none: it never ran).",
+            ["outcome", "cause"],
+            registry=self.registry,
+        )
         self.failures = Counter(
             "stoker_failures",
             "Infrastructure failures (boot, VMM, agent, lost host), by kind.",
@@ -139,6 +151,8 @@ class Metrics:
             self.job_wait.observe(max(0.0, (started - job.queued_at).total_seconds()))
         if to_state.terminal:
             self.jobs.labels(outcome=to_state.value).inc()
+            cause = job.cause if job.cause in CAUSES else ("other" if job.cause else "none")
+            self.finished.labels(outcome=to_state.value, cause=cause).inc()
 
     def boot(self, kind: Literal["cold", "warm"], seconds: float) -> None:
         """A VM reached agent-ready ``seconds`` after its start."""

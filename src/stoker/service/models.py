@@ -88,6 +88,8 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     exit_code: Mapped[int | None] = mapped_column(Integer)
     signal: Mapped[int | None] = mapped_column(Integer)
+    #: How its command ended (:data:`stoker.outcomes.Cause`), once it ended.
+    cause: Mapped[str | None] = mapped_column(String(16))
     #: Why the job is where it is (set on every transition that has a reason).
     reason: Mapped[str | None] = mapped_column(Text)
     host: Mapped[str | None] = mapped_column(String(64))

@@ -27,6 +27,7 @@ from sqlalchemy import delete
 
 from stoker.backends.base import Backend
 from stoker.net.proxy import ConnectionRecord
+from stoker.protocol.common import JobLimits
 from stoker.service.adoption import orphan_timeout
 from stoker.service.config import PoolConfig, ServiceConfig
 from stoker.service.db import Database
@@ -362,6 +363,7 @@ class Fleet:
             # restart (stoker.service.adoption); fake ones are threads of this process.
             detached=cls is ServiceVM,
             orphan_timeout=orphan_timeout(self.config),
+            job_limits=JobLimits(memory_mb=cfg.job_memory_limit, pids=cfg.job_pids_limit),
         )
 
     async def _warm_one(self, pool: WarmPool) -> None:

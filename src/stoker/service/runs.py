@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import signal
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from stoker.errors import BootError, GuestPanic, GuestProtocolError, VMMCrashed
+from stoker.outcomes import Cause, describe, exec_cause, timeout_message
 from stoker.protocol.common import ExecResult
 from stoker.service.files import ArtifactFile
 from stoker.service.jobs import JobState, redact, retry_limit_of, secret_values
@@ -43,12 +43,21 @@ class Outcome:
     reason: str
     exit_code: int | None = None
     signal: int | None = None
+    #: How the command ended (None: it did not run, or this says nothing about it).
+    cause: Cause | None = None
     failure: FailureKind | None = None
     #: False: an infrastructure failure that another attempt would not fix.
     retry: bool = True
     #: Another host recovered the job: write nothing.
     lost: bool = False
     artifacts: tuple[ArtifactFile, ...] = ()
+
+    @property
+    def recorded_cause(self) -> Cause | None:
+        """The cause recorded on the job: the command's, or the VMM's crash while it ran."""
+        if self.cause is not None:
+            return self.cause
+        return "vmm_crash" if self.failure == "vmm_crash" else None
 
     def target(self, job: Job, retry_limit: int) -> tuple[JobState, str]:
         """The state ``job`` goes to after this attempt, and why."""
@@ -129,32 +138,34 @@ def headline(exc: BaseException) -> str:
 
 
 def judge(job: Job, result: ExecResult | None, artifacts: list[ArtifactFile]) -> Outcome:
-    """The outcome of a command that ran (``result`` None: it timed out)."""
+    """The outcome of a command that ran (``result`` None: it timed out).
+
+    The reason is :func:`stoker.outcomes.describe`'s line (an OOM kill, a fork
+    bomb, a full disk, or the plain exit status), so the job's ``reason``,
+    ``stoker run`` and the metrics' ``cause`` agree.
+    """
     kept = tuple(artifacts)
     if result is None:
-        return Outcome(JobState.TIMED_OUT, f"timed out after {job.timeout_s:g}s", artifacts=kept)
-    if result.spawn_error:
-        reason = redact(f"cannot start the command: {result.spawn_error}", secret_values(job))
-        return Outcome(JobState.FAILED, reason, exit_code=127, artifacts=kept)
-    if result.exit_code == 0:
-        return Outcome(JobState.SUCCEEDED, "exit status 0", exit_code=0, artifacts=kept)
-    if result.exit_code is not None:
-        return Outcome(
-            JobState.FAILED,
-            f"exit status {result.exit_code}",
-            exit_code=result.exit_code,
-            artifacts=kept,
-        )
-    try:
-        name = f" ({signal.Signals(result.signal or 0).name})"
-    except ValueError:
-        name = ""
+        reason = timeout_message(job.timeout_s)
+        return Outcome(JobState.TIMED_OUT, reason, cause="timeout", artifacts=kept)
+    cause = exec_cause(result)
+    reason = redact(describe(cause, result), secret_values(job))
+    if cause == "spawn_error":
+        return Outcome(JobState.FAILED, reason, exit_code=127, cause=cause, artifacts=kept)
+    state = JobState.SUCCEEDED if result.ok and cause == "exit" else JobState.FAILED
     return Outcome(
-        JobState.FAILED,
-        f"killed by signal {result.signal}{name}",
+        state,
+        reason,
+        exit_code=result.exit_code,
         signal=result.signal,
+        cause=cause,
         artifacts=kept,
     )
+
+
+def panic_outcome(message: str) -> Outcome:
+    """The outcome of a command during which the guest kernel panicked (its own doing)."""
+    return Outcome(JobState.FAILED, message, cause="kernel_panic")
 
 
 def stop_outcome(reason: StopReason, host: str) -> Outcome:

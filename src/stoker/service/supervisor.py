@@ -44,6 +44,7 @@ from stoker.backends.base import Backend
 from stoker.errors import (
     GuestProtocolError,
     InfrastructureError,
+    JobKernelPanic,
     UsageError,
 )
 from stoker.net.proxy import ConnectionRecord
@@ -91,6 +92,7 @@ from stoker.service.runs import (
     VMKind,
     classify,
     headline,
+    panic_outcome,
     stop_outcome,
 )
 from stoker.service.scheduler import (
@@ -546,6 +548,11 @@ class Supervisor:
             reason = redact(str(exc), secrets_)
             await self._say(writer, reason)
             return Outcome(JobState.FAILED, reason)
+        except JobKernelPanic as exc:
+            # The command (or a session's step) panicked the guest: its failure, no retry.
+            reason = redact(headline(exc), secrets_)
+            await self._say(writer, reason)
+            return panic_outcome(reason)
         except GuestProtocolError as exc:
             if phase in ("running the command", "copying artifacts out"):
                 # The guest is the job's own code: it broke the protocol, the job fails.
@@ -689,6 +696,7 @@ class Supervisor:
             if target in TERMINAL:
                 job.exit_code = outcome.exit_code
                 job.signal = outcome.signal
+                job.cause = outcome.recorded_cause
                 session.execute(delete(Artifact).where(Artifact.job_id == job_id))
                 session.add_all(
                     Artifact(job_id=job_id, name=a.name, size=a.size, sha256=a.sha256, path=a.path)
