@@ -20,6 +20,7 @@ from stoker.archive import ExtractLimits
 from stoker.backends import VMMS, get_backend
 from stoker.backends.accel import AccelRequest
 from stoker.errors import CommandTimeout, UsageError
+from stoker.isolation import Isolation
 from stoker.paths import Dirs
 from stoker.protocol.common import OutputSink
 from stoker.snapshots import SnapshotKey
@@ -57,6 +58,8 @@ class RunRequest:
     vmm: str = "qemu"
     #: The network policy; None: the image's (its spec's ``[network]``, else none).
     network: NetworkPolicy | None = None
+    #: Host-side limits (a cgroup per VM): ``auto``, ``required`` or ``off``.
+    cgroups: str = "auto"
 
     def validate(self) -> None:
         if not self.argv:
@@ -159,6 +162,7 @@ async def run_job(
         snapshot=req.snapshot,
         backend=get_backend(req.vmm),
         network=req.network,
+        isolation=Isolation.from_env(cgroups=req.cgroups),
     )
     summary.vm = vm.name
     try:

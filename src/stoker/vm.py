@@ -40,13 +40,14 @@ from stoker import vmfiles
 from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, safe_extract
 from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
 from stoker.backends.accel import AccelRequest, resolve_accel
-from stoker.backends.base import Backend, LaunchedVM, MachineSpec
+from stoker.backends.base import Backend, HostPlacement, LaunchedVM, MachineSpec
 from stoker.backends.qemu import SEED_SERIAL, QemuBackend, host_tsc_khz
 from stoker.boottimes import record_cold_boot
 from stoker.errors import (
     BootError,
     GuestPanic,
     GuestProtocolError,
+    HostLimitExceeded,
     JobFailed,
     LaunchError,
     StokerError,
@@ -54,6 +55,7 @@ from stoker.errors import (
     VMError,
     VMMCrashed,
 )
+from stoker.isolation import Isolation, VMCgroup, enter_cgroup
 from stoker.lifecycle import Timings, VMState, require
 from stoker.paths import Dirs
 from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, OutputSink
@@ -121,6 +123,7 @@ class VM:
         job: str | None = None,
         on_connection: Callable[[ConnectionRecord], None] | None = None,
         resolver: Resolver | None = None,
+        isolation: Isolation | None = None,
     ) -> None:
         # None: the image's [defaults] decide (see _apply_image_defaults).
         if cpus is not None and not 1 <= cpus <= MAX_CPUS:
@@ -191,6 +194,10 @@ class VM:
         self.snapshot_missing: SnapshotKey | None = None
         #: What was copied in through the seed disk (set once the VM is ready).
         self.seed_report: PackReport | None = None
+        #: Host-side limits and VMM user (default: ``STOKER_CGROUPS``, ``auto``).
+        self.isolation = isolation or Isolation.from_env()
+        #: The VM's cgroup while it runs (None: none on this host, or turned off).
+        self.cgroup: VMCgroup | None = None
         self._stack = AsyncExitStack()
         self._vmm: LaunchedVM | None = None
         self._client: AgentClient | None = None
@@ -426,9 +433,32 @@ class VM:
         assert self.workdir is not None
         # Needed once the VMM runs; loaded while it starts (~15 ms with msgspec).
         _preload("stoker.protocol.client")
+        spec = await self._place(spec)
         self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
         self._vmm_exit = asyncio.get_running_loop().create_task(self._vmm.wait())
         self._stack.push_async_callback(self._cancel_exit_watch)
+
+    async def _place(self, spec: MachineSpec) -> MachineSpec:
+        """Give the VMM its cgroup and user (:mod:`stoker.isolation`) where the backend can."""
+        if not self.backend.host_limits:
+            return spec
+        assert self.workdir is not None
+        self.cgroup = await enter_cgroup(
+            self.isolation,
+            self._stack,
+            name=self.name,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            accel=spec.accel,
+            on_warning=self._on_warning,
+        )
+        run_as = self.isolation.run_as
+        if run_as is not None:
+            from stoker.isolation.vmmuser import prepare_files
+
+            await asyncio.to_thread(prepare_files, spec, self.workdir, run_as)
+        cgroup = None if self.cgroup is None else self.cgroup.path
+        return replace(spec, host=HostPlacement(cgroup=cgroup, run_as=run_as))
 
     async def _connect_agent(self) -> AgentClient:
         from stoker.protocol.client import AgentClient  # preloaded by _launch
@@ -513,6 +543,7 @@ class VM:
             agent_files=self._agent_files,
             hostname="stoker-template",
             template_dir=directory,
+            isolation=self.isolation,
         )
         async with template:
             # Walk once through what every clone does first (unpack its project from the
@@ -651,6 +682,14 @@ class VM:
         status = self._vmm.returncode
         console = self.console_tail
         full = self._vmm.console.text()
+        limit = None if self.cgroup is None else self.cgroup.limit_hit()
+        if limit is not None:
+            return HostLimitExceeded(
+                f"the VM was stopped: {limit}",
+                console=console,
+                hint="give the VM less memory, or raise the allowance for QEMU "
+                "(a pool's memory_overhead)",
+            )
         if "Kernel panic" in full:
             # Lead with the panic reason; the tail is mostly a stack trace.
             panic = full[full.rindex("Kernel panic") :]

@@ -357,6 +357,7 @@ class Fleet:
             network=cfg.network,
             job=job,
             on_connection=functools.partial(self._on_connection, pool.name),
+            isolation=self.config.isolation(pool.name),
         )
 
     async def _warm_one(self, pool: WarmPool) -> None:

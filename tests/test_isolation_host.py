@@ -1,0 +1,180 @@
+"""Host-side isolation on this host's real cgroup v2 (skipped, with the reason, where absent).
+
+Every test makes its own parent cgroup (``stoker-test-<random>``) and removes
+it, with whatever a failure left in it, at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+
+from stoker.errors import HostLimitExceeded, InfrastructureError
+from stoker.isolation import CgroupMode, Isolation, LimitPolicy, enter_cgroup
+from stoker.isolation.cgroups import VMCgroup, probe
+from stoker.isolation.limits import limit_files, limits_for
+from stoker.procs import child_hook
+from stoker.vm import VM
+
+HOST = probe()
+
+
+def _skip_reason() -> str | None:
+    if HOST.mount is None:
+        return f"no cgroup v2 on this host: {HOST.reason}"
+    if not HOST.usable:
+        return f"cgroup v2 is not usable by this process: {HOST.reason}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+@pytest.fixture
+def parent() -> Iterator[Path]:
+    """A private parent cgroup under the mount, removed (and emptied) at the end."""
+    assert HOST.mount is not None
+    path = HOST.mount / f"stoker-test-{secrets.token_hex(4)}"
+    yield path
+    if path.exists():
+        for child in path.iterdir():
+            if child.is_dir():
+                if (child / "cgroup.kill").exists():
+                    (child / "cgroup.kill").write_text("1")
+                child.rmdir()
+        path.rmdir()
+
+
+def _procs_cgroup(pid: int) -> str:
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    return next(line[3:] for line in lines if line.startswith("0::"))
+
+
+def test_process_joins_its_cgroup_before_exec_and_teardown_kills_it(parent: Path) -> None:
+    support = probe(parent=parent)
+    limits = limits_for(LimitPolicy(), cpus=1, memory_mb=256, accel="tcg", host_memory_mb=4096)
+
+    async def scenario() -> None:
+        from stoker.isolation.cgroups import prepare_parent
+
+        cgroup = VMCgroup(prepare_parent(support), "vm-a", limits, support.controllers)
+        async with cgroup:
+            for name, value in cgroup.files().items():
+                assert (cgroup.path / name).read_text().split() == value.split()
+            proc = subprocess.Popen(["sleep", "60"], preexec_fn=child_hook(cgroup=cgroup.path))
+            try:
+                assert _procs_cgroup(proc.pid) == f"/{cgroup.path.relative_to(HOST.mount or '/')}"
+                assert cgroup.pids() == [proc.pid]
+            finally:
+                # Left running on purpose: teardown must kill it (cgroup.kill).
+                pass
+        assert not cgroup.path.exists()
+        assert proc.wait(timeout=10) == -9
+        await cgroup.aclose()  # idempotent
+
+    asyncio.run(scenario())
+
+
+def test_required_refuses_what_this_host_lacks(parent: Path) -> None:
+    support = probe(parent=parent)
+    if not support.missing:
+        pytest.skip("this host delegates memory, pids and cpu: nothing to refuse")
+
+    notes: list[str] = []
+
+    async def enter(stack: AsyncExitStack, mode: CgroupMode) -> VMCgroup | None:
+        isolation = Isolation(cgroups=mode, parent=parent)
+        return await enter_cgroup(
+            isolation, stack, name=f"vm-{mode}", cpus=1, memory_mb=256, accel="tcg",
+            on_warning=notes.append,
+        )  # fmt: skip
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            with pytest.raises(InfrastructureError, match="host limits were required but"):
+                await enter(stack, "required")
+        async with AsyncExitStack() as stack:
+            got = await enter(stack, "auto")
+            assert got is not None and got.path.exists()
+        assert not got.path.exists()
+        assert len(notes) == 1 and "/".join(support.missing) in notes[0]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.vm
+def test_real_vm_qemu_lands_in_its_cgroup(parent: Path, dirs: object) -> None:
+    support = probe(parent=parent)
+
+    async def scenario() -> None:
+        vm = VM(
+            memory="256M",
+            cpus=1,
+            snapshot="never",
+            dirs=dirs,  # type: ignore[arg-type]
+            isolation=Isolation(parent=parent),
+        )
+        async with vm:
+            assert vm.cgroup is not None and vm.vmm_pid is not None
+            path = vm.cgroup.path
+            assert path.parent == parent
+            assert _procs_cgroup(vm.vmm_pid) == f"/{path.relative_to(HOST.mount or '/')}"
+            assert vm.cgroup.pids() == [vm.vmm_pid]
+            expected = limit_files(
+                limits_for(
+                    LimitPolicy(),
+                    cpus=1,
+                    memory_mb=256,
+                    accel=vm.accel or "tcg",
+                    host_memory_mb=_host_mb(),
+                ),
+                support.controllers,
+            )
+            for name, value in expected.items():
+                assert (path / name).read_text().split() == value.split(), name
+            result = await vm.exec(["true"])
+            assert result.ok
+        assert not path.exists()
+
+    asyncio.run(scenario())
+
+
+def _host_mb() -> int:
+    from stoker.isolation import host_memory_mb
+
+    return host_memory_mb()
+
+
+@pytest.mark.vm
+def test_real_vm_over_its_memory_limit_is_an_infrastructure_failure(
+    parent: Path, dirs: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    support = probe(parent=parent)
+    if "memory" not in support.controllers:
+        pytest.skip(f"the memory controller is not delegable here: {support.reason}")
+    # A small host's TCG cache budget (an eighth of 256 MiB) and the least allowance:
+    # a guest that fills its RAM takes QEMU over memory.max.
+    monkeypatch.setattr("stoker.isolation.host_memory_mb", lambda: 256)
+
+    async def scenario() -> None:
+        vm = VM(
+            memory="512M",
+            cpus=1,
+            snapshot="never",
+            dirs=dirs,  # type: ignore[arg-type]
+            isolation=Isolation(parent=parent, policy=LimitPolicy(overhead_mb=32)),
+        )
+        async with vm:
+            with pytest.raises(HostLimitExceeded, match=r"memory.max = 576 MiB"):
+                await vm.exec(
+                    ["python3", "-c", "b = b'x' * (450 << 20); import time; time.sleep(60)"],
+                    timeout=120,
+                )
+
+    asyncio.run(scenario())
