@@ -7,18 +7,23 @@ it, with whatever a failure left in it, at the end.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 
-from stoker.errors import HostLimitExceeded, InfrastructureError
+from stoker.errors import HostLimitExceeded, InfrastructureError, UsageError
 from stoker.isolation import CgroupMode, Isolation, LimitPolicy, enter_cgroup
 from stoker.isolation.cgroups import VMCgroup, probe
 from stoker.isolation.limits import limit_files, limits_for
+from stoker.isolation.vmmuser import resolve_user, unreadable
+from stoker.paths import Dirs
 from stoker.procs import child_hook
 from stoker.vm import VM
 
@@ -178,3 +183,101 @@ def test_real_vm_over_its_memory_limit_is_an_infrastructure_failure(
                 )
 
     asyncio.run(scenario())
+
+
+@pytest.fixture
+def open_dirs(dirs: Dirs) -> Iterator[Dirs]:
+    """A cache and runtime directory another user may reach (the shared cache is under
+    /root, mode 0700): the default image, kernels and initramfs hard-linked (never
+    written: stoker replaces files by renaming), small files copied with the cache's
+    path in them (kernel records) changed to the copy's."""
+    root = Path(tempfile.mkdtemp(prefix="stoker-vmmuser-"))
+    try:
+        root.chmod(0o755)
+        cache = root / "cache"
+        (cache / "images" / "names").mkdir(parents=True)
+        (cache / "kernels").mkdir()
+        names = dirs.cache / "images" / "names" / "default.json"
+        digest = json.loads(names.read_text())["digest"]
+        shutil.copy(names, cache / "images" / "names")
+        links = [dirs.cache / "images" / digest, dirs.cache / "initramfs"]
+        links += [k for k in (dirs.cache / "kernels").iterdir() if k.name != "src"]
+        for source in links:
+            target = cache / source.relative_to(dirs.cache)
+            subprocess.run(["cp", "-al", str(source), str(target)], check=True)
+        for path in cache.rglob("*"):
+            if not path.is_file():
+                continue
+            private = not path.stat().st_mode & 0o004
+            if path.stat().st_size < 1 << 20 or private:
+                data = path.read_bytes()
+                path.unlink()
+                if path.suffix == ".json":
+                    data = data.replace(str(dirs.cache).encode(), str(cache).encode())
+                path.write_bytes(data)
+                # What the operator does for a VMM user (the extracted vmlinux is 0600).
+                path.chmod(0o644)
+        runtime = root / "run"
+        yield Dirs(cache=cache, runtime=runtime)
+        assert not runtime.exists() or not list(runtime.iterdir()), "VM work directory left"
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.mark.vm
+def test_real_vm_qemu_runs_as_the_vmm_user(parent: Path, open_dirs: Dirs) -> None:
+    user = resolve_user("nobody")
+
+    async def scenario() -> None:
+        vm = VM(
+            memory="256M",
+            cpus=1,
+            snapshot="never",
+            accel="tcg",
+            dirs=open_dirs,
+            seed=(Path(__file__).parent / "data", "/work"),
+            isolation=Isolation(parent=parent, run_as=user),
+        )
+        async with vm:
+            assert vm.vmm_pid is not None and vm.workdir is not None and vm.cgroup is not None
+            status = Path(f"/proc/{vm.vmm_pid}/status").read_text()
+            uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+            assert uids == [str(user.uid)] * 4
+            assert vm.cgroup.pids() == [vm.vmm_pid]
+            # The work directory: reachable by the VMM's group, not listable; its
+            # writable disk is the user's, the seed read-only to it.
+            st = vm.workdir.stat()
+            assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o777)) == (0, user.gid, "0o710")
+            scratch = vm.workdir / "scratch.img"
+            assert (scratch.stat().st_uid, oct(scratch.stat().st_mode & 0o777)) == (
+                user.uid,
+                "0o600",
+            )
+            seed = (vm.workdir / "seed.tar").stat()
+            assert (seed.st_uid, seed.st_gid, oct(seed.st_mode & 0o777)) == (0, user.gid, "0o640")
+            result = await vm.exec(["sh", "-c", "ls /work | head -1 && touch /tmp/x"])
+            assert result.ok, result.stderr
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.vm
+def test_vmm_user_that_cannot_read_the_cache_is_refused(parent: Path, dirs: Dirs) -> None:
+    """The shared cache is under /root (0700): the error names what the user cannot reach."""
+    nobody = resolve_user("nobody")
+    why = unreadable(nobody, [dirs.cache])
+    if why is None:
+        pytest.skip(f"{dirs.cache} is reachable by every user here")
+    vm = VM(
+        memory="256M",
+        snapshot="never",
+        accel="tcg",
+        dirs=dirs,
+        isolation=Isolation(parent=parent, run_as=resolve_user("nobody")),
+    )
+    with pytest.raises(
+        UsageError, match=r"QEMU runs as 'nobody' but nobody cannot enter /"
+    ) as info:
+        asyncio.run(vm.start())
+    assert info.value.hint is not None and "chmod -R g+rX" in info.value.hint
+    assert vm.state.name == "DEAD"
