@@ -23,6 +23,7 @@ from stoker.isolation import Isolation, check_mode
 from stoker.isolation.cgroups import (
     DAEMON_LEAF,
     VMS_CHILD,
+    VMCgroup,
     cgroup2_mount,
     own_cgroup,
     prepare_parent,
@@ -246,3 +247,21 @@ def test_unreadable_names_the_file(open_dir: Path) -> None:
     assert unreadable(user, [image], write=True) is not None
     cache.chmod(0o700)
     assert unreadable(user, [image]) == f"vmm cannot enter {cache} (mode drwx------)"
+
+
+def test_limit_hit_reads_the_kernels_counters(tmp_path: Path) -> None:
+    """What :class:`VMCgroup` reports once the kernel enforced a limit (stand-in files)."""
+    limits = limits_for(LimitPolicy(), cpus=1, memory_mb=512, accel="kvm", host_memory_mb=8192)
+    cgroup = VMCgroup(tmp_path, "vm", limits, ALL)
+    cgroup.path.mkdir()
+    assert cgroup.limit_hit() is None  # no counters at all (no controllers)
+    (cgroup.path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n")
+    (cgroup.path / "pids.events").write_text("max 0\n")
+    assert cgroup.limit_hit() is None  # reclaim at memory.max, nobody killed
+    (cgroup.path / "pids.events").write_text("max 2\n")
+    assert cgroup.limit_hit() == "the VM's host process limit (pids.max = 256) was reached"
+    (cgroup.path / "memory.events").write_text("oom 1\noom_kill 1\noom_group_kill 1\n")
+    assert cgroup.limit_hit() == (
+        "the host's memory limit for this VM (memory.max = 640 MiB) was reached and the "
+        "kernel killed its VMM"
+    )

@@ -102,7 +102,8 @@ def test_required_refuses_what_this_host_lacks(parent: Path) -> None:
 
     async def scenario() -> None:
         async with AsyncExitStack() as stack:
-            with pytest.raises(InfrastructureError, match="host limits were required but"):
+            refused = r"host limits are required \(cgroups = required\), but this host gives"
+            with pytest.raises(InfrastructureError, match=refused):
                 await enter(stack, "required")
         async with AsyncExitStack() as stack:
             got = await enter(stack, "auto")

@@ -117,8 +117,10 @@ async def enter_cgroup(
     problem = _problem(support)
     if problem:
         if isolation.cgroups == "required":
+            missing = "/".join(support.missing) if support.usable else "cgroup"
             raise InfrastructureError(
-                f"host limits were required but {problem}",
+                f"host limits are required (cgroups = required), but this host gives VMs "
+                f"no {missing} limits: {support.reason}",
                 hint=support.fix or None,
             )
         fix = f" ({support.fix})" if support.fix else ""
