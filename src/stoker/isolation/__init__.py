@@ -89,6 +89,31 @@ def host_memory_mb() -> int:
         return 0
 
 
+def check_host(
+    isolation: Isolation, on_warning: Callable[[str], None] | None = None
+) -> CgroupSupport | None:
+    """What VM cgroups this host gives (None: turned off); raises where ``required`` fails.
+
+    ``auto`` notes once per process what is missing.  The service calls this
+    at start, so that the operator hears of it before the first VM.
+    """
+    if isolation.cgroups == "off":
+        return None
+    support = probe(parent=isolation.parent)
+    problem = _problem(support)
+    if problem:
+        if isolation.cgroups == "required":
+            missing = "/".join(support.missing) if support.usable else "cgroup"
+            raise InfrastructureError(
+                f"host limits are required (cgroups = required), but this host gives VMs "
+                f"no {missing} limits: {support.reason}",
+                hint=support.fix or None,
+            )
+        fix = f" ({support.fix})" if support.fix else ""
+        _note_once(f"host limits: {problem}{fix}", on_warning)
+    return support
+
+
 async def enter_cgroup(
     isolation: Isolation,
     stack: AsyncExitStack,
@@ -104,9 +129,9 @@ async def enter_cgroup(
     ``auto`` notes once per process what is missing; ``required`` raises
     :class:`InfrastructureError` instead.
     """
-    if isolation.cgroups == "off":
+    support = check_host(isolation, on_warning)
+    if support is None or not support.usable:
         return None
-    support = probe(parent=isolation.parent)
     limits = limits_for(
         isolation.policy,
         cpus=cpus,
@@ -114,19 +139,6 @@ async def enter_cgroup(
         accel=accel,
         host_memory_mb=host_memory_mb(),
     )
-    problem = _problem(support)
-    if problem:
-        if isolation.cgroups == "required":
-            missing = "/".join(support.missing) if support.usable else "cgroup"
-            raise InfrastructureError(
-                f"host limits are required (cgroups = required), but this host gives VMs "
-                f"no {missing} limits: {support.reason}",
-                hint=support.fix or None,
-            )
-        fix = f" ({support.fix})" if support.fix else ""
-        _note_once(f"host limits: {problem}{fix}", on_warning)
-        if not support.usable:
-            return None
     try:
         parent = prepare_parent(support)
         cgroup = VMCgroup(parent, name, limits, support.controllers)
