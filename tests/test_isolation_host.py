@@ -12,6 +12,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from stoker.errors import HostLimitExceeded, InfrastructureError, UsageError
 from stoker.isolation import CgroupMode, Isolation, LimitPolicy, enter_cgroup
-from stoker.isolation.cgroups import VMCgroup, probe
+from stoker.isolation.cgroups import STALE_AFTER, VMCgroup, probe, sweep_stale
 from stoker.isolation.limits import limit_files, limits_for
 from stoker.isolation.vmmuser import resolve_user, unreadable
 from stoker.paths import Dirs
@@ -48,11 +49,17 @@ def parent() -> Iterator[Path]:
     path = HOST.mount / f"stoker-test-{secrets.token_hex(4)}"
     yield path
     if path.exists():
-        for child in path.iterdir():
-            if child.is_dir():
-                if (child / "cgroup.kill").exists():
-                    (child / "cgroup.kill").write_text("1")
-                child.rmdir()
+        for child in [c for c in path.iterdir() if c.is_dir()]:
+            if (child / "cgroup.kill").exists():
+                (child / "cgroup.kill").write_text("1")
+            deadline = time.monotonic() + 10
+            while child.exists():
+                try:
+                    child.rmdir()
+                except OSError:  # busy until the killed processes are gone
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
         path.rmdir()
 
 
@@ -282,3 +289,18 @@ def test_vmm_user_that_cannot_read_the_cache_is_refused(parent: Path, dirs: Dirs
         asyncio.run(vm.start())
     assert info.value.hint is not None and "chmod -R g+rX" in info.value.hint
     assert vm.state.name == "DEAD"
+
+
+def test_sweep_removes_only_old_empty_vm_cgroups(parent: Path) -> None:
+    parent.mkdir()
+    for name in ("stoker-dead", "stoker-busy", "not-ours"):
+        (parent / name).mkdir()
+    proc = subprocess.Popen(["sleep", "60"], preexec_fn=child_hook(cgroup=parent / "stoker-busy"))
+    try:
+        assert sweep_stale(parent) == []  # all young
+        later = time.time() + STALE_AFTER + 1
+        assert sweep_stale(parent, now=later) == [parent / "stoker-dead"]
+        assert sorted(p.name for p in parent.iterdir() if p.is_dir()) == ["not-ours", "stoker-busy"]
+    finally:
+        proc.kill()
+        proc.wait()

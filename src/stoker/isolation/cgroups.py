@@ -281,7 +281,7 @@ def prepare_parent(support: CgroupSupport) -> Path:
     if parent is None:
         raise InfrastructureError(f"no cgroup for VMs: {support.reason}", hint=support.fix)
     with _prepare_lock:
-        if parent in _prepared:
+        if parent in _prepared and parent.is_dir():
             return parent
         try:
             if support.move_self and support.own is not None:
@@ -300,7 +300,39 @@ def prepare_parent(support: CgroupSupport) -> Path:
                 hint=support.fix or _DELEGATE_FIX,
             ) from exc
         _prepared[parent] = support.controllers
+        swept = sweep_stale(parent)
+        if swept:
+            log.info("removed %d empty VM cgroups a killed stoker left in %s", len(swept), parent)
         return parent
+
+
+#: An empty VM cgroup older than this was left by a stoker that was killed (its
+#: VMM died with it): a live one is empty only between its creation and the
+#: VMM's start, or between the VMM's exit and teardown.
+STALE_AFTER = 600.0
+
+
+def sweep_stale(parent: Path, *, now: float | None = None) -> list[Path]:
+    """Remove empty ``stoker-*`` cgroups under ``parent`` older than :data:`STALE_AFTER`.
+
+    ``rmdir`` of a cgroup fails unless it is empty, so a VM that is running is
+    never touched.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    with contextlib.suppress(OSError):
+        for child in parent.iterdir():
+            if not child.name.startswith("stoker-") or not child.is_dir():
+                continue
+            with contextlib.suppress(OSError):
+                if (
+                    _read(child / "cgroup.procs").strip()
+                    or now - child.stat().st_mtime < STALE_AFTER
+                ):
+                    continue
+                child.rmdir()
+                removed.append(child)
+    return removed
 
 
 # --- one VM's cgroup ---------------------------------------------------------------------------
