@@ -86,12 +86,12 @@ def test_golden_limit_files() -> None:
 def test_memory_budget_covers_qemu_and_its_tcg_cache() -> None:
     tcg = limits_for(LimitPolicy(), cpus=2, memory_mb=1024, accel="tcg", host_memory_mb=24_000)
     kvm = limits_for(LimitPolicy(), cpus=2, memory_mb=1024, accel="kvm", host_memory_mb=24_000)
-    assert kvm.memory_max_mb == 1024 + 128
-    assert tcg.memory_max_mb == 1024 + 128 + 1024  # QEMU 7.2's default tb-size
+    assert kvm.memory_max_mb == 1024 + 256
+    assert tcg.memory_max_mb == 1024 + 256 + 1024  # QEMU 7.2's default tb-size
     assert tb_cache_mb(24_000) == 1024
     assert tb_cache_mb(1024) == 128  # hosts under 2 GiB: an eighth of their RAM
     assert tcg.cpu_weight == 200 and tcg.cpu_quota_us is None
-    assert describe(tcg, ALL) == ("memory.max 2176 MiB, pids.max 256, cpu.weight 200, no quota")
+    assert describe(tcg, ALL) == ("memory.max 2304 MiB, pids.max 256, cpu.weight 200, no quota")
     assert describe(tcg, frozenset()) == "no limits (no controller delegated)"
 
 
@@ -262,6 +262,6 @@ def test_limit_hit_reads_the_kernels_counters(tmp_path: Path) -> None:
     assert cgroup.limit_hit() == "the VM's host process limit (pids.max = 256) was reached"
     (cgroup.path / "memory.events").write_text("oom 1\noom_kill 1\noom_group_kill 1\n")
     assert cgroup.limit_hit() == (
-        "the host's memory limit for this VM (memory.max = 640 MiB) was reached and the "
+        "the host's memory limit for this VM (memory.max = 768 MiB) was reached and the "
         "kernel killed its VMM"
     )

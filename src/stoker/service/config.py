@@ -58,7 +58,7 @@ unchanged).  Example, with the defaults of every optional key::
     timeout = "30m"                     # default and maximum job timeout
     cpu_weight = 100                    # cgroup cpu.weight per VM (default: 100 per vCPU)
     cpu_quota = 1.5                     # cgroup cpu.max in host CPUs (default: no quota)
-    memory_overhead = "128M"            # QEMU's own memory beyond the guest (and TCG cache)
+    memory_overhead = "256M"            # QEMU's own memory beyond the guest (and TCG cache)
     pids_max = 256                      # threads and processes of a VM's QEMU
     snapshot = "auto"                   # restore VMs from a snapshot (made after the first boot)
     network = { mode = "egress", allow = ["@pypi", "github.com"] }   # default: the image's
