@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -21,12 +22,13 @@ import pytest
 
 from stoker.errors import HostLimitExceeded, InfrastructureError, UsageError
 from stoker.isolation import CgroupMode, Isolation, LimitPolicy, enter_cgroup
-from stoker.isolation.cgroups import STALE_AFTER, VMCgroup, probe, sweep_stale
+from stoker.isolation.cgroups import OWNER_XATTR, STALE_AFTER, VMCgroup, probe, sweep_stale
 from stoker.isolation.limits import limit_files, limits_for
 from stoker.isolation.vmmuser import resolve_user, unreadable
 from stoker.paths import Dirs
 from stoker.procs import child_hook
 from stoker.vm import VM
+from stoker.vmfiles import process_identity
 
 HOST = probe()
 
@@ -291,16 +293,20 @@ def test_vmm_user_that_cannot_read_the_cache_is_refused(parent: Path, dirs: Dirs
     assert vm.state.name == "DEAD"
 
 
-def test_sweep_removes_only_old_empty_vm_cgroups(parent: Path) -> None:
+def test_sweep_removes_only_empty_vm_cgroups_of_dead_stokers(parent: Path) -> None:
     parent.mkdir()
-    for name in ("stoker-dead", "stoker-busy", "not-ours"):
+    for name in ("stoker-old", "stoker-dead", "stoker-alive", "stoker-busy", "not-ours"):
         (parent / name).mkdir()
+    os.setxattr(parent / "stoker-dead", OWNER_XATTR, b"999999999:1")
+    os.setxattr(parent / "stoker-alive", OWNER_XATTR, str(process_identity(os.getpid())).encode())
     proc = subprocess.Popen(["sleep", "60"], preexec_fn=child_hook(cgroup=parent / "stoker-busy"))
     try:
-        assert sweep_stale(parent) == []  # all young
+        assert sweep_stale(parent) == [parent / "stoker-dead"]
+        # Without an owner attribute: only once it is old.
         later = time.time() + STALE_AFTER + 1
-        assert sweep_stale(parent, now=later) == [parent / "stoker-dead"]
-        assert sorted(p.name for p in parent.iterdir() if p.is_dir()) == ["not-ours", "stoker-busy"]
+        assert sweep_stale(parent, now=later) == [parent / "stoker-old"]
+        left = sorted(p.name for p in parent.iterdir() if p.is_dir())
+        assert left == ["not-ours", "stoker-alive", "stoker-busy"]
     finally:
         proc.kill()
         proc.wait()

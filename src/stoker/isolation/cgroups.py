@@ -38,6 +38,7 @@ from pathlib import Path
 
 from stoker.errors import InfrastructureError
 from stoker.isolation.limits import CONTROLLERS, CgroupLimits, limit_files
+from stoker.vmfiles import process_identity
 
 log = logging.getLogger(__name__)
 
@@ -306,17 +307,22 @@ def prepare_parent(support: CgroupSupport) -> Path:
         return parent
 
 
-#: An empty VM cgroup older than this was left by a stoker that was killed (its
-#: VMM died with it): a live one is empty only between its creation and the
-#: VMM's start, or between the VMM's exit and teardown.
+#: The extended attribute naming the stoker process (``pid:starttime``) that
+#: made a VM cgroup (cgroupfs keeps ``user.*`` attributes since Linux 5.7).
+OWNER_XATTR = "user.stoker.owner"
+#: An empty VM cgroup without an owner attribute older than this was left by a
+#: stoker that was killed: a live one is empty only between its creation and
+#: the VMM's start, or between the VMM's exit and teardown.
 STALE_AFTER = 600.0
 
 
 def sweep_stale(parent: Path, *, now: float | None = None) -> list[Path]:
-    """Remove empty ``stoker-*`` cgroups under ``parent`` older than :data:`STALE_AFTER`.
+    """Remove empty ``stoker-*`` cgroups under ``parent`` whose stoker is gone.
 
-    ``rmdir`` of a cgroup fails unless it is empty, so a VM that is running is
-    never touched.
+    Gone: the process named by :data:`OWNER_XATTR` no longer exists (a ``kill
+    -9`` of stoker: its VMM died with it); without the attribute, older than
+    :data:`STALE_AFTER`.  ``rmdir`` of a cgroup fails unless it is empty, so a
+    VM that is running is never touched.
     """
     now = time.time() if now is None else now
     removed = []
@@ -325,14 +331,20 @@ def sweep_stale(parent: Path, *, now: float | None = None) -> list[Path]:
             if not child.name.startswith("stoker-") or not child.is_dir():
                 continue
             with contextlib.suppress(OSError):
-                if (
-                    _read(child / "cgroup.procs").strip()
-                    or now - child.stat().st_mtime < STALE_AFTER
-                ):
+                if _read(child / "cgroup.procs").strip() or not _owner_gone(child, now):
                     continue
                 child.rmdir()
                 removed.append(child)
     return removed
+
+
+def _owner_gone(cgroup: Path, now: float) -> bool:
+    try:
+        owner = os.getxattr(cgroup, OWNER_XATTR).decode()
+    except OSError:
+        return now - cgroup.stat().st_mtime >= STALE_AFTER
+    pid = owner.split(":", 1)[0]
+    return not pid.isdigit() or process_identity(int(pid)) != owner
 
 
 # --- one VM's cgroup ---------------------------------------------------------------------------
@@ -374,6 +386,11 @@ class VMCgroup:
         except OSError as exc:
             raise InfrastructureError(f"cannot create cgroup {self.path}: {exc}") from exc
         self._created = True
+        owner = process_identity(os.getpid())
+        if owner is not None:
+            # Lets the next stoker remove this cgroup if this process is killed.
+            with contextlib.suppress(OSError):
+                os.setxattr(self.path, OWNER_XATTR, owner.encode())
         for name, value in self.files().items():
             try:
                 (self.path / name).write_text(value)
