@@ -310,3 +310,24 @@ def test_sweep_removes_only_empty_vm_cgroups_of_dead_stokers(parent: Path) -> No
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_service_with_required_limits_refuses_to_start(tmp_path: Path, parent: Path) -> None:
+    """Before the database or any VM: the operator asked for limits this host cannot give."""
+    from stoker.service.config import ServiceConfig
+    from stoker.service.service import Service
+
+    if not probe(parent=parent).missing:
+        pytest.skip("this host delegates memory, pids and cpu: nothing to refuse")
+    config = ServiceConfig.model_validate(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "host": {"cgroups": "required", "cgroup_parent": str(parent)},
+            "pools": {"p": {"cpus": 1, "memory": 256, "snapshot": "never"}},
+        }
+    )
+    service = Service(config)
+    with pytest.raises(InfrastructureError, match="host limits are required"):
+        asyncio.run(service.start())
+    assert service.status == "stopped"
+    assert not (tmp_path / "state" / "stoker.db").exists()
