@@ -40,14 +40,13 @@ from stoker import vmfiles
 from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, safe_extract
 from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
 from stoker.backends.accel import AccelRequest, resolve_accel
-from stoker.backends.base import Backend, HostPlacement, LaunchedVM, MachineSpec
+from stoker.backends.base import Backend, LaunchedVM, MachineSpec
 from stoker.backends.qemu import SEED_SERIAL, QemuBackend, host_tsc_khz
 from stoker.boottimes import record_cold_boot
 from stoker.errors import (
     BootError,
     GuestPanic,
     GuestProtocolError,
-    HostLimitExceeded,
     JobFailed,
     LaunchError,
     StokerError,
@@ -55,7 +54,7 @@ from stoker.errors import (
     VMError,
     VMMCrashed,
 )
-from stoker.isolation import Isolation, VMCgroup, enter_cgroup
+from stoker.isolation import Isolation, VMCgroup, place_vmm
 from stoker.lifecycle import Timings, VMState, require
 from stoker.paths import Dirs
 from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, OutputSink
@@ -433,32 +432,13 @@ class VM:
         assert self.workdir is not None
         # Needed once the VMM runs; loaded while it starts (~15 ms with msgspec).
         _preload("stoker.protocol.client")
-        spec = await self._place(spec)
+        if self.backend.host_limits:  # its cgroup and user (stoker.isolation)
+            self.cgroup, spec = await place_vmm(
+                self.isolation, self._stack, spec, self.workdir, on_warning=self._on_warning
+            )
         self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
         self._vmm_exit = asyncio.get_running_loop().create_task(self._vmm.wait())
         self._stack.push_async_callback(self._cancel_exit_watch)
-
-    async def _place(self, spec: MachineSpec) -> MachineSpec:
-        """Give the VMM its cgroup and user (:mod:`stoker.isolation`) where the backend can."""
-        if not self.backend.host_limits:
-            return spec
-        assert self.workdir is not None
-        self.cgroup = await enter_cgroup(
-            self.isolation,
-            self._stack,
-            name=self.name,
-            cpus=spec.cpus,
-            memory_mb=spec.memory_mb,
-            accel=spec.accel,
-            on_warning=self._on_warning,
-        )
-        run_as = self.isolation.run_as
-        if run_as is not None:
-            from stoker.isolation.vmmuser import prepare_files
-
-            await asyncio.to_thread(prepare_files, spec, self.workdir, run_as)
-        cgroup = None if self.cgroup is None else self.cgroup.path
-        return replace(spec, host=HostPlacement(cgroup=cgroup, run_as=run_as))
 
     async def _connect_agent(self) -> AgentClient:
         from stoker.protocol.client import AgentClient  # preloaded by _launch
@@ -682,14 +662,8 @@ class VM:
         status = self._vmm.returncode
         console = self.console_tail
         full = self._vmm.console.text()
-        limit = None if self.cgroup is None else self.cgroup.limit_hit()
-        if limit is not None:
-            return HostLimitExceeded(
-                f"the VM was stopped: {limit}",
-                console=console,
-                hint="give the VM less memory, or raise the allowance for QEMU "
-                "(a pool's memory_overhead)",
-            )
+        if self.cgroup is not None and (stopped := self.cgroup.limit_error(console)):
+            return stopped
         if "Kernel panic" in full:
             # Lead with the panic reason; the tail is mostly a stack trace.
             panic = full[full.rindex("Kernel panic") :]

@@ -12,19 +12,21 @@ gives one VM its cgroup on the VM's exit stack.  The pieces:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
+from stoker.backends.base import HostPlacement, MachineSpec
 from stoker.errors import InfrastructureError, UsageError
 from stoker.isolation.cgroups import CgroupSupport, VMCgroup, prepare_parent, probe
 from stoker.isolation.limits import LimitPolicy, describe, limits_for
-from stoker.isolation.vmmuser import RunAs
+from stoker.isolation.vmmuser import RunAs, prepare_files
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,36 @@ async def enter_cgroup(
         return None
     log.debug("VM %s in cgroup %s: %s", name, cgroup.path, describe(limits, support.controllers))
     return cgroup
+
+
+async def place_vmm(
+    isolation: Isolation,
+    stack: AsyncExitStack,
+    spec: MachineSpec,
+    workdir: Path,
+    *,
+    on_warning: Callable[[str], None] | None = None,
+) -> tuple[VMCgroup | None, MachineSpec]:
+    """The VM's cgroup (on ``stack``) and ``spec`` with its :class:`HostPlacement`.
+
+    With a VMM user, the work directory's files are arranged for it first
+    (:func:`stoker.isolation.vmmuser.prepare_files`).
+    """
+    cgroup = await enter_cgroup(
+        isolation,
+        stack,
+        name=spec.name,
+        cpus=spec.cpus,
+        memory_mb=spec.memory_mb,
+        accel=spec.accel,
+        on_warning=on_warning,
+    )
+    if isolation.run_as is not None:
+        await asyncio.to_thread(prepare_files, spec, workdir, isolation.run_as)
+    placement = HostPlacement(
+        cgroup=None if cgroup is None else cgroup.path, run_as=isolation.run_as
+    )
+    return cgroup, replace(spec, host=placement)
 
 
 def _problem(support: CgroupSupport) -> str:

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stoker.errors import InfrastructureError
+from stoker.errors import HostLimitExceeded, InfrastructureError
 from stoker.isolation.limits import CONTROLLERS, CgroupLimits, limit_files
 from stoker.vmfiles import process_identity
 
@@ -427,6 +427,18 @@ class VMCgroup:
         if self.events("pids.events").get("max", 0):
             return f"the VM's host process limit (pids.max = {self.limits.pids_max}) was reached"
         return None
+
+    def limit_error(self, console: str) -> HostLimitExceeded | None:
+        """The error for a VMM the kernel stopped at this cgroup's limit, if it did."""
+        limit = self.limit_hit()
+        if limit is None:
+            return None
+        return HostLimitExceeded(
+            f"the VM was stopped: {limit}",
+            console=console,
+            hint="give the VM less memory, or raise the allowance for QEMU "
+            "(a pool's memory_overhead)",
+        )
 
     def pids(self) -> list[int]:
         return [int(p) for p in _read(self.procs).split() if p.isdigit()]
