@@ -32,6 +32,20 @@ def _processes_mentioning(needle: str) -> list[str]:
     return found
 
 
+def _remove_cgroup_parent(name: str) -> list[str]:
+    """Remove the session's cgroup parent; the VM cgroups still in it (a leak)."""
+    from stoker.isolation.cgroups import cgroup2_mount
+
+    mount = cgroup2_mount(Path("/proc/self/mountinfo").read_text())
+    parent = None if mount is None else mount / name
+    if parent is None or not parent.is_dir():
+        return []
+    left = [child.name for child in parent.iterdir() if child.is_dir()]
+    if not left:
+        parent.rmdir()
+    return left
+
+
 @pytest.fixture(scope="session")
 def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("stoker-runtime")
@@ -71,7 +85,13 @@ def no_leaked_vms(runtime_dir: Path) -> Iterator[None]:
     # kernel build test has put a microVM kernel in the shared cache: no test's
     # kernel depends on the order the tests ran in.  test_image_vm.py tests "auto".
     os.environ["STOKER_AUTO_KERNEL"] = "debian-cloud"
+    # VM cgroups (where this host has cgroup v2) go under a parent of this session's
+    # own, removed at the end: a VM cgroup left in it is a leak like a VMM process.
+    cgroup_parent = f"stoker-tests-{os.getpid()}"
+    os.environ["STOKER_CGROUP_PARENT"] = cgroup_parent
     yield
+    cgroups = _remove_cgroup_parent(cgroup_parent)
+    assert not cgroups, f"VM cgroups outlived the tests: {cgroups}"
     deadline = time.monotonic() + 5
     leaked = _processes_mentioning(str(runtime_dir))
     while leaked and time.monotonic() < deadline:

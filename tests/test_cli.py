@@ -234,11 +234,23 @@ def test_signal_destroys_the_vm(tmp_path: Path, signum: int) -> None:
         proc.wait()
 
 
+def _cgroup_dir(pid: int) -> Path | None:
+    """The cgroup v2 directory of process ``pid`` when it has one of its own (a VM's)."""
+    from stoker.isolation.cgroups import cgroup2_mount, own_cgroup
+
+    mount = cgroup2_mount(Path("/proc/self/mountinfo").read_text())
+    own = own_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
+    if mount is None or own is None or not Path(own).name.startswith("stoker-"):
+        return None
+    return mount / own.lstrip("/")
+
+
 @pytestmark_vm
 def test_kill_9_of_stoker_takes_the_vm_with_it(tmp_path: Path) -> None:
     proc, qemu = _start_long_run(tmp_path)
     try:
         assert qemu
+        cgroups = [_cgroup_dir(pid) for pid in qemu]
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 10
@@ -255,6 +267,12 @@ def test_kill_9_of_stoker_takes_the_vm_with_it(tmp_path: Path) -> None:
         runtime = Dirs.from_env().runtime
         sweep_stale_workdirs(runtime)
         assert not list(runtime.glob("stoker-*"))
+        # And its VM's cgroup, where this host gave it one (its owner is dead).
+        from stoker.isolation.cgroups import sweep_stale
+
+        for cgroup in filter(None, cgroups):
+            sweep_stale(cgroup.parent)
+            assert not cgroup.exists()
     finally:
         proc.kill()
         proc.wait()

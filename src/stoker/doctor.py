@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from stoker.backends.accel import cached_verdict
 from stoker.backends.qemu import QEMU_BINARY, kvm_device_status, qemu_version
@@ -13,6 +14,9 @@ from stoker.errors import LaunchError
 from stoker.kernel.vmlinux import default_vmlinux_path
 from stoker.paths import Dirs
 from stoker.procs import run_checked
+
+if TYPE_CHECKING:
+    from stoker.isolation import Isolation
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -104,6 +108,7 @@ def run_checks(dirs: Dirs | None = None) -> Report:
         add(Check(f"vmm {vmm}", "ok" if usable else "warn", why))
 
     report.checks.extend(network_checks())
+    report.checks.extend(isolation_checks())
 
     kvm_ok, kvm_why = kvm_device_status()
     kernel = cached_kernel(dirs)
@@ -224,6 +229,113 @@ def network_checks() -> list[Check]:
             )
         )
     return checks
+
+
+def isolation_checks(isolation: Isolation | None = None) -> list[Check]:
+    """What isolation this host gives a VM's QEMU: cgroup v2 limits, seccomp, its user."""
+    from stoker.isolation import Isolation, host_memory_mb
+    from stoker.isolation.cgroups import probe
+    from stoker.isolation.limits import describe, limits_for
+
+    isolation = isolation or Isolation.from_env()
+    checks = []
+    support = probe(parent=isolation.parent)
+    if support.mount is None:
+        checks.append(Check("cgroup v2", "warn", support.reason, support.fix))
+    else:
+        checks.append(
+            Check(
+                "cgroup v2",
+                "ok",
+                f"mounted at {support.mount}; controllers delegable to VM cgroups: "
+                + (", ".join(sorted(support.controllers)) or "none"),
+            )
+        )
+    if isolation.cgroups == "off":
+        checks.append(
+            Check("host limits", "warn", "turned off (STOKER_CGROUPS=off)", "unset STOKER_CGROUPS")
+        )
+    elif not support.usable:
+        checks.append(
+            Check("host limits", "warn", f"VMs get no cgroup: {support.reason}", support.fix)
+        )
+    else:
+        # What a VM of the default shape would get, as an example of the budget.
+        example = limits_for(
+            isolation.policy, cpus=2, memory_mb=1024, accel="tcg", host_memory_mb=host_memory_mb()
+        )
+        where = f"a cgroup each under {support.parent}"
+        if support.move_self:
+            where += " (stoker moves itself into a 'daemon' leaf first)"
+        if support.missing:
+            checks.append(
+                Check(
+                    "host limits",
+                    "warn",
+                    f"VMs get {where}, but no {'/'.join(support.missing)} limits: {support.reason}",
+                    support.fix,
+                )
+            )
+        else:
+            checks.append(
+                Check(
+                    "host limits",
+                    "ok",
+                    f"VMs get {where}; a 2-vCPU 1 GiB VM under TCG: "
+                    + describe(example, support.controllers),
+                )
+            )
+    checks.append(seccomp_check())
+    checks.append(vmm_user_check(isolation))
+    return checks
+
+
+def seccomp_check(binary: str = QEMU_BINARY) -> Check:
+    """Whether QEMU can apply its seccomp filter (``-sandbox on``, which every VM uses)."""
+    path = shutil.which(binary)
+    if path is None:
+        return Check("qemu sandbox", "warn", f"{binary} not found")
+    try:
+        libs = run_checked(["ldd", path], timeout=30)
+    except LaunchError:
+        return Check("qemu sandbox", "warn", f"cannot tell whether {path} links libseccomp")
+    if "libseccomp" in libs:
+        return Check(
+            "qemu sandbox",
+            "ok",
+            "every VM's QEMU runs under its seccomp filter (-sandbox on: no spawning, "
+            "no privilege changes, no obsolete system calls)",
+        )
+    return Check(
+        "qemu sandbox",
+        "fail",
+        f"{path} was built without seccomp: VMs would not start (-sandbox on)",
+        "install a QEMU built with libseccomp (Debian's qemu-system-x86 is)",
+    )
+
+
+def vmm_user_check(isolation: Isolation) -> Check:
+    """Which user QEMU runs as, and whether that is root."""
+    import pwd
+
+    if isolation.run_as is not None:
+        user = isolation.run_as
+        kvm = "in the kvm group" if user.kvm else "not in the kvm group (TCG only)"
+        return Check("qemu user", "ok", f"QEMU runs as {user.name} (uid {user.uid}), {kvm}")
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    if uid == 0:
+        return Check(
+            "qemu user",
+            "warn",
+            "QEMU runs as root (this process's user): a VMM escape would own the host",
+            "run stoker as an unprivileged user, or the service with host.vmm_user "
+            "(see deploy/stoker.service)",
+        )
+    return Check("qemu user", "ok", f"QEMU runs as {name} (uid {uid}), unprivileged")
 
 
 def _free_bytes(path: Path) -> int:

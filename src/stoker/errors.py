@@ -16,6 +16,7 @@ failed*, so callers (and the CLI's exit status) never confuse the two::
         │   ├── BootError          the guest never reached its agent
         │   ├── GuestPanic         the guest kernel panicked
         │   └── VMMCrashed         the VMM process died unexpectedly
+        │       └── HostLimitExceeded  ... killed by its host-side limit (cgroup memory.max)
         └── GuestProtocolError     the guest sent something invalid (it is hostile)
             ├── FrameError         framing violated (oversized, truncated, garbage)
             ├── UnsafeArchive      a tar from the guest tried to escape its destination
@@ -147,6 +148,10 @@ class GuestPanic(VMError):
 
 class VMMCrashed(VMError):
     """The VMM process exited while the VM was supposed to be running."""
+
+
+class HostLimitExceeded(VMMCrashed):
+    """The kernel stopped the VMM at a host-side limit of its VM's cgroup (memory.max, pids.max)."""
 
 
 class GuestProtocolError(InfrastructureError):

@@ -13,8 +13,12 @@ import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stoker.errors import LaunchError
+
+if TYPE_CHECKING:
+    from stoker.isolation.vmmuser import RunAs
 
 
 def _pdeathsig_hook() -> Callable[[], None]:
@@ -32,6 +36,54 @@ def _pdeathsig_hook() -> Callable[[], None]:
 #: the kernel sends them SIGKILL when the thread that started them dies.  It only
 #: calls a pre-resolved ``prctl()``, which is safe between fork and exec.
 DIE_WITH_PARENT = _pdeathsig_hook()
+
+
+def child_hook(
+    *, cgroup: Path | None = None, user: RunAs | None = None, die_with_parent: bool = True
+) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that places a VMM before it executes, then :data:`DIE_WITH_PARENT`
+    (unless ``die_with_parent`` is off: a detached VMM outlives us; None: nothing to do)."""
+    return _child_hook(cgroup, user) if die_with_parent else _place_only(cgroup, user)
+
+
+def _place_only(cgroup: Path | None, user: RunAs | None) -> Callable[[], None] | None:
+    if cgroup is None and user is None:
+        return None
+    return _child_hook(cgroup, user, signal_death=False)
+
+
+def _child_hook(
+    cgroup: Path | None, user: RunAs | None, *, signal_death: bool = True
+) -> Callable[[], None]:
+    """See :func:`child_hook`.
+
+    In the child, in this order: join ``cgroup`` (writing ``0`` to its
+    ``cgroup.procs`` moves the writer), so that everything the VMM allocates
+    from its first instruction is charged to its VM (Python's subprocess has no
+    ``CLONE_INTO_CGROUP``); then drop to ``user``'s groups, group and uid (the
+    move needs the parent's rights, so it comes first); then the parent-death
+    signal (a uid change clears it).  Only system calls, no locks: safe
+    between fork and exec.
+    """
+    if cgroup is None and user is None and signal_death:
+        return DIE_WITH_PARENT
+    procs = None if cgroup is None else os.fsencode(cgroup / "cgroup.procs")
+
+    def hook() -> None:
+        if procs is not None:
+            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        if user is not None:
+            os.setgroups(list(user.groups))
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+        if signal_death:
+            DIE_WITH_PARENT()
+
+    return hook
 
 
 def run_checked(

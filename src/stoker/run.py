@@ -20,6 +20,7 @@ from stoker.archive import ExtractLimits
 from stoker.backends import VMMS, get_backend
 from stoker.backends.accel import AccelRequest
 from stoker.errors import CommandTimeout, JobKernelPanic, UsageError, VMMCrashed
+from stoker.isolation import Isolation
 from stoker.outcomes import Cause, describe, exec_cause, timeout_message, vmm_crash_message
 from stoker.paths import Dirs
 from stoker.protocol.common import MAX_PIDS, ExecResult, JobLimits, OutputSink
@@ -63,6 +64,8 @@ class RunRequest:
     #: (``job_pids_limit``, ``job_memory_limit``), else stoker's defaults.
     pids_limit: int | None = None
     memory_limit: str | None = None
+    #: Host-side limits (a cgroup per VM): ``auto``, ``required`` or ``off``.
+    cgroups: str = "auto"
 
     def validate(self) -> None:
         if not self.argv:
@@ -188,6 +191,7 @@ async def run_job(
         backend=get_backend(req.vmm),
         network=req.network,
         job_limits=req.job_limits(),
+        isolation=Isolation.from_env(cgroups=req.cgroups),
     )
     summary.vm = vm.name
     try:

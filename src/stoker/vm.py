@@ -53,6 +53,7 @@ from stoker.errors import (
     VMError,
     VMMCrashed,
 )
+from stoker.isolation import Isolation, VMCgroup, place_vmm
 from stoker.lifecycle import Timings, VMState, require
 from stoker.outcomes import panic_message, signal_name
 from stoker.paths import Dirs
@@ -124,6 +125,7 @@ class VM:
         detached: bool = False,
         orphan_timeout: float | None = None,
         job_limits: JobLimits | None = None,
+        isolation: Isolation | None = None,
     ) -> None:
         # None: the image's [defaults] decide (see _apply_image_defaults).
         if cpus is not None and not 1 <= cpus <= MAX_CPUS:
@@ -200,6 +202,10 @@ class VM:
         #: The VMM outlives this process (``stoker serve``: see :mod:`stoker.vmadopt`);
         #: with no host for ``orphan_timeout`` seconds the guest ends itself.
         self.detached, self.orphan_timeout = detached, orphan_timeout
+        #: Host-side limits and VMM user (default: ``STOKER_CGROUPS``, ``auto``).
+        self.isolation = isolation or Isolation.from_env()
+        #: The VM's cgroup while it runs (None: none on this host, or turned off).
+        self.cgroup: VMCgroup | None = None
         self._stack = AsyncExitStack()
         self._vmm: LaunchedVM | None = None
         self._client: AgentClient | None = None
@@ -437,6 +443,10 @@ class VM:
         assert self.workdir is not None
         # Needed once the VMM runs; loaded while it starts (~15 ms with msgspec).
         preload("stoker.protocol.client")
+        if self.backend.host_limits:  # its cgroup and user (stoker.isolation)
+            self.cgroup, spec = await place_vmm(
+                self.isolation, self._stack, spec, self.workdir, on_warning=self._on_warning
+            )
         self._vmm = await self.backend.launch(spec, self.workdir, self._stack)
         self._vmm_exit = asyncio.get_running_loop().create_task(self._vmm.wait())
         self._stack.push_async_callback(self._cancel_exit_watch)
@@ -524,6 +534,7 @@ class VM:
             agent_files=self._agent_files,
             hostname="stoker-template",
             template_dir=directory,
+            isolation=self.isolation,
         )
         async with template:
             # Walk once through what every clone does first (unpack its project from the
@@ -664,6 +675,8 @@ class VM:
         status = self._vmm.returncode
         console = self.console_tail
         full = self._vmm.console.text()
+        if self.cgroup is not None and (stopped := self.cgroup.limit_error(console)):
+            return stopped
         if "Kernel panic" in full:
             # Lead with the panic reason; the tail is mostly a stack trace.
             panic = full[full.rindex("Kernel panic") :]

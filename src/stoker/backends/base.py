@@ -17,13 +17,26 @@ from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from stoker.errors import InfrastructureError
 from stoker.protocol.transport import Transport
 from stoker.protocol.wire import NET_PROXY_PORT
 
+if TYPE_CHECKING:
+    from stoker.isolation.vmmuser import RunAs
+
 Accel = Literal["kvm", "tcg"]
+
+
+@dataclass(frozen=True)
+class HostPlacement:
+    """Where the VMM process goes on the host (not part of its command line)."""
+
+    #: The VM's cgroup v2 directory, joined before the VMM executes.
+    cgroup: Path | None = None
+    #: The unprivileged user the VMM runs as (None: this process's user).
+    run_as: RunAs | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,9 @@ class MachineSpec:
     #: user-mode networking).  Off for ``none`` and ``egress``: those guests
     #: have no network device at all.
     nic: bool = False
+    #: The VMM's cgroup and user (see :mod:`stoker.isolation`); backends with
+    #: :attr:`Backend.host_limits` honour it.
+    host: HostPlacement = HostPlacement()
 
     def kernel_cmdline(self) -> str:
         """The guest kernel command line (a pure function of the spec)."""
@@ -218,6 +234,10 @@ class Backend(ABC):
     #: Guest loopback port of the egress proxy (``http_proxy`` in the guest).  0
     #: lets the agent pick one: for stand-in backends whose "guest" is the host.
     guest_proxy_port: int = NET_PROXY_PORT
+
+    #: Whether this backend starts its VMM in :attr:`MachineSpec.host` (its cgroup
+    #: and user); others are not given one.
+    host_limits: bool = False
 
     #: Whether VMs of this backend can be saved and restored through
     #: :meth:`LaunchedVM.save_state` / :meth:`LaunchedVM.load_state`.

@@ -50,7 +50,7 @@ from stoker.backends.detached import (
     start_time,
 )
 from stoker.errors import InfrastructureError, LaunchError, VMError
-from stoker.procs import DIE_WITH_PARENT
+from stoker.procs import child_hook
 from stoker.protocol import wire
 from stoker.protocol.transport import SocketTransport
 
@@ -308,6 +308,8 @@ class QemuBackend(Backend):
 
     #: Templates run in a shared memory file; clones restore with ``x-ignore-shared``.
     snapshots = True
+    #: QEMU joins its VM's cgroup (and drops to the VMM user) before it executes.
+    host_limits = True
 
     def describe(self) -> dict[str, str]:
         return {"binary": self.binary, "version": qemu_version(self.binary) or "not installed"}
@@ -353,16 +355,28 @@ class QemuBackend(Backend):
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=list(astuple(fds)),
-                # Only calls a pre-resolved prctl(): safe between fork and exec.
+                # System calls only (cgroup, user, parent-death signal): safe before exec.
                 # A detached VMM is on its own: it must survive us (QEMU ignores
                 # SIGPIPE, so its stderr pipe closing with us does not end it).
-                preexec_fn=None if spec.detached else DIE_WITH_PARENT,
+                preexec_fn=child_hook(
+                    cgroup=spec.host.cgroup,
+                    user=spec.host.run_as,
+                    die_with_parent=not spec.detached,
+                ),
                 start_new_session=spec.detached,
                 cwd=workdir,
             )
         except FileNotFoundError as exc:
             raise LaunchError(
                 f"{self.binary} is not installed", argv=argv, hint="apt-get install qemu-system-x86"
+            ) from exc
+        except subprocess.SubprocessError as exc:
+            # The child could not join its cgroup or switch users (checked before, so rare).
+            raise LaunchError(
+                f"QEMU could not be placed in {spec.host.cgroup or 'its cgroup'}"
+                + (f" as user {spec.host.run_as.name}" if spec.host.run_as else ""),
+                argv=argv,
+                hint="stoker doctor shows what isolation this host gives",
             ) from exc
         vm.proc = proc
         stack.push_async_callback(vm.kill)

@@ -111,6 +111,15 @@ def run(
             "(see `stoker network presets`). Implies --network egress.",
         ),
     ] = None,
+    cgroups: Annotated[
+        str,
+        typer.Option(
+            envvar="STOKER_CGROUPS",
+            help="Host-side limits of the VM's QEMU (a cgroup v2 with memory.max, pids.max, "
+            "cpu.weight): auto (when this host allows, else a note), required (fail "
+            "without them) or off. `stoker doctor` shows what this host gives.",
+        ),
+    ] = "auto",
     stdin: Annotated[
         bool, typer.Option("--stdin", help="Forward stoker's standard input to the command.")
     ] = False,
@@ -122,6 +131,7 @@ def run(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
+    from stoker.isolation import check_mode
     from stoker.run import RunRequest, run_job
 
     _setup_logging(verbose)
@@ -145,6 +155,7 @@ def run(
             network=_network_policy(network, allow or []),
             pids_limit=pids_limit,
             memory_limit=memory_limit,
+            cgroups=check_mode(cgroups, what="--cgroups"),
         )
         out_stream = sys.stderr.buffer if json_summary else sys.stdout.buffer
         startup = _seconds_since_process_start()
@@ -266,6 +277,7 @@ def doctor(
             table.add_row(check.name, status[check.status], check.detail)
         console.print(table)
         for check in report.checks:
-            if check.status == "fail" and check.fix:
-                console.print(f"[red]{check.name}[/]: {check.fix}")
+            if check.status != "ok" and check.fix:
+                colour = "red" if check.status == "fail" else "yellow"
+                console.print(f"[{colour}]{check.name}[/]: {check.fix}")
     raise typer.Exit(0 if report.ok else 1)

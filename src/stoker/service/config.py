@@ -25,6 +25,10 @@ unchanged).  Example, with the defaults of every optional key::
     memory_mb = "64G"                   # default: what the machine has
     overcommit = 1.0                    # multiplies both
     accel = "auto"
+    cgroups = "auto"                    # a cgroup v2 per VM: auto, required or off
+    cgroup_parent = ""                  # default: <the daemon's cgroup>/stoker (Delegate=yes)
+    vmm_user = ""                       # run QEMU as this user (e.g. "stoker-vmm"); default:
+    vmm_group = ""                      # the daemon's user; the group: the user's
 
     [limits]
     max_upload_bytes = "64M"            # a compressed source tarball
@@ -53,6 +57,10 @@ unchanged).  Example, with the defaults of every optional key::
     min_idle = 1                        # VMs kept booted at agent-ready, ahead of demand
     max = 4                             # idle + busy VMs of this pool on one host
     timeout = "30m"                     # default and maximum job timeout
+    cpu_weight = 100                    # cgroup cpu.weight per VM (default: 100 per vCPU)
+    cpu_quota = 1.5                     # cgroup cpu.max in host CPUs (default: no quota)
+    memory_overhead = "256M"            # QEMU's own memory beyond the guest (and TCG cache)
+    pids_max = 256                      # threads and processes of a VM's QEMU
     snapshot = "auto"                   # restore VMs from a snapshot (made after the first boot)
     network = { mode = "egress", allow = ["@pypi", "github.com"] }   # default: the image's
     job_pids_limit = 2048               # processes of a job's command in the guest (a fork
@@ -120,11 +128,17 @@ from stoker.images.spec import (
     MemoryMB,
     _key_path,
     _Locator,
+    _size,
     _toml_type,
 )
+from stoker.isolation import CgroupMode, Isolation, LimitPolicy
+from stoker.isolation.limits import DEFAULT_OVERHEAD_MB, DEFAULT_PIDS
+from stoker.isolation.vmmuser import resolve_user
 from stoker.net.policy import NetworkPolicy
 from stoker.paths import Dirs
 
+#: QEMU's threads beyond one per vCPU that ``pids_max`` must leave room for.
+MIN_PIDS_BEYOND_CPUS = 16
 #: Environment variable that must be ``1`` for ``backend = "fake"`` to be accepted.
 ALLOW_FAKE_ENV = "STOKER_ALLOW_FAKE_BACKEND"
 
@@ -166,6 +180,28 @@ class HostConfig(_Model):
     #: Both budgets are multiplied by this (VMs rarely use all they are given).
     overcommit: float = Field(default=1.0, gt=0, le=16)
     accel: Literal["auto", "kvm", "tcg"] = "auto"
+    #: A cgroup v2 per VM with the pool's limits: ``auto`` (when the host allows,
+    #: else a warning at start), ``required`` (refuse to run VMs without) or ``off``.
+    cgroups: CgroupMode = "auto"
+    #: Where VM cgroups go, relative to the cgroup2 mount (or absolute under it);
+    #: default: ``stoker`` under the daemon's own cgroup (systemd ``Delegate=yes``).
+    cgroup_parent: str | None = None
+    #: Run QEMU as this unprivileged user (the daemon must be root); default: the
+    #: daemon's own user.
+    vmm_user: str | None = None
+    #: The VMM's group (default: ``vmm_user``'s); it is given access to VM files.
+    vmm_group: str | None = None
+
+    @model_validator(mode="after")
+    def _vmm_user_exists(self) -> HostConfig:
+        if self.vmm_group is not None and self.vmm_user is None:
+            raise ValueError("vmm_group is set but vmm_user is not")
+        if self.vmm_user is not None:
+            try:
+                resolve_user(self.vmm_user, self.vmm_group)
+            except UsageError as exc:
+                raise ValueError(f"{exc}" + (f" ({exc.hint})" if exc.hint else "")) from None
+        return self
 
     @property
     def cpu_budget(self) -> float:
@@ -244,12 +280,39 @@ class PoolConfig(_Model):
     #: Limits of a job's command inside the guest (None: the image's, else stoker's defaults).
     job_pids_limit: int | None = Field(default=None, ge=1, le=1 << 22)
     job_memory_limit: JobMemoryMB | None = None
+    #: Host-side limits of each VM's QEMU (its cgroup; see :mod:`stoker.isolation`).
+    #: ``cpu.weight`` (1-10000; None: 100 per vCPU).
+    cpu_weight: int | None = Field(default=None, ge=1, le=10_000)
+    #: ``cpu.max`` in host CPUs (None: no quota).
+    cpu_quota: float | None = Field(default=None, gt=0, le=4096)
+    #: QEMU's own memory beyond the guest, MiB; under TCG its translation cache
+    #: (1 GiB in QEMU 7.2) is added on top.
+    memory_overhead: Annotated[int, _size("memory_overhead", 32)] = DEFAULT_OVERHEAD_MB
+    #: ``pids.max``: QEMU's threads (one per vCPU, up to 64 block-layer workers) and helpers.
+    pids_max: int = Field(default=DEFAULT_PIDS, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _min_idle_within_max(self) -> PoolConfig:
         if self.min_idle > self.max:
             raise ValueError(f"min_idle ({self.min_idle}) cannot exceed max ({self.max})")
+        # QEMU starts a main, an RCU and a vCPU thread per vCPU, and block-layer
+        # workers on demand: fewer would make it fail to boot, not limit the guest.
+        floor = self.cpus + MIN_PIDS_BEYOND_CPUS
+        if self.pids_max < floor:
+            raise ValueError(
+                f"pids_max ({self.pids_max}) is too low for QEMU with {self.cpus} vCPUs: "
+                f"expected at least {floor} (vCPUs + {MIN_PIDS_BEYOND_CPUS})"
+            )
         return self
+
+    def limit_policy(self) -> LimitPolicy:
+        """The host-side limits of this pool's VMs."""
+        return LimitPolicy(
+            overhead_mb=self.memory_overhead,
+            pids=self.pids_max,
+            cpu_weight=self.cpu_weight,
+            cpu_quota=self.cpu_quota,
+        )
 
 
 class TokenConfig(_Model):
@@ -363,6 +426,18 @@ class ServiceConfig(_Model):
             )
         budget = self.host
         for name, pool in self.pools.items():
+            if pool.cpu_quota is not None and pool.cpu_quota > budget.cpus:
+                raise ValueError(
+                    f"pool {name!r} has cpu_quota {pool.cpu_quota:g}, more CPUs than this "
+                    f"host has ({budget.cpus})"
+                )
+            if budget.vmm_user is not None and pool.snapshot != "never":
+                raise ValueError(
+                    f"pool {name!r} uses snapshots (snapshot = {pool.snapshot!r}) but QEMU runs "
+                    f"as vmm_user {budget.vmm_user!r}: QEMU 7.2 needs write access to a "
+                    "snapshot's shared memory file, so one VM could alter every clone; set "
+                    'snapshot = "never" for this pool, or leave vmm_user unset'
+                )
             if pool.cpus > budget.cpu_budget or pool.memory > budget.memory_budget_mb:
                 raise ValueError(
                     f"pool {name!r} needs {pool.cpus} vCPUs and {pool.memory} MiB per VM, more "
@@ -417,6 +492,17 @@ class ServiceConfig(_Model):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def isolation(self, pool: str) -> Isolation:
+        """Host-side isolation of ``pool``'s VMs: its limits, the host's cgroup and VMM user."""
+        host = self.host
+        run_as = None if host.vmm_user is None else resolve_user(host.vmm_user, host.vmm_group)
+        return Isolation(
+            cgroups=host.cgroups,
+            parent=Path(host.cgroup_parent) if host.cgroup_parent else Isolation.from_env().parent,
+            policy=self.pools[pool].limit_policy(),
+            run_as=run_as,
+        )
 
     def pools_for(self, image: str) -> list[str]:
         """Names of the pools that run ``image``."""

@@ -364,6 +364,7 @@ class Fleet:
             detached=cls is ServiceVM,
             orphan_timeout=orphan_timeout(self.config),
             job_limits=JobLimits(memory_mb=cfg.job_memory_limit, pids=cfg.job_pids_limit),
+            isolation=self.config.isolation(pool.name),
         )
 
     async def _warm_one(self, pool: WarmPool) -> None:

@@ -268,6 +268,12 @@ class Service:
         self.status = "starting"
         self._lock_state_dir()
         try:
+            if self.backend.host_limits:
+                # Host-side limits: refused now if required and missing, else noted once.
+                from stoker.isolation import check_host
+
+                for pool in self.config.pools:
+                    check_host(self.config.isolation(pool))
             await self.open()
             supervisor = Supervisor(
                 self.config,
