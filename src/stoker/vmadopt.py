@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stoker import vmfiles
 from stoker.backends.base import Backend
-from stoker.errors import InfrastructureError
+from stoker.errors import GuestPanic, InfrastructureError, JobKernelPanic
+from stoker.isolation.cgroups import VMCgroup
 from stoker.lifecycle import VMState
+from stoker.outcomes import panic_message
 from stoker.paths import Dirs
 from stoker.protocol.common import ChannelLimits, ExecResult, OutputSink
 from stoker.vm import VM
@@ -97,6 +99,11 @@ async def adopt_vm(
             raise InfrastructureError(f"the {backend.name} backend cannot take over a VM")
         vm._vmm = await adopt(found.name, found.workdir, vm._stack)
         assert vm._vmm is not None
+        if vm._vmm.pid is not None:
+            # Its cgroup is ours now too: removed (after the VMM) when the VM goes.
+            vm.cgroup = VMCgroup.of_process(vm._vmm.pid, found.name)
+            if vm.cgroup is not None:
+                vm._stack.push_async_callback(vm.cgroup.aclose)
         vm._vmm_exit = asyncio.get_running_loop().create_task(vm._vmm.wait())
         vm._stack.push_async_callback(vm._cancel_exit_watch)
         from stoker.protocol.client import AgentClient
@@ -131,14 +138,16 @@ async def follow_exec(
     timeout: float | None = None,
     on_frame: Callable[[int, int], None] | None = None,
 ) -> ExecResult:
-    """Follow the command the old process started on ``channel`` to its end."""
-    return await vm._guarded(
-        vm.agent.attach_exec(
-            channel, stdout=stdout, stderr=stderr, timeout=timeout, on_frame=on_frame
+    """Follow the command the old process started on ``channel`` to its end.
+
+    As :meth:`VM.exec`: a guest kernel panic meanwhile is the command's doing
+    (:class:`~stoker.errors.JobKernelPanic`).
+    """
+    try:
+        return await vm._guarded(
+            vm.agent.attach_exec(
+                channel, stdout=stdout, stderr=stderr, timeout=timeout, on_frame=on_frame
+            )
         )
-    )
-
-
-def adoptable_channels(values: Iterable[int | None]) -> tuple[int, ...]:
-    """The operation channels worth resuming (drops unknown ones)."""
-    return tuple(v for v in values if v is not None and v > 0)
+    except GuestPanic as exc:
+        raise JobKernelPanic(panic_message(exc.reason), console=exc.console) from exc

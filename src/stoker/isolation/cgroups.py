@@ -443,6 +443,44 @@ class VMCgroup:
     def pids(self) -> list[int]:
         return [int(p) for p in _read(self.procs).split() if p.isdigit()]
 
+    @classmethod
+    def of_process(cls, pid: int, name: str, mount: Path | None = None) -> VMCgroup | None:
+        """The cgroup ``name`` that process ``pid`` runs in, taken over from the stoker
+        that made it (a VMM adopted after a restart: see :mod:`stoker.vmadopt`).
+
+        None if the process is not in a VM cgroup of that name.  Its limits are
+        read back from its files (for the messages); the owner tag becomes ours.
+        """
+        try:
+            relative = own_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
+            mount = mount or cgroup2_mount(Path("/proc/self/mountinfo").read_text())
+        except OSError:
+            return None
+        if relative is None or mount is None:
+            return None
+        path = mount / relative.lstrip("/")
+        if path.name != name:
+            return None
+
+        def number(file: str, default: int) -> int:
+            word = _read(path / file).split(" ", 1)[0].strip()
+            return int(word) if word.isdigit() else default
+
+        limits = CgroupLimits(
+            memory_max=number("memory.max", 0),
+            swap_max=number("memory.swap.max", 0),
+            pids_max=number("pids.max", 0),
+            cpu_weight=number("cpu.weight", 100),
+            cpu_quota_us=None,
+        )
+        cgroup = cls(path.parent, name, limits, _words(path.parent / "cgroup.subtree_control"))
+        cgroup._created = True
+        owner = process_identity(os.getpid())
+        if owner is not None:
+            with contextlib.suppress(OSError):
+                os.setxattr(path, OWNER_XATTR, owner.encode())
+        return cgroup
+
     async def aclose(self) -> None:
         """Kill what is left, wait for the cgroup to empty, remove it; verified."""
         if not self._created:
