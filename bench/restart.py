@@ -49,6 +49,7 @@ def _config(path: Path, state: Path, jobs: int, on_stop: str) -> None:
         f'state_dir = "{state}"\nruntime_dir = "{state / "run"}"\n'
         "heartbeat_seconds = 1\nlease_seconds = 30\npoll_seconds = 0.3\n"
         f'on_stop = "{on_stop}"\n'
+        f"[submitters]\nmax_concurrent = {jobs}\n"
         f'[host]\nname = "restart-bench"\ncpus = {jobs}\nmemory_mb = {jobs * 384 + 256}\n'
         'accel = "tcg"\n'
         f'[pools.default]\ncpus = 1\nmemory = 384\ndisk = 1024\nmax = {jobs}\nsnapshot = "never"\n'
@@ -88,7 +89,7 @@ async def scenario(workdir: Path, jobs: int, how: str) -> dict[str, object]:
         down = time.monotonic() - t0
         daemon.start()
         first_new: dict[str, float] = {}
-        while len(first_new) < len(ids) and time.monotonic() - t0 < 300:
+        while len(first_new) < len(ids) and time.monotonic() - t0 < 600:
             for i in ids:
                 if i not in first_new and len(await _stdout(client, i)) > before[i]:
                     first_new[i] = time.monotonic() - t0
