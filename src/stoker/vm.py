@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import secrets
@@ -33,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
-from stoker import vmfiles
+from stoker import vmfiles, vmsnap
 from stoker._lazy import preload
 from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, safe_extract
 from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
@@ -62,7 +61,6 @@ from stoker.snapshots import (
     MEMORY_FILE,
     SCRATCH_FILE,
     Snapshot,
-    SnapshotDamaged,
     SnapshotKey,
     SnapshotStore,
     check_restorable,
@@ -190,7 +188,7 @@ class VM:
         #: ``never``: always boot; ``auto``: restore when a matching snapshot
         #: exists; ``create``: make the snapshot first if there is none.
         self.snapshot_mode: SnapshotMode = snapshot
-        # Set only on the template VM a snapshot is made from (see _make_template).
+        # Set only on the template VM a snapshot is made from (see vmsnap._make_template).
         self._template_dir = template_dir
         #: The snapshot this VM was restored from (None: it booted).
         self.restored_from: Snapshot | None = None
@@ -284,7 +282,7 @@ class VM:
             if warning and self._on_warning:
                 self._on_warning(warning)
             self.accel = accel
-            snapshot = await self._find_snapshot(artifacts, accel)
+            snapshot = await vmsnap.find_snapshot(self, artifacts, accel)
             if snapshot is not None:
                 await self._restore(artifacts, accel, snapshot, t0)
             else:
@@ -459,105 +457,6 @@ class VM:
         client = AgentClient(reader, writer, limits=self.limits, name=self.name)
         self._stack.push_async_callback(client.aclose)
         return client
-
-    def snapshot_key(self, artifacts: BootArtifacts, accel: str) -> SnapshotKey:
-        """What a snapshot of this VM is valid for (image, shape, kernel, backend, accel)."""
-        return SnapshotKey(
-            image_digest=artifacts.image.digest,
-            cpus=self.cpus,
-            memory_mb=self.memory_mb,
-            disk_mb=self.disk_mb,
-            backend=self.backend.name,
-            backend_version=self.backend.describe().get("version", "unknown"),
-            # The file too: the same kernel booted as a bzImage or through PVH.
-            kernel=f"{artifacts.kernel.package}={artifacts.kernel.version}:"
-            f"{artifacts.kernel.vmlinuz.name}",
-            initrd=artifacts.initrd.name,
-            accel=accel,
-            seed_slot_bytes=vmfiles.SEED_SLOT_BYTES,
-        )
-
-    async def _find_snapshot(self, artifacts: BootArtifacts, accel: str) -> Snapshot | None:
-        """The snapshot to restore from, per the ``snapshot`` mode (None: boot)."""
-        if self.snapshot_mode == "never" or self._template_dir is not None:
-            return None
-        if self.network_mode == "nat":
-            # Templates have no network device; a nat VM always boots with one.
-            return None
-        if not self.backend.snapshots:
-            if self.snapshot_mode == "create":
-                raise UsageError(
-                    f"snapshots are implemented for QEMU, not {self.backend.name}",
-                    hint="use --snapshot never (or auto, which then boots)",
-                )
-            return None
-        key = self.snapshot_key(artifacts, accel)
-        store = SnapshotStore(self.dirs)
-        found = self._hold(store, store.get(key))
-        if found is not None:
-            try:
-                await asyncio.to_thread(store.verify, found)
-            except SnapshotDamaged as exc:
-                # Never restore half a VM: boot instead, and let the next run make a good one.
-                if self._on_warning:
-                    self._on_warning(f"{exc}: removed it; booting instead")
-                await asyncio.to_thread(store.discard, found)
-                found = None
-        if found is not None or self.snapshot_mode in ("reuse", "auto"):
-            if found is None and self.snapshot_mode == "auto":
-                self.snapshot_missing = key
-            return found
-        made = await store.ensure(
-            key, functools.partial(self._make_template, key), progress=self._on_progress
-        )
-        return self._hold(store, made)
-
-    def _hold(self, store: SnapshotStore, snapshot: Snapshot | None) -> Snapshot | None:
-        """``snapshot``, kept from eviction while this VM runs; None if it is gone already."""
-        held = None if snapshot is None else store.hold(snapshot)
-        if snapshot is None or held is None:
-            return None
-        self._stack.callback(os.close, held)
-        return store.get(snapshot.key)  # still there now that it is held
-
-    async def _make_template(self, key: SnapshotKey, directory: Path) -> dict[str, object]:
-        """Boot a template VM like this one into ``directory`` and save it there."""
-        template = VM(
-            self.image,
-            cpus=key.cpus,
-            memory=key.memory_mb,
-            disk=key.disk_mb,
-            accel=key.accel,  # type: ignore[arg-type]
-            backend=self.backend,
-            dirs=self.dirs,
-            boot_timeout=self.boot_timeout,
-            agent_files=self._agent_files,
-            hostname="stoker-template",
-            template_dir=directory,
-            isolation=self.isolation,
-        )
-        async with template:
-            # Walk once through what every clone does first (unpack its project from the
-            # seed slot, run a command) so that the programs and the agent code it needs
-            # are in the guest's memory in the snapshot, not read from the image by each
-            # clone.  The slot is empty here: an empty archive.
-            assert template._client is not None and template._vmm is not None
-            await template._guarded(
-                template._client.unpack(
-                    SEED_SERIAL, "/tmp", self._seed_timeout, device=template._vmm.seed_device
-                )
-            )
-            await template.exec(["true"], timeout=60, check=True)
-            # Everything the guest wrote is on the disk before its state is saved.
-            await template.exec(["sync"], timeout=60, check=True)
-            t = time.monotonic()
-            assert template._vmm is not None
-            await template._guarded(template._vmm.save_state(directory, self.boot_timeout))
-            save_seconds = time.monotonic() - t
-        return {
-            "template_boot_seconds": round(template.timings.agent_ready, 3),
-            "save_seconds": round(save_seconds, 3),
-        }
 
     def _apply_image_defaults(self, artifacts: BootArtifacts) -> None:
         """Fill in what the caller left unset from the image's defaults and env."""

@@ -18,6 +18,7 @@ _SOURCES = (
     "protocol/wire.py",
     "agent/main.py",
     "agent/limits.py",
+    "agent/channel.py",
     "agent/netfwd.py",
     "agent/__main__.py",
 )

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar
 
 from stoker.errors import (
     CommandTimeout,
@@ -35,13 +35,10 @@ from stoker.errors import (
     StokerError,
 )
 from stoker.protocol import messages as m
-from stoker.protocol import wire
+from stoker.protocol import transfer, wire
 from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, OutputSink
 from stoker.protocol.streams import (
     QUEUE_DEPTH,
-    AsyncToThreadReader,
-    ThreadToAsyncWriter,
-    run_consumer,
 )
 
 log = logging.getLogger(__name__)
@@ -727,42 +724,7 @@ class AgentClient:
 
     async def put(self, dest: str, produce: Callable[[BinaryIO], object]) -> None:
         """Upload the tar stream ``produce`` writes (in a thread); the guest unpacks it."""
-        op = self._open()
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_DEPTH)
-        sink = ThreadToAsyncWriter(loop, chunks)
-
-        def run() -> None:
-            try:
-                produce(cast(BinaryIO, sink))
-                sink.flush()
-            finally:
-                sink.finish()
-
-        try:
-            await self._send_msg(op.channel, {"type": "put", "dest": dest})
-            worker = loop.run_in_executor(None, run)
-            try:
-                while True:
-                    async with asyncio.timeout(self.limits.transfer_idle_timeout):
-                        chunk = await chunks.get()
-                        if chunk is None:
-                            break
-                        await self._send(wire.encode(wire.DATA, op.channel, chunk, wire.FILES))
-            finally:
-                sink.cancel()
-                await worker
-            await self._send(wire.encode(wire.EOF, op.channel, b"", wire.FILES))
-            async with asyncio.timeout(self.limits.transfer_idle_timeout):
-                reply = await self._next_msg(op)
-        except TimeoutError:
-            raise InfrastructureError(f"upload to {dest} stalled in the guest") from None
-        finally:
-            self._close(op)
-        if isinstance(reply, m.Error):
-            raise InfrastructureError(f"agent: upload to {dest} failed: {reply.message}")
-        if not isinstance(reply, m.Done):
-            raise GuestProtocolError(f"expected 'done' after an upload, got {reply.type!r}")
+        await transfer.put(self, dest, produce)
 
     async def get(
         self, paths: Iterable[str], cwd: str, consume: Callable[[BinaryIO], T]
@@ -772,40 +734,4 @@ class AgentClient:
         ``consume`` runs in a thread and reads the (untrusted) tar stream; its
         result is returned with the list of patterns that matched nothing.
         """
-        op = self._open()
-        loop = asyncio.get_running_loop()
-        source = AsyncToThreadReader()
-        worker = loop.run_in_executor(None, run_consumer, consume, source)
-        try:
-            await self._send_msg(op.channel, {"type": "get", "paths": list(paths), "cwd": cwd})
-            while True:
-                async with asyncio.timeout(self.limits.transfer_idle_timeout):
-                    event = await self._next(op)
-                if event.kind == wire.MSG:
-                    if isinstance(event.msg, m.Error):
-                        raise InfrastructureError(f"agent: download failed: {event.msg.message}")
-                    raise GuestProtocolError(f"unexpected {event.msg.type!r} during a download")
-                if event.stream != wire.FILES:
-                    raise GuestProtocolError(f"unexpected stream {event.stream} in a download")
-                if event.kind == wire.EOF:
-                    source.feed(None)
-                    break
-                if worker.done():
-                    break  # the consumer stopped (refused the archive); its error wins
-                await source.afeed(event.payload)
-            result = await worker
-            async with asyncio.timeout(self.limits.request_timeout):
-                reply = await self._next_msg(op)
-            if isinstance(reply, m.Error):
-                raise InfrastructureError(f"agent: download failed: {reply.message}")
-            if not isinstance(reply, m.Done):
-                raise GuestProtocolError(f"expected 'done' after a download, got {reply.type!r}")
-            return result, list(reply.missing)
-        except TimeoutError:
-            raise InfrastructureError("download from the guest stalled") from None
-        finally:
-            source.feed(None)
-            if not worker.done():
-                with contextlib.suppress(BaseException):
-                    await worker
-            self._close(op)
+        return await transfer.get(self, paths, cwd, consume)

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stoker.agent.main import Agent, Channel, spawn_thread
+from stoker.agent.channel import Channel, spawn_thread
+from stoker.agent.main import Agent
 from stoker.backends.base import Backend, LaunchedVM, MachineSpec
 from stoker.errors import UsageError
 from stoker.lifecycle import VMState, require
