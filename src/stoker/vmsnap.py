@@ -89,6 +89,8 @@ def _hold(vm: VM, store: SnapshotStore, snapshot: Snapshot | None) -> Snapshot |
 
 async def _make_template(vm: VM, key: SnapshotKey, directory: Path) -> dict[str, object]:
     """Boot a template VM like this one into ``directory`` and save it there."""
+    from stoker.vm import VM  # a plain VM, whatever class ``vm`` is
+
     template = VM(
         vm.image,
         cpus=key.cpus,
