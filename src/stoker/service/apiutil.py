@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from stoker.errors import StokerError, UsageError
 from stoker.service.auth import Principal, Scope, TokenTable
+from stoker.service.db import DatabaseFull
 from stoker.service.jobs import Conflict, Forbidden, NotFound, QuotaExceeded, TooLarge
 
 _bearer = HTTPBearer(
@@ -61,6 +62,7 @@ _STATUS_OF: Final[tuple[tuple[type[StokerError], int], ...]] = (
     (Conflict, 409),
     (TooLarge, 413),
     (QuotaExceeded, 429),
+    (DatabaseFull, 507),
     (UsageError, 400),
 )
 

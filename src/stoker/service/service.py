@@ -73,6 +73,7 @@ from stoker.service.jobs import (
     transition,
 )
 from stoker.service.logs import Notifier
+from stoker.service.metrics import Metrics
 from stoker.service.models import Artifact, Host, Job, JobEvent, LogChunk, VMRecord, utcnow
 from stoker.service.supervisor import Supervisor
 
@@ -258,6 +259,8 @@ class Service:
         await asyncio.to_thread(self.config.jobs_dir.mkdir, parents=True, exist_ok=True)
         await asyncio.to_thread(upgrade, self.config.database_url)
         self._db = Database(self.config.database_url)
+        if isinstance(self.observer, Metrics):
+            self.observer.watch_database(self._db.health)
         if self.status == "created":
             self.status = "open"
 
@@ -678,6 +681,10 @@ class Service:
             await self.db.run(lambda s: s.execute(select(1)).scalar(), write=False)
         except Exception as exc:
             database, detail = False, f"database: {type(exc).__name__}: {exc}"
+        problem = self.db.health.describe()
+        if problem is not None:
+            # A full disk still answers reads: it is the writes that fail.
+            database, detail = False, problem
         sup = self._supervisor
         status: Any = self.status if self.status in ("starting", "stopping", "stopped") else "ok"
         if status == "ok" and (not database or (sup is not None and sup.displaced)):

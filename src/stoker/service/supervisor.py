@@ -20,6 +20,18 @@ swallowed cancellation.  Every transition commits before the side effect it
 announces; a job whose host vanished is recovered by whichever host sweeps
 first, and by this host itself on restart (:meth:`Supervisor.start`).
 
+Database outages (see :mod:`stoker.service.db`): the loops skip a round and
+try again; a job's own writes wait up to :data:`~stoker.service.db.JOB_PATIENCE`
+for the database and its output waits in memory (bounded), so running jobs go
+on through a restart of PostgreSQL.  Leases after an outage follow one rule:
+
+* an owner keeps running a job it could not renew; it stops it only when the
+  database shows the job is no longer its claim (another host, or another
+  attempt: the attempt number fences every write of the old claim);
+* a sweeper takes a job over only when its lease expired **and** the sweeper's
+  own database calls have all worked for a full lease period, so after an
+  outage every live owner (heartbeat at most half a lease) renews first.
+
 Capacity: every VM that exists or is being started holds its vCPUs and memory
 in this host's ledger (:class:`~stoker.service.pools.Fleet`), from the moment
 it is planned until it is destroyed; :mod:`stoker.service.scheduler` only
@@ -35,7 +47,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -50,7 +62,9 @@ from stoker.net.proxy import ConnectionRecord
 from stoker.service.command import run_command
 from stoker.service.config import ServiceConfig
 from stoker.service.db import (
+    JOB_PATIENCE,
     Database,
+    DatabaseError,
     cancel_requests,
     claim_jobs,
     existing_job_ids,
@@ -207,6 +221,8 @@ class Supervisor:
                 )
             for run in list(self.jobs.values()):
                 run.stop("shutdown")
+            # Writes waiting for a database that is away give up: the next life reconciles.
+            self.db.stop_waiting()
             await asyncio.wait(pending or tasks, timeout=120)
         self._stopped.set()
         if self._main is not None:
@@ -316,6 +332,9 @@ class Supervisor:
             started = time.monotonic()
             try:
                 await self.schedule_once()
+            except DatabaseError:
+                # Logged once by the database's health; wait for its next probe.
+                await asyncio.sleep(max(self.db.health.retry_in(), self.config.poll_seconds))
             except Exception:
                 self._log.exception("scheduling pass failed")
                 await asyncio.sleep(1.0)
@@ -355,6 +374,7 @@ class Supervisor:
                     choose=choose,
                     lease_seconds=self.config.lease_seconds,
                     per_queue=slots(states, free),
+                    exclude=list(self.jobs),
                 )
             )
         decision = decided[0] if decided else None
@@ -388,6 +408,7 @@ class Supervisor:
             limit=self.config.limits.max_log_bytes,
             secrets=secret_values(run.job),
             on_flush=self.notifier.notify,
+            owner=(self.host, run.job.attempt),
         )
         run.connections = JobConnections(writer, secrets=secret_values(run.job))
         outcome: Outcome | None = None
@@ -548,6 +569,7 @@ class Supervisor:
         """
         now = utcnow()
         job_id = run.job.id
+        attempt = run.job.attempt
         lease = timedelta(seconds=self.config.lease_seconds)
         if record is not None:
             record.host = self.host
@@ -555,12 +577,13 @@ class Supervisor:
 
         def move(session: Session) -> tuple[str, Job, tuple[int, int, bool] | None]:
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.host != self.host or JobState(job.state) not in ACTIVE:
+            if not self._holds(job, attempt):
                 raise LeaseLost(job_id)
             if job.cancel_requested and to is not JobState.CANCELLED:
                 raise CancelRequested(job_id)
             source = job.state
-            transition(session, job, to, reason=reason, host=self.host, now=now)
+            if source != to.value:  # (equal: a retry after a commit whose answer was lost)
+                transition(session, job, to, reason=reason, host=self.host, now=now)
             for key, value in (fields or {}).items():
                 setattr(job, key, value)
             if to in ACTIVE:
@@ -575,7 +598,7 @@ class Supervisor:
                 logs = (last or 0, job.log_bytes, job.log_truncated)
             return source, job, logs
 
-        source, job, logs = await self.db.run(move)
+        source, job, logs = await self.db.run(move, patience=JOB_PATIENCE)
         self._observe_transition(JobView.of(job), source, to)
         self.notifier.notify(job_id)
         return job, logs
@@ -629,7 +652,7 @@ class Supervisor:
 
         def record(session: Session) -> tuple[str, Job, JobState] | None:
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.host != self.host or JobState(job.state) not in ACTIVE:
+            if not self._holds(job, run.job.attempt):
                 return None
             source = job.state
             target, reason = outcome.target(job, retry_limit)
@@ -649,7 +672,7 @@ class Supervisor:
                 session.execute(delete(VMRecord).where(VMRecord.name == vm_name))
             return source, job, target
 
-        done = await self.db.run(record)
+        done = await self.db.run(record, patience=JOB_PATIENCE)
         if done is None:
             self._log.warning(
                 "job %s was taken over by another host; its result is dropped", job_id
@@ -665,6 +688,15 @@ class Supervisor:
         )
         self._observe_transition(JobView.of(job), source, target)
 
+    def _holds(self, job: Job | None, attempt: int) -> TypeGuard[Job]:
+        """Whether ``job`` (as just read) is still this host's claim ``attempt``."""
+        return (
+            job is not None
+            and job.host == self.host
+            and job.attempt == attempt
+            and JobState(job.state) in ACTIVE
+        )
+
     def _on_connection(self, pool: str, record: ConnectionRecord) -> None:
         """A connection of a VM of ``pool`` ended (the proxy's callback: must not block)."""
         self._observe("connection", pool, record.decision, record.bytes_up, record.bytes_down)
@@ -679,18 +711,23 @@ class Supervisor:
             await asyncio.sleep(self.config.heartbeat_seconds)
             try:
                 await self.heartbeat_once()
+            except DatabaseError:
+                pass  # logged once by the database's health; leases wait (see the docstring)
             except Exception:
                 self._log.exception("heartbeat failed")
 
     async def heartbeat_once(self) -> None:
         """Renew leases, notice cancels and take-overs, recover other hosts' lost jobs."""
         now = utcnow()
-        local = list(self.jobs)
+        attempts = {job_id: run.job.attempt for job_id, run in self.jobs.items()}
+        local = list(attempts)
         until = now + timedelta(seconds=self.config.lease_seconds)
 
         def beat(session: Session) -> tuple[bool, set[str], set[str]]:
             alive = heartbeat(session, host=self.host, incarnation=self.incarnation, now=now)
-            held = renew_leases(session, host=self.host, job_ids=local, until=until)
+            held = renew_leases(
+                session, host=self.host, job_ids=local, until=until, attempts=attempts
+            )
             return alive, held, cancel_requests(session, job_ids=local)
 
         alive, held, cancels = await self.db.run(beat)
@@ -714,7 +751,14 @@ class Supervisor:
         self._publish_vms()
 
     async def sweep(self, now: datetime | None = None) -> int:
-        """Recover jobs whose host stopped heartbeating; return how many."""
+        """Recover jobs whose host stopped heartbeating; return how many.
+
+        Only once this host's database calls have all worked for a lease
+        period (the rule in the module docstring): right after an outage the
+        leases of live hosts have expired too, and they renew first.
+        """
+        if not self.db.steady_for(self.config.lease_seconds):
+            return 0
         at = now or utcnow()
         local = set(self.jobs)
         stale_before = at - timedelta(seconds=self.config.lease_seconds)

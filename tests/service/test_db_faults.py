@@ -1,0 +1,291 @@
+"""Database faults: PostgreSQL restarted or gone for a while mid-run, SQLite on a full disk.
+
+Two services (hosts ``host-a`` and ``host-b``, fake backend) share a
+PostgreSQL cluster of the test's own (:class:`pgcluster.PgCluster`),
+which the test restarts or stops for ``STOKER_TEST_PG_OUTAGE`` seconds (default
+5; the issue's one-minute case is ``STOKER_TEST_PG_OUTAGE=60``) while jobs run
+on both.  Every job must end once, with its whole output, without a second
+attempt; both services must say the database went away and came back, and
+work again by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import sqlite3
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pgcluster import PgCluster, pg_bindir
+
+from stoker.service.apiutil import from_stoker
+from stoker.service.config import ServiceConfig
+from stoker.service.db import DatabaseError, DatabaseFull
+from stoker.service.fake_backend import FakeBackend
+from stoker.service.jobs import JobRequest, JobState, JobView
+from stoker.service.metrics import Metrics
+from stoker.service.service import Service
+
+ConfigFactory = Callable[..., ServiceConfig]
+
+#: Seconds PostgreSQL stays down in the "unreachable" case.
+OUTAGE = float(os.environ.get("STOKER_TEST_PG_OUTAGE", "5"))
+#: Jobs per host.
+JOBS_PER_HOST = 3
+TICK = 0.5
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds (test observation only; generous deadlines)."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f}s: {what}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL cluster of this test's own, which it may stop and restart."""
+    bindir = pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")
+    with PgCluster(bindir) as cluster:
+        yield cluster
+
+
+def ticker(seconds: float) -> JobRequest:
+    """A job printing ``tick N`` every TICK seconds for ``seconds``: output during the fault."""
+    n = int(seconds / TICK)
+    script = f'i=0; while [ $i -lt {n} ]; do echo "tick $i"; i=$((i+1)); sleep {TICK}; done'
+    return JobRequest(command=("sh", "-c", script))
+
+
+async def stdout_of(service: Service, job_id: str) -> str:
+    return "".join(c.text for c in await service.logs(job_id) if c.stream == "stdout")
+
+
+async def system_of(service: Service, job_id: str) -> str:
+    return "".join(c.text for c in await service.logs(job_id) if c.stream == "system")
+
+
+class TwoHosts:
+    """Two services with their own state directories on one database."""
+
+    def __init__(self, make_config: ConfigFactory, tmp_path: Path, url: str) -> None:
+        self.services: list[Service] = []
+        self.metrics: list[Metrics] = []
+        self._make = make_config
+        self._tmp = tmp_path
+        self._url = url
+
+    async def start(self, **overrides: Any) -> list[Service]:
+        for name in ("host-a", "host-b"):
+            config = self._make(
+                database_url=self._url,
+                state_dir=str(self._tmp / name),
+                # Room for JOBS_PER_HOST one-vCPU jobs each: both hosts run some.
+                host={"name": name, "cpus": JOBS_PER_HOST},
+                lease_seconds=2.0,
+                heartbeat_seconds=0.5,
+                **overrides,
+            )
+            metrics = Metrics()
+            service = Service(config, backend=FakeBackend(), observer=metrics)
+            await service.start()
+            self.services.append(service)
+            self.metrics.append(metrics)
+        return self.services
+
+    async def stop(self) -> None:
+        for service in reversed(self.services):
+            await service.stop(grace=5)
+
+
+@pytest.fixture
+async def two_hosts(make_config: ConfigFactory, tmp_path: Path, pg_cluster: PgCluster) -> Any:
+    hosts = TwoHosts(make_config, tmp_path, pg_cluster.url)
+    try:
+        yield hosts
+    finally:
+        await hosts.stop()
+
+
+def _only_once(text: str, n: int) -> list[str]:
+    """What is wrong with ``text`` as the output of :func:`ticker` with ``n`` ticks."""
+    ticks = re.findall(r"tick (\d+)", text)
+    expected = [str(i) for i in range(n)]
+    return [] if ticks == expected else [f"ticks {ticks} (expected 0..{n - 1} once each)"]
+
+
+@pytest.mark.parametrize("fault", ["restart", "outage"])
+async def test_postgres_fault_mid_run(
+    fault: str, two_hosts: TwoHosts, pg_cluster: PgCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="stoker")
+    a, b = await two_hosts.start()
+    outage = OUTAGE if fault == "outage" else 0.0
+    duration = outage + 8.0
+    jobs: list[JobView] = []
+    for i in range(2 * JOBS_PER_HOST):
+        # A submitter each: the default policy runs at most 4 jobs of one submitter at once.
+        jobs.append(await (a, b)[i % 2].submit(ticker(duration), f"ci{i}"))
+
+    async def all_running() -> bool:
+        views = [await a.get(j.id) for j in jobs]
+        return all(v.state is JobState.RUNNING for v in views)
+
+    await until(all_running, 60, "every job running")
+    hosts = {(await a.get(j.id)).host for j in jobs}
+    seen_down: dict[str, bool] = {}
+    if fault == "restart":
+        await asyncio.to_thread(pg_cluster.restart)
+    else:
+        await asyncio.to_thread(pg_cluster.stop)
+        try:
+            # While it is gone: submissions fail with a clear infrastructure error, health says so.
+            with pytest.raises(DatabaseError, match="database"):
+                await a.submit(ticker(1), "ci")
+            for service in (a, b):
+                health = await service.health()
+                seen_down[service.config.host.name] = (
+                    health.status == "degraded" and not health.database
+                )
+            await asyncio.sleep(outage)
+        finally:
+            await asyncio.to_thread(pg_cluster.start)
+
+    async def all_ended() -> bool:
+        try:
+            views = [await a.get(j.id) for j in jobs]
+        except DatabaseError:
+            return False
+        return all(v.state.terminal for v in views)
+
+    await until(all_ended, duration + 120, "every job ended")
+    problems = []
+    for job in jobs:
+        view = await a.get(job.id)
+        if view.state is not JobState.SUCCEEDED or view.attempt != 0:
+            problems.append(f"{job.id}: {view.state} attempt {view.attempt} ({view.reason})")
+        states = [e.to_state.value for e in view.events]
+        if states != ["queued", "assigned", "booting", "running", "succeeded"]:
+            problems.append(f"{job.id}: went through {states}")
+        wrong = _only_once(await stdout_of(a, job.id), int(duration / TICK))
+        problems.extend(f"{job.id}: {w}" for w in wrong)
+    assert not problems, "\n".join(problems)
+    assert hosts == {"host-a", "host-b"}
+    if seen_down:
+        assert seen_down == {"host-a": True, "host-b": True}
+
+    # Both hosts said what happened, once each way, and recovered by themselves.
+    messages = [r.getMessage() for r in caplog.records]
+    for service, metrics in zip((a, b), two_hosts.metrics, strict=True):
+        assert (await service.health()).status == "ok"
+        text = metrics.render().decode()
+        assert "stoker_db_up 1.0" in text
+        errors = re.search(r'^stoker_db_errors_total\{kind="unreachable"\} (\S+)$', text, re.M)
+        assert errors is not None and float(errors.group(1)) >= 1
+    assert any("database unreachable" in m for m in messages), messages
+    back = [m for m in messages if "database reachable again after" in m]
+    assert back, messages
+    after = await b.submit(ticker(1), "ci")
+    done = await b.wait(after.id, timeout=60)
+    assert done.state is JobState.SUCCEEDED
+
+
+# ------------------------------------------------------------------ SQLite on a full disk
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs mounted on a directory of this test (unmounted at the end)."""
+    mount = tmp_path / "small-fs"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)]).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount)], check=True)
+            raise AssertionError(f"{mount} was still in use at the end of the test")
+
+
+def fill(directory: Path) -> Path:
+    """Write a file into ``directory`` until its file system is full; return it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 20, 4096, 512, 1):  # unbuffered: the last partial block too
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_sqlite_on_a_full_disk(
+    small_fs: Path, make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="stoker")
+    db_path = small_fs / "stoker.db"
+    metrics = Metrics()
+    service = Service(
+        make_config(database_url=f"sqlite:///{db_path}"), backend=FakeBackend(), observer=metrics
+    )
+    await service.start()
+    try:
+        running = await service.submit(ticker(6.0), "ci")
+
+        async def started() -> bool:
+            return "tick 1" in await stdout_of(service, running.id)
+
+        await until(started, 60, "the job printing")
+        filler = await asyncio.to_thread(fill, small_fs)
+        # Submissions fail with an error naming the cause (the API answers 507).
+        with pytest.raises(DatabaseFull, match="disk is full") as refused:
+            await service.submit(ticker(1), "ci")
+        assert from_stoker(refused.value).status == 507
+        health = await service.health()
+        assert health.status == "degraded" and "disk full" in (health.detail or "")
+        assert "stoker_db_up 0.0" in metrics.render().decode()
+        # The job's command ends meanwhile; its result waits for room (it is not lost).
+        await asyncio.sleep(8)
+        assert (await service.get(running.id)).state is JobState.RUNNING
+        filler.unlink()
+        done = await service.wait(running.id, timeout=120)
+        assert done.state is JobState.SUCCEEDED and done.attempt == 0, done.reason
+        assert not _only_once(await stdout_of(service, running.id), int(6.0 / TICK))
+        # Working again without a restart.
+        after = await service.submit(ticker(0.5), "ci")
+        assert (await service.wait(after.id, timeout=60)).state is JobState.SUCCEEDED
+
+        async def healthy() -> bool:
+            return (await service.health()).status == "ok"
+
+        await until(healthy, 30, "health ok again")
+        assert "stoker_db_up 1.0" in metrics.render().decode()
+    finally:
+        await service.stop(grace=5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("database disk full" in m for m in messages), messages
+    assert any("database writable again after" in m for m in messages), messages
+    with contextlib.closing(sqlite3.connect(db_path)) as check:
+        assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    messages = [m for m in messages if m.startswith("database ")]
+    assert len(messages) <= 4, f"the health flapped: {messages}"
