@@ -10,6 +10,7 @@ and removes the directory, whatever state the test left it in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import os
@@ -116,3 +117,66 @@ class PgCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class CuttableProxy:
+    """A TCP forwarder on 127.0.0.1 to ``port`` that a test can cut and mend.
+
+    Cut: it stops listening (new connections are refused) and closes every
+    connection it carries, as a network partition between one host and the
+    database would (the database itself stays up for the other hosts).
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    def url(self, cluster: PgCluster) -> str:
+        return cluster.url.replace(f":{cluster.port}/", f":{self.port}/")
+
+    async def mend(self) -> None:
+        """Listen (again) and forward."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        """Cut, and wait until every connection handler has ended."""
+        await self.cut()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.transport.abort()

@@ -24,14 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pgcluster import PgCluster, pg_bindir
+from pgcluster import CuttableProxy, PgCluster, pg_bindir
+from sqlalchemy import update
 
 from stoker.service.apiutil import from_stoker
 from stoker.service.config import ServiceConfig
-from stoker.service.db import DatabaseError, DatabaseFull
+from stoker.service.db import (
+    MAX_PROBE_INTERVAL,
+    DatabaseError,
+    DatabaseFull,
+    DatabaseHealth,
+    DatabaseUnavailable,
+)
 from stoker.service.fake_backend import FakeBackend
 from stoker.service.jobs import JobRequest, JobState, JobView
+from stoker.service.logs import LogWriter
 from stoker.service.metrics import Metrics
+from stoker.service.models import Job
 from stoker.service.service import Service
 
 ConfigFactory = Callable[..., ServiceConfig]
@@ -87,23 +96,28 @@ class TwoHosts:
         self._tmp = tmp_path
         self._url = url
 
-    async def start(self, **overrides: Any) -> list[Service]:
-        for name in ("host-a", "host-b"):
+    async def start(
+        self,
+        names: tuple[str, ...] = ("host-a", "host-b"),
+        urls: dict[str, str] | None = None,
+    ) -> list[Service]:
+        started = []
+        for name in names:
             config = self._make(
-                database_url=self._url,
+                database_url=(urls or {}).get(name, self._url),
                 state_dir=str(self._tmp / name),
                 # Room for JOBS_PER_HOST one-vCPU jobs each: both hosts run some.
                 host={"name": name, "cpus": JOBS_PER_HOST},
                 lease_seconds=2.0,
                 heartbeat_seconds=0.5,
-                **overrides,
             )
             metrics = Metrics()
             service = Service(config, backend=FakeBackend(), observer=metrics)
             await service.start()
             self.services.append(service)
             self.metrics.append(metrics)
-        return self.services
+            started.append(service)
+        return started
 
     async def stop(self) -> None:
         for service in reversed(self.services):
@@ -145,6 +159,12 @@ async def test_postgres_fault_mid_run(
 
     await until(all_running, 60, "every job running")
     hosts = {(await a.get(j.id)).host for j in jobs}
+
+    async def follow(service: Service, job_id: str) -> str:
+        return "".join([c.text async for c in service.follow_logs(job_id) if c.stream == "stdout"])
+
+    # A live follower on each host stays through the fault and misses nothing.
+    followers = [asyncio.create_task(follow(s, j.id)) for s, j in ((a, jobs[0]), (b, jobs[1]))]
     seen_down: dict[str, bool] = {}
     if fault == "restart":
         await asyncio.to_thread(pg_cluster.restart)
@@ -181,6 +201,8 @@ async def test_postgres_fault_mid_run(
             problems.append(f"{job.id}: went through {states}")
         wrong = _only_once(await stdout_of(a, job.id), int(duration / TICK))
         problems.extend(f"{job.id}: {w}" for w in wrong)
+    for follower in followers:
+        problems.extend(_only_once(await asyncio.wait_for(follower, 60), int(duration / TICK)))
     assert not problems, "\n".join(problems)
     assert hosts == {"host-a", "host-b"}
     if seen_down:
@@ -245,8 +267,9 @@ async def test_sqlite_on_a_full_disk(
     caplog.set_level(logging.INFO, logger="stoker")
     db_path = small_fs / "stoker.db"
     metrics = Metrics()
+    backend = FakeBackend()
     service = Service(
-        make_config(database_url=f"sqlite:///{db_path}"), backend=FakeBackend(), observer=metrics
+        make_config(database_url=f"sqlite:///{db_path}"), backend=backend, observer=metrics
     )
     await service.start()
     try:
@@ -257,15 +280,29 @@ async def test_sqlite_on_a_full_disk(
 
         await until(started, 60, "the job printing")
         filler = await asyncio.to_thread(fill, small_fs)
-        # Submissions fail with an error naming the cause (the API answers 507).
-        with pytest.raises(DatabaseFull, match="disk is full") as refused:
-            await service.submit(ticker(1), "ci")
-        assert from_stoker(refused.value).status == 507
+        # Submissions fail with an error naming the cause (the API answers 507).  A few may
+        # still fit in pages SQLite has free (its WAL is reused): those must run later.
+        accepted = []
+        for _ in range(200):
+            try:
+                accepted.append(await service.submit(ticker(0.5), "ci"))
+            except DatabaseFull as exc:
+                refused = exc
+                break
+        else:
+            raise AssertionError("200 submissions fitted on a full disk")
+        assert "disk is full" in str(refused)
+        error = from_stoker(refused)
+        assert error.status == 507 and error.headers == {"Retry-After": "5"}
         health = await service.health()
         assert health.status == "degraded" and "disk full" in (health.detail or "")
         assert "stoker_db_up 0.0" in metrics.render().decode()
-        # The job's command ends meanwhile; its result waits for room (it is not lost).
-        await asyncio.sleep(8)
+
+        # The job's command ends meanwhile (its VM is gone); its result waits for room.
+        async def vm_gone() -> bool:
+            return not backend.live
+
+        await until(vm_gone, 60, "the job's command ending")
         assert (await service.get(running.id)).state is JobState.RUNNING
         filler.unlink()
         done = await service.wait(running.id, timeout=120)
@@ -273,7 +310,8 @@ async def test_sqlite_on_a_full_disk(
         assert not _only_once(await stdout_of(service, running.id), int(6.0 / TICK))
         # Working again without a restart.
         after = await service.submit(ticker(0.5), "ci")
-        assert (await service.wait(after.id, timeout=60)).state is JobState.SUCCEEDED
+        for job in [*accepted, after]:
+            assert (await service.wait(job.id, timeout=60)).state is JobState.SUCCEEDED
 
         async def healthy() -> bool:
             return (await service.health()).status == "ok"
@@ -289,3 +327,191 @@ async def test_sqlite_on_a_full_disk(
         assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     messages = [m for m in messages if m.startswith("database ")]
     assert len(messages) <= 4, f"the health flapped: {messages}"
+
+
+async def test_a_partitioned_host_gives_its_jobs_up_cleanly(
+    make_config: ConfigFactory,
+    tmp_path: Path,
+    pg_cluster: PgCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only host-a loses the database: host-b takes its jobs over after the lease, and
+    host-a stops its copies when it is back and writes nothing more for them."""
+    caplog.set_level(logging.INFO, logger="stoker")
+    proxy = CuttableProxy(pg_cluster.port)
+    await proxy.mend()
+    hosts = TwoHosts(make_config, tmp_path, pg_cluster.url)
+    try:
+        (a,) = await hosts.start(names=("host-a",), urls={"host-a": proxy.url(pg_cluster)})
+        duration = 15.0
+        jobs = [await a.submit(ticker(duration), f"ci{i}") for i in range(2)]
+
+        async def running_on(service: Service, host: str, attempt: int) -> bool:
+            views = [await service.get(j.id) for j in jobs]
+            return all(
+                v.state is JobState.RUNNING and v.host == host and v.attempt == attempt
+                for v in views
+            )
+
+        await until(lambda: running_on(a, "host-a", 0), 60, "the jobs running on host-a")
+        (b,) = await hosts.start(names=("host-b",))
+        await proxy.cut()
+        try:
+            await until(lambda: running_on(b, "host-b", 1), 60, "host-b running the jobs")
+        finally:
+            await proxy.mend()
+
+        async def ended() -> bool:
+            return all([(await b.get(j.id)).state.terminal for j in jobs])
+
+        await until(ended, duration + 60, "every job ended")
+        for job in jobs:
+            view = await b.get(job.id)
+            assert view.state is JobState.SUCCEEDED and view.attempt == 1, view.reason
+            assert view.host == "host-b"
+            requeued = [e for e in view.events if e.to_state is JobState.QUEUED]
+            assert len(requeued) == 2 and "host-a stopped heartbeating" in (
+                requeued[1].reason or ""
+            )
+            # Nothing host-a wrote after losing the job: attempt 2's output is whole and alone.
+            chunks = await b.logs(job.id)
+            start = next(
+                i for i, c in enumerate(chunks) if c.stream == "system" and "attempt 2" in c.text
+            )
+            second = "".join(c.text for c in chunks[start:] if c.stream == "stdout")
+            assert not _only_once(second, int(duration / TICK))
+
+        async def a_stopped_them() -> bool:
+            return a.supervisor is not None and not a.supervisor.jobs
+
+        await until(a_stopped_them, 30, "host-a dropping its copies")
+        messages = [r.getMessage() for r in caplog.records]
+        for job in jobs:
+            assert any(f"job {job.id}: stopped without a result" in m for m in messages)
+        assert (await a.health()).status == "ok"
+    finally:
+        await hosts.stop()
+        await proxy.close()
+
+
+# ------------------------------------------------------------------ the pieces
+
+
+def test_health_says_once_when_the_database_goes_and_comes_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="stoker.service.db")
+    health = DatabaseHealth("postgresql+psycopg://stoker:s3cret@db.invalid/stoker")
+    assert health.up and health.may_try() and health.describe() is None
+    for _ in range(5):
+        health.failed(DatabaseUnavailable, "connection refused")
+    assert not health.up and health.errors == {"unreachable": 5, "disk_full": 0}
+    assert "database unreachable for" in (health.describe() or "")
+    # Between probes, calls fail without trying; the backoff is bounded.
+    assert 0 < health.retry_in() <= MAX_PROBE_INTERVAL
+    assert not health.may_try()
+    health.succeeded(write=False)
+    assert health.up and health.outages == 1 and health.working_for() >= 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("database unreachable (postgresql+psycopg://stoker:***@")
+    assert "s3cret" not in " ".join(lines)
+    assert lines[1].startswith("database reachable again after")
+
+
+async def test_a_full_disk_counts_as_freed_after_writes_worked_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("stoker.service.db.DISK_FULL_QUIET", 0.3)
+    health = DatabaseHealth("sqlite:///x.db")
+    health.failed(DatabaseFull, "database or disk is full")
+    assert health.may_try()  # reads still work: no fast failure
+    health.succeeded(write=False)
+    health.succeeded(write=True)
+    assert health.problem == "disk full"  # one small write fitting in free pages proves nothing
+    health.failed(DatabaseFull, "database or disk is full")
+
+    async def freed() -> bool:
+        health.succeeded(write=True)
+        return health.up
+
+    await until(freed, 10, "the disk counted as freed")
+    assert health.outages == 1 and health.errors["disk_full"] == 2
+
+
+async def test_output_waits_through_an_outage_bounded_and_says_what_it_dropped(
+    pg_cluster: PgCluster, make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("stoker.service.logs.LOG_BUFFER_MAX", 64 << 10)
+    service = Service(make_config(database_url=pg_cluster.url))
+    await service.open()
+    try:
+        job = await service.submit(ticker(1), "ci")
+        db = service.db
+        flushed: list[str] = []
+        writer = LogWriter(
+            db, job.id, limit=1 << 30, secrets=(), on_flush=flushed.append, owner=None
+        )
+        writer.begin(0, 0, False)
+        await writer.write("stdout", b"before\n")
+        await writer.flush()
+        await asyncio.to_thread(pg_cluster.stop)
+        try:
+            line = b"x" * 1023 + b"\n"
+            for _ in range(100):  # 100 KiB: 64 KiB wait, the rest is dropped
+                await writer.write("stdout", line)
+            with pytest.raises(DatabaseUnavailable):
+                await writer.flush()
+        finally:
+            await asyncio.to_thread(pg_cluster.start)
+        await writer.flush(patience=60)
+        await writer.close()
+        await db.run(lambda s: writer.store_rest(s, s.get(Job, job.id)), patience=60)
+        out = await stdout_of(service, job.id)
+        assert out.startswith("before\n") and len(out) == len("before\n") + (64 << 10)
+        note = await system_of(service, job.id)
+        assert f"{(100 - 64) << 10} bytes of output were dropped" in note
+    finally:
+        await service.stop()
+
+
+async def test_a_claim_moved_on_is_fenced_even_on_the_same_host(
+    make_config: ConfigFactory,
+) -> None:
+    """Requeued and claimed again by this same host: the old attempt stops and writes nothing."""
+    backend = FakeBackend()
+    service = Service(make_config(), backend=backend)
+    await service.start()
+    try:
+        job = await service.submit(ticker(4), "ci")
+
+        async def printing() -> bool:
+            return "tick 1" in await stdout_of(service, job.id)
+
+        await until(printing, 60, "the job printing")
+        service.db.call(
+            lambda s: s.execute(
+                update(Job)
+                .where(Job.id == job.id)
+                .values(attempt=Job.attempt + 1, state=JobState.ASSIGNED.value)
+            )
+        )
+
+        async def stopped() -> bool:
+            return service.supervisor is not None and not service.supervisor.jobs
+
+        await until(stopped, 30, "the old attempt stopped")
+        before = await service.logs(job.id)
+        # Its lease is no one's now: this host sweeps the job and runs it again (attempt 3);
+        # nothing of the old attempt lands after what was there when it stopped.
+        done = await service.wait(job.id, timeout=90)
+        assert done.state is JobState.SUCCEEDED and done.attempt == 2
+        after = await service.logs(job.id)
+        assert after[: len(before)] == before
+        assert "attempt 3 on test-host" in after[len(before)].text
+        assert not _only_once(
+            "".join(c.text for c in after[len(before) :] if c.stream == "stdout"), int(4 / TICK)
+        )
+        assert not backend.live
+    finally:
+        await service.stop(grace=5)

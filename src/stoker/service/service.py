@@ -51,7 +51,7 @@ from stoker.errors import UsageError
 from stoker.fields import NAME_RE
 from stoker.net.policy import NetworkPolicy
 from stoker.service.config import ServiceConfig
-from stoker.service.db import Database, upgrade
+from stoker.service.db import JOB_PATIENCE, Database, upgrade
 from stoker.service.fake_backend import FakeBackend
 from stoker.service.files import JobFiles, unpack_upload
 from stoker.service.integrations import Integration
@@ -540,9 +540,11 @@ class Service:
         seq = after_seq
         while True:
             event = self.notifier.event(job_id)
+            # A follower outlives a database outage: the output it missed comes after.
             chunks, state = await self.db.run(
                 functools.partial(_read_logs, job_id=job_id, after_seq=seq, limit=LOG_PAGE),
                 write=False,
+                patience=JOB_PATIENCE,
             )
             for chunk in chunks:
                 yield chunk
