@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from stoker.errors import StokerError, UsageError
 from stoker.service.auth import Principal, Scope, TokenTable
+from stoker.service.db import DatabaseError, DatabaseFull
 from stoker.service.jobs import Conflict, Forbidden, NotFound, QuotaExceeded, TooLarge
 
 _bearer = HTTPBearer(
@@ -55,12 +56,15 @@ class ApiError(Exception):
         self.headers = headers
 
 
+#: Seconds a client is asked to wait before retrying a request the database could not serve.
+RETRY_AFTER_S: Final = 5
 _STATUS_OF: Final[tuple[tuple[type[StokerError], int], ...]] = (
     (NotFound, 404),
     (Forbidden, 403),
     (Conflict, 409),
     (TooLarge, 413),
     (QuotaExceeded, 429),
+    (DatabaseFull, 507),
     (UsageError, 400),
 )
 
@@ -69,7 +73,9 @@ def from_stoker(exc: StokerError) -> ApiError:
     """The HTTP error for a service exception (infrastructure errors are 503)."""
     status = next((code for kind, code in _STATUS_OF if isinstance(exc, kind)), 503)
     detail = {"hint": exc.hint} if exc.hint else None
-    return ApiError(status, str(exc), detail)
+    # The database is away or full: worth trying again later, not at once.
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, DatabaseError) else None
+    return ApiError(status, str(exc), detail, headers=headers)
 
 
 def error_response(exc: ApiError) -> JSONResponse:

@@ -12,6 +12,15 @@ The event loop never blocks on the database: :meth:`Database.run` runs a
 function of a :class:`~sqlalchemy.orm.Session` in a worker thread (one for
 SQLite: it has one writer anyway), inside one transaction, retried when the
 database reports a transient conflict.
+
+Outages (PostgreSQL restarted or unreachable, SQLite's disk full) are
+:class:`DatabaseUnavailable` and :class:`DatabaseFull`; :class:`DatabaseHealth`
+counts them and logs one line when the database goes away and one when it is
+back.  While it is unreachable, calls fail at once without a connection attempt
+until the next probe (backoff up to :data:`MAX_PROBE_INTERVAL`), so a hundred
+jobs do not hammer a server that is starting.  Callers choose how long to wait
+for it (:meth:`Database.run`'s ``patience``): the REST API not at all (503/507),
+a job's own transitions up to :data:`JOB_PATIENCE`, the loops skip a round.
 """
 
 from __future__ import annotations
@@ -20,15 +29,16 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import ColumnElement, Engine, create_engine, delete, event, func, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from stoker.errors import InfrastructureError
@@ -48,10 +58,154 @@ RETRIES = 8
 #: Candidates one claim looks at, at most.
 MAX_CANDIDATES = 2000
 SQLITE_BUSY_MS = 30_000
+#: Seconds a job's own database writes (transitions, output, result) wait through an outage.
+JOB_PATIENCE = 900.0
+#: While the database is unreachable, one call tries it at least this often.
+MAX_PROBE_INTERVAL = 2.0
+#: A full disk counts as freed once writes have worked this long: small ones that fit in
+#: free pages succeed on a full disk too, and must not make the health flap.
+DISK_FULL_QUIET = 3.0
+#: How long one PostgreSQL connection attempt may take (seconds).
+PG_CONNECT_TIMEOUT = 5
 
 
 class DatabaseError(InfrastructureError):
     """The database could not be reached or refused a transaction for good."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached (refused, connection lost, server shutting down)."""
+
+
+class DatabaseFull(DatabaseError):
+    """The database's disk is full: nothing can be written until space is freed (HTTP 507)."""
+
+
+def _failure_kind(exc: DBAPIError) -> type[DatabaseError] | None:
+    """:class:`DatabaseFull`, :class:`DatabaseUnavailable`, or None (a real error)."""
+    orig = exc.orig
+    code = str(getattr(orig, "sqlstate", None) or "")
+    text = str(orig).lower()
+    if code == "53100" or "database or disk is full" in text or "no space left" in text:
+        return DatabaseFull
+    if exc.connection_invalidated or code.startswith("08") or code in ("57P01", "57P02", "57P03"):
+        return DatabaseUnavailable
+    # psycopg: connecting failed or the connection broke (no SQLSTATE from a server).
+    # SQLite: "unable to open database file", "disk I/O error" (not "locked", "busy").
+    broken = isinstance(exc, OperationalError | InterfaceError) and not code
+    if broken and "locked" not in text and "busy" not in text:
+        return DatabaseUnavailable
+    return None
+
+
+class DatabaseHealth:
+    """Whether the database works, as the calls of one :class:`Database` found it.
+
+    Thread-safe (calls run in worker threads).  Logs one line when the
+    database becomes unreachable (or its disk full) and one when it works
+    again, with how long it did not.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._where = _redact(url)
+        self._lock = threading.Lock()
+        #: "unreachable", "disk full" or None.
+        self.problem: str | None = None
+        self.last_error: str | None = None
+        #: Failed calls, by kind ("unreachable", "disk_full").
+        self.errors: dict[str, int] = {"unreachable": 0, "disk_full": 0}
+        self.outages = 0
+        self._since = time.monotonic()
+        self._next_probe = 0.0
+        self._backoff = 0.1
+        #: Since when writes have worked on a disk that was full (None: not since the last failure).
+        self._writable_since: float | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.problem is None
+
+    def down_for(self) -> float:
+        """Seconds since the current problem began (0 when there is none)."""
+        return 0.0 if self.up else time.monotonic() - self._since
+
+    def working_for(self) -> float:
+        """Seconds this database has worked without a failed call (0 while it does not)."""
+        return time.monotonic() - self._since if self.up else 0.0
+
+    def describe(self) -> str | None:
+        """The problem in one line (None: none)."""
+        if self.problem is None:
+            return None
+        return f"database {self.problem} for {self.down_for():.0f}s: {self.last_error}"
+
+    def retry_in(self) -> float:
+        """Seconds until the next attempt is worth making."""
+        with self._lock:
+            return max(0.05, self._next_probe - time.monotonic()) if self.problem else 0.0
+
+    def may_try(self) -> bool:
+        """Whether a call should reach the database now (False: fail it at once)."""
+        with self._lock:
+            if self.problem != "unreachable":
+                return True
+            now = time.monotonic()
+            if now < self._next_probe:
+                return False
+            # This call is the probe; the others keep failing fast until it returns.
+            self._next_probe = now + self._backoff
+            return True
+
+    def failed(self, kind: type[DatabaseError], error: str) -> None:
+        problem = "disk full" if kind is DatabaseFull else "unreachable"
+        with self._lock:
+            self.errors[problem.replace(" ", "_")] += 1
+            self.last_error = error
+            self._writable_since = None
+            if self.problem == problem:
+                self._backoff = min(self._backoff * 2, MAX_PROBE_INTERVAL)
+                self._next_probe = time.monotonic() + self._backoff
+                return
+            first = self.problem is None
+            self.problem = problem
+            self._backoff = 0.1
+            self._next_probe = time.monotonic() + self._backoff
+            if first:
+                self._since = time.monotonic()
+                self.outages += 1
+        log.error(
+            "database %s (%s): %s; retrying with backoff, running jobs go on",
+            problem,
+            self._where,
+            error,
+        )
+
+    def succeeded(self, *, write: bool) -> None:
+        if self.problem is None or (self.problem == "disk full" and not write):
+            return  # reads work on a full disk: only a write shows there is room again
+        with self._lock:
+            if self.problem is None:
+                return
+            now = time.monotonic()
+            if self.problem == "disk full":
+                self._writable_since = self._writable_since or now
+                if now - self._writable_since < DISK_FULL_QUIET:
+                    return
+            problem, self.problem = self.problem, None
+            down = time.monotonic() - self._since
+            self._since = time.monotonic()
+        what = "reachable" if problem == "unreachable" else "writable"
+        log.warning("database %s again after %.1fs (%s)", what, down, self._where)
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "the database"
 
 
 def make_engine(url: str) -> Engine:
@@ -66,7 +220,21 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    # pool_pre_ping: a connection the server dropped (restart) is replaced on checkout;
+    # keepalives: a server that vanished from the network is noticed, not waited for.
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=8,
+        max_overflow=8,
+        connect_args={
+            "connect_timeout": PG_CONNECT_TIMEOUT,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        },
+    )
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -109,6 +277,8 @@ class Database:
         self._executor = ThreadPoolExecutor(
             max_workers=threads or (1 if self.is_sqlite else 4), thread_name_prefix="stoker-db"
         )
+        self.health = DatabaseHealth(url)
+        self._stop_waiting = False
 
     @contextlib.contextmanager
     def session(self, *, write: bool = True) -> Iterator[Session]:
@@ -120,12 +290,27 @@ class Database:
             yield session
 
     def call(self, fn: Callable[[Session], T], *, write: bool = True) -> T:
-        """Run ``fn(session)`` in one transaction (blocking); retry transient conflicts."""
+        """Run ``fn(session)`` in one transaction (blocking); retry transient conflicts.
+
+        Raises :class:`DatabaseUnavailable` or :class:`DatabaseFull` (at once
+        while a known outage lasts, see :class:`DatabaseHealth`).
+        """
+        if not self.health.may_try():
+            raise DatabaseUnavailable(self.health.describe() or "database unreachable")
         for attempt in range(RETRIES):
             try:
                 with self.session(write=write) as session:
-                    return fn(session)
+                    result = fn(session)
+                self.health.succeeded(write=write)
+                return result
             except DBAPIError as exc:
+                kind = _failure_kind(exc)
+                if kind is not None and not (exc.connection_invalidated and attempt == 0):
+                    # (A pooled connection the server dropped gets one immediate retry.)
+                    error = " ".join(str(exc.orig).split())
+                    self.health.failed(kind, error)
+                    what = "disk is full" if kind is DatabaseFull else "is unreachable"
+                    raise kind(f"the database {what}: {error}") from exc
                 if attempt + 1 == RETRIES or not (_transient(exc) or exc.connection_invalidated):
                     raise
                 delay = min(0.02 * 2**attempt, 1.0)
@@ -133,12 +318,34 @@ class Database:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def run(self, fn: Callable[[Session], T], *, write: bool = True) -> T:
-        """:meth:`call` in the database thread, awaited from the event loop."""
+    async def run(
+        self, fn: Callable[[Session], T], *, write: bool = True, patience: float = 0.0
+    ) -> T:
+        """:meth:`call` in the database thread, awaited from the event loop.
+
+        ``patience``: seconds to keep retrying (with the health's backoff)
+        while the database is unreachable or full; 0 fails at once.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, functools.partial(self.call, fn, write=write)
-        )
+        deadline = loop.time() + patience
+        while True:
+            try:
+                return await loop.run_in_executor(
+                    self._executor, functools.partial(self.call, fn, write=write)
+                )
+            except (DatabaseUnavailable, DatabaseFull):
+                left = deadline - loop.time()
+                if left <= 0 or self._stop_waiting:
+                    raise
+                await asyncio.sleep(min(left, max(self.health.retry_in(), 0.25)))
+
+    def steady_for(self, seconds: float) -> bool:
+        """Whether every call of the last ``seconds`` worked (see the sweep's rule)."""
+        return self.health.working_for() >= seconds
+
+    def stop_waiting(self) -> None:
+        """Make callers waiting through an outage give up (the service is stopping)."""
+        self._stop_waiting = True
 
     def close(self) -> None:
         """Wait for running transactions, then close every connection (idempotent)."""
@@ -207,6 +414,7 @@ def claim_jobs(
     lease_seconds: float,
     per_queue: int = 16,
     now: datetime | None = None,
+    exclude: Collection[str] = (),
 ) -> list[Job]:
     """Claim the queued jobs ``choose`` picks; they become ``assigned`` to ``host``.
 
@@ -216,7 +424,8 @@ def claim_jobs(
     PostgreSQL the candidates are locked with ``FOR UPDATE SKIP LOCKED`` (a
     job another transaction holds is simply not a candidate this time) and the
     whole claim runs under an advisory lock, so concurrent claims from several
-    hosts cannot both use a submitter's last free slot.
+    hosts cannot both use a submitter's last free slot.  ``exclude``: jobs this
+    host is still winding down (another host requeued them): not claimed here.
     """
     at = now or utcnow()
     if not pools:
@@ -224,7 +433,12 @@ def claim_jobs(
     postgres = session.get_bind().dialect.name == "postgresql"
     if postgres:
         session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK)))
-    queued = (Job.state == JobState.QUEUED.value, Job.pool.in_(list(pools)))
+    queued: list[ColumnElement[bool]] = [
+        Job.state == JobState.QUEUED.value,
+        Job.pool.in_(list(pools)),
+    ]
+    if exclude:
+        queued.append(Job.id.not_in(list(exclude)))
     rank = (
         func.row_number()
         .over(
@@ -332,20 +546,29 @@ def recover_expired(
 
 
 def renew_leases(
-    session: Session, *, host: str, job_ids: Collection[str], until: datetime
+    session: Session,
+    *,
+    host: str,
+    job_ids: Collection[str],
+    until: datetime,
+    attempts: Mapping[str, int] | None = None,
 ) -> set[str]:
-    """Extend ``host``'s leases on ``job_ids``; return the ids it still holds."""
+    """Extend ``host``'s leases on ``job_ids``; return the ids it still holds.
+
+    With ``attempts`` (job id -> the attempt this host runs), a job requeued
+    and claimed again since (its attempt moved on) is not held any more, even
+    by the same host: the attempt is the fencing token of a claim.
+    """
     if not job_ids:
         return set()
-    held = set(
-        session.scalars(
-            select(Job.id).where(
-                Job.id.in_(list(job_ids)),
-                Job.host == host,
-                Job.state.in_([s.value for s in ACTIVE]),
-            )
+    rows = session.execute(
+        select(Job.id, Job.attempt).where(
+            Job.id.in_(list(job_ids)),
+            Job.host == host,
+            Job.state.in_([s.value for s in ACTIVE]),
         )
     )
+    held = {i for i, attempt in rows if attempts is None or attempts.get(i) == attempt}
     if held:
         session.execute(update(Job).where(Job.id.in_(list(held))).values(lease_until=until))
     return held

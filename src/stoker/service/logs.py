@@ -20,8 +20,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from stoker.errors import InfrastructureError
-from stoker.service.db import Database
-from stoker.service.jobs import MIN_SECRET_LEN
+from stoker.service.db import JOB_PATIENCE, Database, DatabaseError
+from stoker.service.jobs import ACTIVE, MIN_SECRET_LEN, JobState
 from stoker.service.models import Job, LogChunk, utcnow
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ LOG_CHUNK = 64 << 10
 LOG_FLUSH_SECONDS = 0.25
 #: ... and as soon as this much is waiting (the guest waits for the database then).
 LOG_FLUSH_BYTES = 256 << 10
+#: Output waiting while the database cannot store it (an outage, a full disk) is kept up to
+#: this much per job; what comes after is dropped, and the log says how much.
+LOG_BUFFER_MAX = 8 << 20
 
 
 # --- notifications for log followers --------------------------------------------------------------
@@ -112,6 +115,11 @@ class LogWriter:
     written before :meth:`begin` (the job is this host's from then on); what
     is left at the end goes into the job's final transaction
     (:meth:`store_rest`), so followers see the last output and the end together.
+
+    While the database cannot take it, output waits in memory (at most
+    :data:`LOG_BUFFER_MAX` bytes, then it is dropped and a ``system`` line says
+    how much).  With ``owner`` (host, attempt) nothing is written once the job
+    is no longer that attempt on that host: another host may be running it.
     """
 
     def __init__(
@@ -122,8 +130,14 @@ class LogWriter:
         limit: int,
         secrets: Iterable[str],
         on_flush: Callable[[str], None],
+        owner: tuple[str, int] | None = None,
     ) -> None:
         self._db = db
+        self._owner = owner
+        #: Bytes of output dropped because the database could not take them (not yet reported).
+        self._dropped = 0
+        #: The job is not ``owner``'s any more: write nothing.
+        self.fenced = False
         self._job_id = job_id
         self._limit = limit
         self._secrets = list(secrets)
@@ -191,6 +205,8 @@ class LogWriter:
             await asyncio.sleep(LOG_FLUSH_SECONDS)
             try:
                 await self.flush()
+            except DatabaseError:
+                pass  # kept pending; the database's health logged the outage once
             except Exception as exc:
                 # Kept pending; the next tick (or the command's next output) tries again.
                 log.warning("storing output of job %s failed: %s", self._job_id, exc)
@@ -207,6 +223,9 @@ class LogWriter:
     def _accept(self, stream: str, data: bytes) -> None:
         if self._truncated or not data:
             return
+        if self._pending_bytes >= LOG_BUFFER_MAX:
+            self._dropped += len(data)
+            return
         room = self._limit - self._accepted
         if len(data) > room:
             data = data[:room]
@@ -220,14 +239,18 @@ class LogWriter:
     async def write(self, stream: Literal["stdout", "stderr"], data: bytes) -> None:
         """Store ``data`` (secrets masked); waits for the database when a lot is pending."""
         self._accept(stream, self._maskers[stream].feed(data))
-        if self._pending_bytes >= LOG_FLUSH_BYTES:
-            await self.flush()
+        await self._flush_if_full()
 
     async def system(self, text: str) -> None:
         """A line from stoker itself (``[stoker] ...``)."""
         self._append("system", f"[stoker] {text}\n".encode())
-        if self._pending_bytes >= LOG_FLUSH_BYTES:
-            await self.flush()
+        await self._flush_if_full()
+
+    async def _flush_if_full(self) -> None:
+        # During an outage the periodic flush probes; output only waits (bounded).
+        if self._pending_bytes >= LOG_FLUSH_BYTES and self._db.health.retry_in() == 0:
+            with contextlib.suppress(DatabaseError):
+                await self.flush()
 
     async def checkpoint(self, add_secrets: Iterable[str] = ()) -> int:
         """Store everything written so far (held-back tails included); the last chunk's seq.
@@ -242,7 +265,7 @@ class LogWriter:
         if values:
             self._secrets.extend(values)
             self._maskers = {s: SecretMasker(self._secrets) for s in ("stdout", "stderr")}
-        await self.flush()
+        await self.flush(patience=JOB_PATIENCE)
         if self._pending:
             # The database refused the write; the caller's failure handling takes over.
             raise InfrastructureError(f"storing the output of job {self._job_id} failed")
@@ -275,43 +298,69 @@ class LogWriter:
         output = sum(len(d) for s, d in pending if s != "system")
         return rows, seq, output
 
-    async def flush(self) -> None:
-        """Write what is pending as one transaction (nothing before :meth:`begin`)."""
+    async def flush(self, *, patience: float = 0.0) -> None:
+        """Write what is pending as one transaction (nothing before :meth:`begin`).
+
+        ``patience``: seconds to wait for the database through an outage; on
+        :class:`~stoker.service.db.DatabaseError` the output stays pending.
+        """
         async with self._lock:
             moved = self._resume is not None and self._offset != self._stored_offset
-            if (not self._pending and not moved) or self._seq is None:
+            if (not self._pending and not moved) or self._seq is None or self.fenced:
                 return
             # Output that arrives while this is written waits for the next flush.
             # The resume point is taken at the same instant: it covers exactly this output.
             pending, self._pending = self._pending, []
             size, self._pending_bytes = self._pending_bytes, 0
-            rows, last, output = self._rows(pending, self._seq + 1)
+            first = self._seq + 1
+            rows, last, output = self._rows(pending, first)
             truncated = self._truncated
             point = self._resume_point()
 
-            def store(session: Session) -> None:
-                session.add_all(rows)
+            def store(session: Session) -> bool:
                 job = session.get(Job, self._job_id)
-                if job is not None:
-                    job.log_bytes += output
-                    job.log_truncated = job.log_truncated or truncated
-                    if point is not None:
-                        job.resume = point
+                if job is None:
+                    return False
+                if self._owner is not None and (
+                    (job.host, job.attempt) != self._owner or JobState(job.state) not in ACTIVE
+                ):
+                    return False
+                stored = select(LogChunk.seq).where(
+                    LogChunk.job_id == self._job_id, LogChunk.seq == first
+                )
+                if session.scalar(stored) is not None:
+                    return True  # an earlier try committed, its answer was lost with the connection
+                session.add_all(rows)
+                job.log_bytes += output
+                job.log_truncated = job.log_truncated or truncated
+                if point is not None:
+                    job.resume = point  # with the output it covers, in one transaction
+                return True
 
-            write = asyncio.get_running_loop().create_task(self._db.run(store))
+            write = asyncio.get_running_loop().create_task(self._db.run(store, patience=patience))
             try:
                 await asyncio.shield(write)
             finally:
                 if not write.done():
                     # Cancelled while the database thread writes: that write still lands.
                     await asyncio.wait({write})
-                if not write.cancelled() and write.exception() is None:
+                if write.cancelled() or write.exception() is not None:
+                    self._pending = pending + self._pending
+                    self._pending_bytes += size
+                elif write.result():
                     self._seq = last
                     if point is not None:
                         self._stored_offset = point["offset"]
+                    if self._dropped:
+                        self._append("system", self._dropped_note())
+                        self._dropped = 0
                 else:
-                    self._pending = pending + self._pending
-                    self._pending_bytes += size
+                    self.fenced = True
+                    log.warning(
+                        "job %s is no longer attempt %s on this host: its output is not stored",
+                        self._job_id,
+                        self._owner[1] if self._owner else "?",
+                    )
         self._on_flush(self._job_id)
         if point is not None and self._ack is not None and self._stored_offset == point["offset"]:
             with contextlib.suppress(Exception):  # the agent is gone: the job ends anyway
@@ -326,6 +375,12 @@ class LogWriter:
             self._ticker = None
         await self.flush()
 
+    def _dropped_note(self) -> bytes:
+        return (
+            f"[stoker] {self._dropped} bytes of output were dropped: the database could not "
+            f"store them (unreachable or full) and at most {LOG_BUFFER_MAX} bytes may wait\n"
+        ).encode()
+
     async def close(self) -> None:
         """Stop the periodic flush; what the maskers held back joins the pending output."""
         if self._ticker is not None:
@@ -339,6 +394,9 @@ class LogWriter:
     def store_rest(self, session: Session, job: Job) -> None:
         """Add what is still pending to ``session`` (the job's final transaction)."""
         job.resume = None  # nothing to take over any more
+        if self._dropped:
+            self._append("system", self._dropped_note())
+            self._dropped = 0
         if not self._pending:
             return
         first = self._seq

@@ -19,6 +19,10 @@ do not share or collide on counters.  Names::
     stoker_egress_connections_total{pool,decision} counter guest connections through egress
                                                            proxies (allowed, denied, error)
     stoker_egress_bytes_total{pool,direction=up|down} counter bytes they carried (up: sent)
+    stoker_db_up                                gauge      1 while the database takes writes,
+                                                           0 while unreachable or its disk is full
+    stoker_db_errors_total{kind=unreachable|disk_full} counter  failed database calls
+    stoker_db_outages_total                     counter    times the database went away
 
 :class:`Metrics` implements the service's
 :class:`~stoker.service.service.Observer` protocol: the service reports
@@ -36,9 +40,12 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from stoker.outcomes import CAUSES
+from stoker.service.db import DatabaseHealth
 from stoker.service.jobs import TERMINAL, JobState, JobView
 
 __all__ = ["CONTENT_TYPE", "Metrics", "failure_kind"]
@@ -141,6 +148,7 @@ class Metrics:
             self.boot_seconds.labels(kind=kind)
         for resource in ("cpus", "memory_mb"):
             self.capacity_used.labels(resource=resource).set(0)
+        self._database: _DatabaseCollector | None = None
 
     # --- the service's Observer protocol (stoker.service.service.Observer)
 
@@ -186,6 +194,13 @@ class Metrics:
         if bytes_down > 0:
             self.egress_bytes.labels(pool=pool, direction="down").inc(bytes_down)
 
+    def watch_database(self, health: DatabaseHealth) -> None:
+        """Export ``health`` (read at every scrape) as the ``stoker_db_*`` metrics."""
+        if self._database is None:
+            self._database = _DatabaseCollector(health)
+            self.registry.register(self._database)
+        self._database.health = health
+
     # --- exposition
 
     def set_budget(self, cpus: float, memory_mb: float) -> None:
@@ -196,3 +211,27 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class _DatabaseCollector(Collector):
+    """The ``stoker_db_*`` metrics, read from a :class:`DatabaseHealth` when scraped."""
+
+    def __init__(self, health: DatabaseHealth) -> None:
+        self.health = health
+
+    def collect(self) -> list[Metric]:
+        health = self.health
+        up = GaugeMetricFamily(
+            "stoker_db_up", "1 while the database takes writes, 0 while unreachable or full."
+        )
+        up.add_metric([], 1.0 if health.up else 0.0)
+        errors = CounterMetricFamily(
+            "stoker_db_errors", "Failed database calls, by kind.", labels=["kind"]
+        )
+        for kind, n in sorted(health.errors.items()):
+            errors.add_metric([kind], n)
+        outages = CounterMetricFamily(
+            "stoker_db_outages", "Times the database became unreachable or full."
+        )
+        outages.add_metric([], health.outages)
+        return [up, errors, outages]

@@ -51,7 +51,7 @@ from stoker.errors import UsageError
 from stoker.fields import NAME_RE
 from stoker.net.policy import NetworkPolicy
 from stoker.service.config import ServiceConfig
-from stoker.service.db import Database, upgrade
+from stoker.service.db import JOB_PATIENCE, Database, upgrade
 from stoker.service.fake_backend import FakeBackend
 from stoker.service.files import JobFiles, unpack_upload
 from stoker.service.integrations import Integration
@@ -73,6 +73,7 @@ from stoker.service.jobs import (
     transition,
 )
 from stoker.service.logs import Notifier
+from stoker.service.metrics import Metrics
 from stoker.service.models import Artifact, Host, Job, JobEvent, LogChunk, VMRecord, utcnow
 from stoker.service.supervisor import Supervisor
 
@@ -258,6 +259,8 @@ class Service:
         await asyncio.to_thread(self.config.jobs_dir.mkdir, parents=True, exist_ok=True)
         await asyncio.to_thread(upgrade, self.config.database_url)
         self._db = Database(self.config.database_url)
+        if isinstance(self.observer, Metrics):
+            self.observer.watch_database(self._db.health)
         if self.status == "created":
             self.status = "open"
 
@@ -543,9 +546,11 @@ class Service:
         seq = after_seq
         while True:
             event = self.notifier.event(job_id)
+            # A follower outlives a database outage: the output it missed comes after.
             chunks, state = await self.db.run(
                 functools.partial(_read_logs, job_id=job_id, after_seq=seq, limit=LOG_PAGE),
                 write=False,
+                patience=JOB_PATIENCE,
             )
             for chunk in chunks:
                 yield chunk
@@ -684,6 +689,10 @@ class Service:
             await self.db.run(lambda s: s.execute(select(1)).scalar(), write=False)
         except Exception as exc:
             database, detail = False, f"database: {type(exc).__name__}: {exc}"
+        problem = self.db.health.describe()
+        if problem is not None:
+            # A full disk still answers reads: it is the writes that fail.
+            database, detail = False, problem
         sup = self._supervisor
         status: Any = self.status if self.status in ("starting", "stopping", "stopped") else "ok"
         if status == "ok" and (not database or (sup is not None and sup.displaced)):

@@ -38,7 +38,7 @@ from stoker.accounts import guest_user
 from stoker.errors import CommandTimeout, ProvisionError, StokerError, UsageError
 from stoker.fields import Name, Seconds
 from stoker.images.spec import EnvName, EnvValue, Items
-from stoker.service.db import Database
+from stoker.service.db import JOB_PATIENCE, Database
 from stoker.service.jobs import (
     Conflict,
     Forbidden,
@@ -393,7 +393,7 @@ class SessionRunner:
         while True:
             event = self._notifier.event(steps_key(job.id))
             step, closed, _ = await self._db.run(
-                functools.partial(_next, job_id=job.id), write=False
+                functools.partial(_next, job_id=job.id), write=False, patience=JOB_PATIENCE
             )
             now = self._clock()
             if step is not None:
@@ -428,7 +428,8 @@ class SessionRunner:
                 state="running",
                 log_from=start,
                 started_at=utcnow(),
-            )
+            ),
+            patience=JOB_PATIENCE,
         )
         timeout = max(min(step.timeout_s or left, left), 0.001)
         fields: dict[str, Any] = {}
@@ -452,7 +453,8 @@ class SessionRunner:
                         log_to=end,
                         finished_at=utcnow(),
                         **fields,
-                    )
+                    ),
+                    patience=JOB_PATIENCE,
                 )
             )
             self._notifier.notify(job.id)
@@ -476,6 +478,7 @@ class SessionRunner:
                 state = await self._db.run(
                     functools.partial(_step_state, job_id=self._job.id, seq=step.seq),
                     write=False,
+                    patience=JOB_PATIENCE,
                 )
                 if state == "stopping":
                     await _stop(task)

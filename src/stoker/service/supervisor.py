@@ -20,6 +20,18 @@ swallowed cancellation.  Every transition commits before the side effect it
 announces; a job whose host vanished is recovered by whichever host sweeps
 first, and by this host itself on restart (:meth:`Supervisor.start`).
 
+Database outages (see :mod:`stoker.service.db`): the loops skip a round and
+try again; a job's own writes wait up to :data:`~stoker.service.db.JOB_PATIENCE`
+for the database and its output waits in memory (bounded), so running jobs go
+on through a restart of PostgreSQL.  Leases after an outage follow one rule:
+
+* an owner keeps running a job it could not renew; it stops it only when the
+  database shows the job is no longer its claim (another host, or another
+  attempt: the attempt number fences every write of the old claim);
+* a sweeper takes a job over only when its lease expired **and** the sweeper's
+  own database calls have all worked for a full lease period, so after an
+  outage every live owner (heartbeat at most half a lease) renews first.
+
 Capacity: every VM that exists or is being started holds its vCPUs and memory
 in this host's ledger (:class:`~stoker.service.pools.Fleet`), from the moment
 it is planned until it is destroyed; :mod:`stoker.service.scheduler` only
@@ -34,8 +46,8 @@ import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
@@ -52,18 +64,16 @@ from stoker.service.adoption import Adopted, adopt_jobs
 from stoker.service.command import resume_command, run_command
 from stoker.service.config import ServiceConfig
 from stoker.service.db import (
+    JOB_PATIENCE,
     Database,
-    cancel_requests,
+    DatabaseError,
     claim_jobs,
     existing_job_ids,
     forget_vms,
-    heartbeat,
     log_end,
     queue_depth,
-    recover_expired,
     recover_orphans,
     register_host,
-    renew_leases,
 )
 from stoker.service.files import (
     JobFiles,
@@ -71,6 +81,7 @@ from stoker.service.files import (
     fetch_source,
     sweep_orphan_files,
 )
+from stoker.service.heartbeat import Heartbeats
 from stoker.service.jobs import (
     ACTIVE,
     TERMINAL,
@@ -119,7 +130,7 @@ MIN_PASS_INTERVAL = 0.02
 # --- the supervisor -------------------------------------------------------------------------------
 
 
-class Supervisor:
+class Supervisor(Heartbeats):
     """Runs this host's share of the jobs (see the module docstring)."""
 
     def __init__(
@@ -222,6 +233,8 @@ class Supervisor:
                 )
             for run in list(self.jobs.values()):
                 run.stop("shutdown")
+            # Writes waiting for a database that is away give up: the next life reconciles.
+            self.db.stop_waiting()
             await asyncio.wait(pending or tasks, timeout=120)
         self._stopped.set()
         if self._main is not None:
@@ -344,6 +357,9 @@ class Supervisor:
             started = time.monotonic()
             try:
                 await self.schedule_once()
+            except DatabaseError:
+                # Logged once by the database's health; wait for its next probe.
+                await asyncio.sleep(max(self.db.health.retry_in(), self.config.poll_seconds))
             except Exception:
                 self._log.exception("scheduling pass failed")
                 await asyncio.sleep(1.0)
@@ -383,6 +399,7 @@ class Supervisor:
                     choose=choose,
                     lease_seconds=self.config.lease_seconds,
                     per_queue=slots(states, free),
+                    exclude=list(self.jobs),
                 )
             )
         decision = decided[0] if decided else None
@@ -416,6 +433,7 @@ class Supervisor:
             limit=self.config.limits.max_log_bytes,
             secrets=secret_values(run.job),
             on_flush=self.notifier.notify,
+            owner=(self.host, run.job.attempt),
         )
         run.connections = JobConnections(writer, secrets=secret_values(run.job))
         outcome: Outcome | None = None
@@ -604,6 +622,7 @@ class Supervisor:
         """
         now = utcnow()
         job_id = run.job.id
+        attempt = run.job.attempt
         lease = timedelta(seconds=self.config.lease_seconds)
         if record is not None:
             record.host = self.host
@@ -611,12 +630,13 @@ class Supervisor:
 
         def move(session: Session) -> tuple[str, Job, tuple[int, int, bool] | None]:
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.host != self.host or JobState(job.state) not in ACTIVE:
+            if not self._holds(job, attempt):
                 raise LeaseLost(job_id)
             if job.cancel_requested and to is not JobState.CANCELLED:
                 raise CancelRequested(job_id)
             source = job.state
-            transition(session, job, to, reason=reason, host=self.host, now=now)
+            if source != to.value:  # (equal: a retry after a commit whose answer was lost)
+                transition(session, job, to, reason=reason, host=self.host, now=now)
             for key, value in (fields or {}).items():
                 setattr(job, key, value)
             if to in ACTIVE:
@@ -625,7 +645,7 @@ class Supervisor:
                 session.merge(record)
             return source, job, log_end(session, job_id) if log_state else None
 
-        source, job, logs = await self.db.run(move)
+        source, job, logs = await self.db.run(move, patience=JOB_PATIENCE)
         self._observe_transition(JobView.of(job), source, to)
         self.notifier.notify(job_id)
         return job, logs
@@ -685,7 +705,7 @@ class Supervisor:
 
         def record(session: Session) -> tuple[str, Job, JobState] | None:
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.host != self.host or JobState(job.state) not in ACTIVE:
+            if not self._holds(job, run.job.attempt):
                 return None
             source = job.state
             target, reason = outcome.target(job, retry_limit)
@@ -706,7 +726,7 @@ class Supervisor:
                 session.execute(delete(VMRecord).where(VMRecord.name == vm_name))
             return source, job, target
 
-        done = await self.db.run(record)
+        done = await self.db.run(record, patience=JOB_PATIENCE)
         if done is None:
             self._log.warning(
                 "job %s was taken over by another host; its result is dropped", job_id
@@ -722,80 +742,21 @@ class Supervisor:
         )
         self._observe_transition(JobView.of(job), source, target)
 
+    def _holds(self, job: Job | None, attempt: int) -> TypeGuard[Job]:
+        """Whether ``job`` (as just read) is still this host's claim ``attempt``."""
+        return (
+            job is not None
+            and job.host == self.host
+            and job.attempt == attempt
+            and JobState(job.state) in ACTIVE
+        )
+
     def _on_connection(self, pool: str, record: ConnectionRecord) -> None:
         """A connection of a VM of ``pool`` ended (the proxy's callback: must not block)."""
         self._observe("connection", pool, record.decision, record.bytes_up, record.bytes_down)
         run = self.jobs.get(record.job) if record.job is not None else None
         if run is not None and run.connections is not None:
             run.connections.record(record)
-
-    # ------------------------------------------------------------------ heartbeat and sweeping
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_seconds)
-            try:
-                await self.heartbeat_once()
-            except Exception:
-                self._log.exception("heartbeat failed")
-
-    async def heartbeat_once(self) -> None:
-        """Renew leases, notice cancels and take-overs, recover other hosts' lost jobs."""
-        now = utcnow()
-        local = list(self.jobs)
-        until = now + timedelta(seconds=self.config.lease_seconds)
-
-        def beat(session: Session) -> tuple[bool, set[str], set[str]]:
-            alive = heartbeat(session, host=self.host, incarnation=self.incarnation, now=now)
-            held = renew_leases(session, host=self.host, job_ids=local, until=until)
-            return alive, held, cancel_requests(session, job_ids=local)
-
-        alive, held, cancels = await self.db.run(beat)
-        if not alive and not self.displaced:
-            self.displaced = True
-            self._log.error(
-                "another stoker serve now runs as host %r: this one claims no more jobs",
-                self.host,
-            )
-        for job_id in local:
-            run = self.jobs.get(job_id)
-            if run is None:
-                continue
-            if job_id not in held:
-                run.stop("lease_lost")
-            elif job_id in cancels:
-                run.stop("cancel")
-        await self.sweep(now)
-        self.fleet.drop_dead_idle()
-        await self._publish_queue_depth()
-        self._publish_vms()
-
-    async def sweep(self, now: datetime | None = None) -> int:
-        """Recover jobs whose host stopped heartbeating; return how many."""
-        changes = await self.db.run(
-            functools.partial(
-                recover_expired,
-                host=self.host,
-                now=now or utcnow(),
-                local=set(self.jobs),  # ours and running: the heartbeat just renewed them
-                lease_seconds=self.config.lease_seconds,
-                retry_limit=self.config.retry_limit,
-            )
-        )
-        for view, source, target in changes:
-            self._log.warning(
-                "job %s: %s -> %s (%s)",
-                view.id,
-                source,
-                target,
-                view.reason,
-                extra={"job": view.id, "state": target.value, "host": self.host},
-            )
-            self._observe_transition(view, source, target)
-            self._observe("infrastructure_failure", "host_lost")
-        if changes:
-            self._wake.set()
-        return len(changes)
 
     # ------------------------------------------------------------------ observation
 
