@@ -394,6 +394,25 @@ def test_a_step_for_a_job_that_is_no_session(fuzzed: Fuzzed, document: dict[str,
         assert "400" in document["paths"][template][method]["responses"]
 
 
+def test_the_token_is_checked_before_the_body(fuzzed: Fuzzed) -> None:
+    # FastAPI parsed a declared JSON body before the route's token check: a step of broken
+    # JSON sent with no token (or a read-only one) was answered 422, not 401 (403).
+    url = f"/v1/jobs/{fuzzed.session}/steps"
+    broken = {"content": b'{"command": [', "headers": {"Content-Type": "application/json"}}
+    for who, status in ((None, 401), ("viewer", 403), ("ci", 422)):
+        headers = {**broken["headers"], **(fuzzed.server.headers(who) if who else {})}
+        response = fuzzed.client.post(url, content=broken["content"], headers=headers)
+        assert response.status_code == status, (who, response.text)
+    assert response.json()["error"] == "the body is not valid JSON"
+    response = fuzzed.client.post(
+        url,
+        json={"command": ["true"], "secrets": {"bad name": "s3cr3t-value"}},
+        headers=fuzzed.server.headers("ci"),
+    )
+    assert response.status_code == 422 and response.json()["error"].startswith("invalid step")
+    assert "s3cr3t-value" not in response.text
+
+
 def test_the_unknown_multipart_parts_are_documented(document: dict[str, Any]) -> None:
     # The document let any part through; the service refuses parts other than these two.
     body = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]

@@ -76,6 +76,7 @@ from stoker.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from stoker.service.metrics import Metrics
 from stoker.service.openapi import allowed_methods, document
 from stoker.service.service import HealthView, HostView, NullObserver, PoolView, Service, VMView
+from stoker.service.sessions import StepRequest
 from stoker.service.upload import BadUpload, UploadTooLarge, body_limit, receive_upload
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ log = logging.getLogger(__name__)
 __all__ = ["create_app"]
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 #: Chunks per page of ``GET /v1/jobs/{id}/logs`` (without ``follow``).
 MAX_LOG_PAGE_CHUNKS: Final = 1000
@@ -333,13 +335,36 @@ def _incoming_dir(config: ServiceConfig) -> Path:
 
 
 def _parse_spec(raw: bytes) -> JobRequest:
+    return parse_json(JobRequest, raw, what="job spec", where="the spec part")
+
+
+def parse_json(model: type[M], raw: bytes, *, what: str, where: str) -> M:
+    """``raw`` (JSON) as ``model``, or a 422 naming ``what`` (and ``where`` for bad JSON).
+
+    Routes parse their bodies with this rather than declaring them as parameters:
+    FastAPI parses a declared body before it checks the token, so a caller without one
+    would hear about its JSON (422) rather than its missing token (401).
+    """
     try:
-        return JobRequest.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         problems = _validation_problems(exc.errors(), _raw_secrets(raw))
         if any(p["type"] == "json_invalid" for p in problems):
-            raise ApiError(422, "the spec part is not valid JSON", problems) from None
-        raise ApiError(422, f"invalid job spec: {_summary(problems)}", problems) from None
+            raise ApiError(422, f"{where} is not valid JSON", problems) from None
+        raise ApiError(422, f"invalid {what}: {_summary(problems)}", problems) from None
+
+
+def json_body(model: type[BaseModel], description: str) -> dict[str, Any]:
+    """``openapi_extra`` documenting a JSON body of ``model`` that a route parses itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    }
 
 
 @jobs.get(
@@ -730,9 +755,11 @@ def create_app(service: Service, config: ServiceConfig) -> FastAPI:
     return app
 
 
-#: Bodies the routes parse or stream themselves: the submission's spec, the log stream's end.
+#: Bodies the routes parse or stream themselves: the submission's spec, a session's step,
+#: the log stream's end.
 _BUILT_BODIES: Final[tuple[tuple[type[BaseModel], JsonSchemaMode], ...]] = (
     (JobRequest, "validation"),
+    (StepRequest, "validation"),
     (LogEnd, "serialization"),
 )
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 
-from stoker.service.api import Job, JobId, _call, _service, event_stream
+from stoker.service.api import Job, JobId, _call, _service, event_stream, json_body, parse_json
 from stoker.service.apiutil import ERRORS, ErrorBody, Submitter, event_stream_schema
 from stoker.service.sessions import (
     StepRequest,
@@ -41,15 +41,15 @@ _RESPONSES: dict[int | str, dict[str, object]] = {
     summary="Send a command to a session",
     status_code=201,
     response_model=StepView,
+    openapi_extra=json_body(StepRequest, "The command and how to run it."),
     responses={
         **_RESPONSES,
         413: {"model": ErrorBody, "description": "The step's environment is too large."},
     },
 )
-async def post_step(
-    request: Request, principal: Submitter, job_id: JobId, step: StepRequest
-) -> StepView:
+async def post_step(request: Request, principal: Submitter, job_id: JobId) -> StepView:
     """Queue a command for the session's VM; steps run one at a time, in order."""
+    step = parse_json(StepRequest, await request.body(), what="step", where="the body")
     service = _service(request)
     admin = principal.allows("admin")
     view = await _call(
