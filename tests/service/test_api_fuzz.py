@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
+import jsonschema_rs
 import pytest
 import schemathesis
 from fastapi import FastAPI
@@ -53,12 +54,15 @@ from stoker.service.api import create_app
 from stoker.service.apiutil import route_scopes
 from stoker.service.auth import SCOPES, Principal
 from stoker.service.config import ServiceConfig
+from stoker.service.jobs import JobRequest
 from stoker.service.service import Service
 
 #: Examples per operation (each one request); the run stays around a minute.
 EXAMPLES = 60
 #: The operations no token guards (anything else without a scope fails the test).
 OPEN_OPERATIONS = {("GET", "/health")}
+#: Not positive_data_acceptance: a valid spec may still name no configured pool, and a
+#: "binary" source may be no tarball (both a documented 400).
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -411,6 +415,26 @@ def test_the_token_is_checked_before_the_body(fuzzed: Fuzzed) -> None:
     )
     assert response.status_code == 422 and response.json()["error"].startswith("invalid step")
     assert "s3cr3t-value" not in response.text
+
+
+def test_a_spec_needs_a_command_or_a_session(document: dict[str, Any]) -> None:
+    # The document called `{}` a valid spec (the service refuses it: 422).
+    spec = {"$ref": "#/components/schemas/JobRequest", "components": document["components"]}
+    validator = jsonschema_rs.Draft202012Validator(spec)
+    for good in ({"command": ["make"]}, {"session": {}}, {"session": {}, "retries": 0}):
+        assert validator.is_valid(good), good
+        JobRequest.model_validate(good)
+    for bad in (
+        {},
+        {"command": []},
+        {"command": [""]},
+        {"command": ["make"], "session": {}},
+        {"session": {}, "artifacts": ["a"]},
+        {"session": {}, "retries": 2},
+    ):
+        assert not validator.is_valid(bad), bad
+        with pytest.raises(ValueError):
+            JobRequest.model_validate(bad)
 
 
 def test_the_unknown_multipart_parts_are_documented(document: dict[str, Any]) -> None:
