@@ -44,7 +44,6 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import JsonSchemaMode
@@ -59,6 +58,7 @@ from stoker.service.apiutil import (
     Reader,
     Submitter,
     error_response,
+    event_stream_schema,
     from_stoker,
 )
 from stoker.service.auth import TokenTable
@@ -74,7 +74,9 @@ from stoker.service.jobs import (
 )
 from stoker.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from stoker.service.metrics import Metrics
+from stoker.service.openapi import allowed_methods, document
 from stoker.service.service import HealthView, HostView, NullObserver, PoolView, Service, VMView
+from stoker.service.sessions import StepRequest
 from stoker.service.upload import BadUpload, UploadTooLarge, body_limit, receive_upload
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ log = logging.getLogger(__name__)
 __all__ = ["create_app"]
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 #: Chunks per page of ``GET /v1/jobs/{id}/logs`` (without ``follow``).
 MAX_LOG_PAGE_CHUNKS: Final = 1000
@@ -252,6 +255,7 @@ _SUBMIT_BODY: Final[dict[str, Any]] = {
                 "schema": {
                     "type": "object",
                     "required": ["spec"],
+                    "additionalProperties": False,
                     "properties": {
                         "spec": {"$ref": "#/components/schemas/JobRequest"},
                         "source": {"type": "string", "format": "binary"},
@@ -331,16 +335,44 @@ def _incoming_dir(config: ServiceConfig) -> Path:
 
 
 def _parse_spec(raw: bytes) -> JobRequest:
+    return parse_json(JobRequest, raw, what="job spec", where="the spec part")
+
+
+def parse_json(model: type[M], raw: bytes, *, what: str, where: str) -> M:
+    """``raw`` (JSON) as ``model``, or a 422 naming ``what`` (and ``where`` for bad JSON).
+
+    Routes parse their bodies with this rather than declaring them as parameters:
+    FastAPI parses a declared body before it checks the token, so a caller without one
+    would hear about its JSON (422) rather than its missing token (401).
+    """
     try:
-        return JobRequest.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         problems = _validation_problems(exc.errors(), _raw_secrets(raw))
         if any(p["type"] == "json_invalid" for p in problems):
-            raise ApiError(422, "the spec part is not valid JSON", problems) from None
-        raise ApiError(422, f"invalid job spec: {_summary(problems)}", problems) from None
+            raise ApiError(422, f"{where} is not valid JSON", problems) from None
+        raise ApiError(422, f"invalid {what}: {_summary(problems)}", problems) from None
 
 
-@jobs.get("", summary="List jobs", response_model=JobList)
+def json_body(model: type[BaseModel], description: str) -> dict[str, Any]:
+    """``openapi_extra`` documenting a JSON body of ``model`` that a route parses itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    }
+
+
+@jobs.get(
+    "",
+    summary="List jobs",
+    response_model=JobList,
+    responses={404: {"model": ErrorBody, "description": "No job `before` names."}},
+)
 async def list_jobs(
     request: Request,
     principal: Reader,
@@ -350,7 +382,8 @@ async def list_jobs(
     submitter: Annotated[str | None, Query(description="Only jobs of this submitter.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many jobs.")] = 100,
     before: Annotated[
-        str | None, Query(description="Only jobs created before this job (paging).")
+        str | None,
+        Query(description="Only jobs created before this job (paging).", pattern=r"^[0-9a-f]{32}$"),
     ] = None,
 ) -> JobList:
     """Jobs matching every given filter, newest first, one page at a time."""
@@ -405,7 +438,13 @@ async def cancel_job(request: Request, principal: Submitter, job_id: JobId) -> J
             "description": "The stored log (JSON), or with `follow=1` a `text/event-stream` "
             "of `log` events (data: a LogChunk) ending with one `end` event (data: LogEnd), "
             "or an `error` event (data: ErrorBody) if the service fails meanwhile.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {
+                "text/event-stream": {
+                    "schema": event_stream_schema(
+                        {"log": "LogChunk", "end": "LogEnd", "error": "ErrorBody"}
+                    )
+                }
+            },
         },
     },
 )
@@ -684,7 +723,7 @@ def create_app(service: Service, config: ServiceConfig) -> FastAPI:
             app.include_router(router)
         integration.register_metrics(app.state.metrics.registry)
 
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: document(app, _BUILT_BODIES)  # type: ignore[method-assign]
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi_document(principal: Reader) -> JSONResponse:
@@ -702,13 +741,27 @@ def create_app(service: Service, config: ServiceConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(ApiError(exc.status_code, str(exc.detail), headers=exc.headers))
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route with this path; a path
+            # served by several routes (GET and POST /v1/jobs) must list them all.
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
+        return error_response(ApiError(exc.status_code, str(exc.detail), headers=headers))
 
     @app.exception_handler(StokerError)
     async def _stoker_error(request: Request, exc: StokerError) -> JSONResponse:
         return error_response(from_stoker(exc))
 
     return app
+
+
+#: Bodies the routes parse or stream themselves: the submission's spec, a session's step,
+#: the log stream's end.
+_BUILT_BODIES: Final[tuple[tuple[type[BaseModel], JsonSchemaMode], ...]] = (
+    (JobRequest, "validation"),
+    (StepRequest, "validation"),
+    (LogEnd, "serialization"),
+)
 
 
 def _metrics_of(service: Service) -> Metrics:
@@ -722,43 +775,3 @@ def _metrics_of(service: Service) -> Metrics:
     budget = service.config.host
     collector.set_budget(budget.cpu_budget, budget.memory_budget_mb)
     return collector
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, completed: the submission's spec schema, our 422 error body."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(
-        title=app.title,
-        version=app.version,
-        summary=app.summary,
-        description=app.description,
-        routes=app.routes,
-        tags=app.openapi_tags,
-    )
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    # Bodies the routes build themselves: the submission's spec, the log stream's events.
-    extra: tuple[tuple[type[BaseModel], JsonSchemaMode], ...] = (
-        (JobRequest, "validation"),
-        (LogEnd, "serialization"),
-    )
-    for model, mode in extra:
-        schema_of = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
-        for name, definition in schema_of.pop("$defs", {}).items():
-            components.setdefault(name, definition)
-        components.setdefault(model.__name__, schema_of)
-    # Validation errors are rendered by our handler as ErrorBody, not FastAPI's default.
-    for operations in schema.get("paths", {}).values():
-        for operation in operations.values():
-            responses = operation.get("responses", {})
-            if "422" in responses:
-                responses["422"] = {
-                    "description": "The request does not validate.",
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
-                    },
-                }
-    components.pop("HTTPValidationError", None)
-    components.pop("ValidationError", None)
-    app.openapi_schema = schema
-    return schema

@@ -6,13 +6,17 @@ views) use these, so that every endpoint authenticates and fails the same way.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Annotated, Any, Final
 
-from fastapi import Depends, Request
+import fastapi.routing
+from fastapi import Depends, Request, Security
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.routing import BaseRoute
 
 from stoker.errors import StokerError, UsageError
 from stoker.service.auth import Principal, Scope, TokenTable
@@ -83,10 +87,22 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=exc.status, headers=exc.headers)
 
 
-def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
-    """A dependency: the caller's principal, which must hold ``scope``."""
+class ScopeCheck:
+    """A dependency: the caller's principal, which must hold :attr:`scope`.
 
-    async def dependency(
+    A class rather than a closure so that the scope an operation requires can
+    be read back from the app's routes (:func:`route_scopes`), e.g. by the
+    tests that call every operation with too weak a token.
+    """
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope: Final[Scope] = scope
+
+    def __repr__(self) -> str:
+        return f"ScopeCheck({self.scope!r})"
+
+    async def __call__(
+        self,
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
@@ -104,21 +120,86 @@ def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
                 "invalid bearer token",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
-        if not principal.allows(scope):
+        if not principal.allows(self.scope):
             raise ApiError(
                 403,
-                f"token {principal.name!r} lacks the {scope!r} scope",
-                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+                f"token {principal.name!r} lacks the {self.scope!r} scope",
+                headers={
+                    "WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{self.scope}"'
+                },
             )
         return principal
 
-    dependency.__name__ = f"require_{scope}"
-    return dependency
+
+def require(scope: Scope) -> ScopeCheck:
+    """A dependency: the caller's principal, which must hold ``scope``."""
+    return ScopeCheck(scope)
 
 
-Submitter = Annotated[Principal, Depends(require("submit"))]
-Reader = Annotated[Principal, Depends(require("read"))]
+def api_routes(routes: Iterable[BaseRoute]) -> Iterator[Any]:
+    """Every API route under ``routes`` (the app's), with the path and dependencies it has
+    once included: its prefix, and the dependencies of the routers that include it."""
+    # FastAPI 0.16x keeps included routers as lazy entries and lists their effective routes
+    # through iter_route_contexts; before it, included routes were copied into app.routes.
+    contexts: Callable[[Sequence[BaseRoute]], Iterator[Any]] | None = getattr(
+        fastapi.routing, "iter_route_contexts", None
+    )
+    for route in contexts(list(routes)) if contexts is not None else routes:
+        if isinstance(getattr(route, "original_route", route), APIRoute):
+            yield route
+
+
+def route_scopes(routes: Iterable[BaseRoute]) -> dict[tuple[str, str], frozenset[Scope]]:
+    """``(METHOD, path) -> the scopes its dependencies require`` for every API route.
+
+    An empty set: the operation checks no token (only ``GET /health`` should).
+    """
+    found: dict[tuple[str, str], frozenset[Scope]] = {}
+    for route in api_routes(routes):
+        scopes: set[Scope] = set()
+        pending: list[Dependant] = [route.dependant]
+        while pending:
+            dependant = pending.pop()
+            if isinstance(dependant.call, ScopeCheck):
+                scopes.add(dependant.call.scope)
+            pending.extend(dependant.dependencies)
+        for method in route.methods:
+            found[(method, route.path_format)] = frozenset(scopes)
+    return found
+
+
+# The scope is given to Security too, so that the OpenAPI document names it in each
+# operation's security requirement ({"bearerToken": ["submit"]}).
+Submitter = Annotated[Principal, Security(require("submit"), scopes=["submit"])]
+Reader = Annotated[Principal, Security(require("read"), scopes=["read"])]
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No bearer token, or an unknown one."},
     403: {"model": ErrorBody, "description": "The token lacks the scope."},
 }
+
+
+def event_stream_schema(events: Mapping[str, str]) -> dict[str, Any]:
+    """The schema of one server-sent event of a stream: ``event name -> data's schema``.
+
+    (Before OpenAPI 3.2 the ``schema`` of ``text/event-stream`` describes each
+    event.)  ``data`` is JSON text, described by ``contentSchema``; ``id``
+    is the log seq where the stream sends one.
+    """
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"const": name},
+                    "id": {"type": "string", "pattern": "^[0-9]+$"},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": f"#/components/schemas/{schema}"},
+                    },
+                },
+            }
+            for name, schema in events.items()
+        ]
+    }

@@ -30,10 +30,10 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, model_validator
 from sqlalchemy.orm import Session
 
 from stoker.errors import UsageError
@@ -257,6 +257,28 @@ class SessionOptions(BaseModel):
     idle_timeout: Seconds = 600.0
 
 
+#: What :meth:`JobRequest._consistent` checks, as JSON Schema (for the API's document):
+#: a command whose program is not empty, or a session (no command, no artifacts, no retries).
+_COMMAND_OR_SESSION: Final[list[JsonValue]] = [
+    {
+        "required": ["command"],
+        "properties": {
+            "command": {"minItems": 1, "prefixItems": [{"minLength": 1}]},
+            "session": {"type": "null"},
+        },
+    },
+    {
+        "required": ["session"],
+        "properties": {
+            "session": {"type": "object"},
+            "command": {"maxItems": 0},
+            "artifacts": {"maxItems": 0},
+            "retries": {"enum": [0, None]},
+        },
+    },
+]
+
+
 class JobRequest(BaseModel):
     """What a submitter asks for (the ``spec`` of ``POST /v1/jobs``).
 
@@ -266,7 +288,9 @@ class JobRequest(BaseModel):
     Exactly one of ``command`` and ``session`` is given.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, json_schema_extra={"oneOf": _COMMAND_OR_SESSION}
+    )
 
     command: Items[Annotated[str, AfterValidator(_check_argv_item)]] = ()
     #: Hold the VM for commands sent one at a time (see :mod:`stoker.service.sessions`);

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
@@ -41,14 +42,28 @@ LOG_BUFFER_MAX = 8 << 20
 
 
 class Notifier:
-    """Wakes coroutines waiting for news about a key (a job id)."""
+    """Wakes coroutines waiting for news about a key (a job id).
+
+    An event is kept only while someone holds it: a follower that stops
+    (its job ended, its client left) takes its entry with it, so the table does
+    not grow by one event for every job ever followed.
+    """
 
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
+        self._events: weakref.WeakValueDictionary[str, asyncio.Event] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def __len__(self) -> int:
+        """How many keys someone waits for."""
+        return len(self._events)
 
     def event(self, key: str) -> asyncio.Event:
         """The event the next :meth:`notify` of ``key`` sets (take it before looking)."""
-        return self._events.setdefault(key, asyncio.Event())
+        event = self._events.get(key)
+        if event is None:
+            event = self._events[key] = asyncio.Event()
+        return event
 
     def notify(self, key: str) -> None:
         event = self._events.pop(key, None)

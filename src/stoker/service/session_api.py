@@ -13,8 +13,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 
-from stoker.service.api import Job, JobId, _call, _service, event_stream
-from stoker.service.apiutil import ERRORS, ErrorBody, Submitter
+from stoker.service.api import Job, JobId, _call, _service, event_stream, json_body, parse_json
+from stoker.service.apiutil import ERRORS, ErrorBody, Submitter, event_stream_schema
 from stoker.service.sessions import (
     StepRequest,
     StepView,
@@ -30,6 +30,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 StepSeq = Annotated[int, PathParam(ge=1, le=1_000_000, description="The step's number.")]
 _RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorBody, "description": "The job is not a session, or a bad step."},
     404: {"model": ErrorBody, "description": "No such job or step."},
     409: {"model": ErrorBody, "description": "The session has ended or is closing."},
 }
@@ -40,12 +41,15 @@ _RESPONSES: dict[int | str, dict[str, object]] = {
     summary="Send a command to a session",
     status_code=201,
     response_model=StepView,
-    responses=_RESPONSES,
+    openapi_extra=json_body(StepRequest, "The command and how to run it."),
+    responses={
+        **_RESPONSES,
+        413: {"model": ErrorBody, "description": "The step's environment is too large."},
+    },
 )
-async def post_step(
-    request: Request, principal: Submitter, job_id: JobId, step: StepRequest
-) -> StepView:
+async def post_step(request: Request, principal: Submitter, job_id: JobId) -> StepView:
     """Queue a command for the session's VM; steps run one at a time, in order."""
+    step = parse_json(StepRequest, await request.body(), what="step", where="the body")
     service = _service(request)
     admin = principal.allows("admin")
     view = await _call(
@@ -69,7 +73,13 @@ async def post_step(
             "description": "The step (JSON), or with `follow=1` a `text/event-stream` of "
             "`log` events (data: a LogChunk, its stdout and stderr) ending with one `end` "
             "event (data: the finished step).",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {
+                "text/event-stream": {
+                    "schema": event_stream_schema(
+                        {"log": "LogChunk", "end": "StepView", "error": "ErrorBody"}
+                    )
+                }
+            },
         },
     },
 )
