@@ -273,7 +273,8 @@ class SpecBuilder:
             "source_date_epoch": SOURCE_DATE_EPOCH,
             "kernel": self.kernel.to_json(),
             "env": dict(spec.env),
-            "defaults": spec.defaults.model_dump(mode="json"),
+            # Limits an image does not set are left out, as from its digest.
+            "defaults": spec.defaults.model_dump(mode="json", exclude_none=True),
             **({"network": spec.network.model_dump(mode="json")} if spec.network else {}),
             "artifacts": [
                 {
