@@ -128,6 +128,8 @@ class ChaosReport:
     states: dict[str, int] = field(default_factory=dict)
     attempts: int = 0
     reruns: int = 0
+    #: Jobs a restarted daemon took over (their VM survived the kill).
+    taken_over: int = 0
     duplicate_attempts: int = 0
     lost: int = 0
     leftover_vmms: list[int] = field(default_factory=list)
@@ -147,6 +149,7 @@ class ChaosReport:
             ("SIGKILLs of a daemon", str(len(self.kills))),
             ("jobs by final state", ", ".join(f"{k} {v}" for k, v in sorted(self.states.items()))),
             ("attempts run (reruns after a kill)", f"{self.attempts} ({self.reruns})"),
+            ("jobs taken over by a restarted daemon", str(self.taken_over)),
             ("attempts that ran twice", str(self.duplicate_attempts)),
             ("jobs lost (never ended)", str(self.lost)),
             (
@@ -341,7 +344,10 @@ async def _check_job(client: Service, view: JobView, report: ChaosReport) -> Non
         report.problems.append(
             f"job {view.id} ended {len(terminal)} times: {[e.to_state.value for e in view.events]}"
         )
-    out = "".join(c.text for c in await client.logs(view.id) if c.stream == "stdout")
+    chunks = await client.logs(view.id)
+    out = "".join(c.text for c in chunks if c.stream == "stdout")
+    if any("took over VM" in c.text for c in chunks if c.stream == "system"):
+        report.taken_over += 1
     attempts = [int(n) for n in _ATTEMPT.findall(out)]
     report.attempts += len(attempts)
     report.reruns += max(0, len(attempts) - 1)
