@@ -95,10 +95,14 @@ def test_process_joins_its_cgroup_before_exec_and_teardown_kills_it(parent: Path
     asyncio.run(scenario())
 
 
-def test_required_refuses_what_this_host_lacks(parent: Path) -> None:
+def test_required_refuses_what_this_host_lacks(
+    parent: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     support = probe(parent=parent)
     if not support.missing:
         pytest.skip("this host delegates memory, pids and cpu: nothing to refuse")
+    # The note is made once per process: forget what earlier tests were told.
+    monkeypatch.setattr("stoker.isolation._noted", set())
 
     notes: list[str] = []
 
