@@ -173,15 +173,17 @@ EXT4_FIRST_INODE = 12
 
 
 def ext4_ctime_script(entries: int, epoch: int) -> str:
-    """debugfs commands setting the ctime of every inode ``mkfs.ext4 -d`` filled.
+    """debugfs commands setting the ctime and atime of every inode ``mkfs.ext4 -d`` filled.
 
     mke2fs 1.47.0 copies each file's ctime from the tree, and a ctime cannot be
     set from user space, so it is rewritten afterwards (1.47.1 would honour
-    SOURCE_DATE_EPOCH).  ``-d`` allocates inodes in order from
+    SOURCE_DATE_EPOCH).  The atime too: mke2fs reading the normalised tree
+    updates its directories' atimes to the wall clock, so two builds a second
+    apart differed.  ``-d`` allocates inodes in order from
     :data:`EXT4_FIRST_INODE`; root is 2 and lost+found 11.
     """
     inodes = [2, 11, *range(EXT4_FIRST_INODE, EXT4_FIRST_INODE + entries)]
-    return "".join(f"sif <{i}> ctime @{epoch}\n" for i in inodes)
+    return "".join(f"sif <{i}> ctime @{epoch}\nsif <{i}> atime @{epoch}\n" for i in inodes)
 
 
 def pack_argv(
