@@ -22,6 +22,7 @@ PACKAGES=(
   postgresql        # `stoker serve` on PostgreSQL (the multi-host tests start a throw-away cluster)
   git               # `stoker serve` jobs whose source is a git URL + ref; the network tests' git server
   iproute2 util-linux   # the network tests and bench run in their own namespace (ip, unshare)
+  systemd           # systemd-analyze verify of deploy/stoker.service (the unit's test)
   ca-certificates
 )
 
