@@ -27,7 +27,7 @@ import pytest
 from stoker.backends.detached import VmmRecord
 from stoker.backends.qemu import QemuBackend
 from stoker.paths import Dirs
-from stoker.vmadopt import Adoptable, adopt_vm, follow_exec
+from stoker.vmadopt import Adoptable, adopt_vm
 
 pytestmark = [pytest.mark.vm]
 
@@ -137,7 +137,7 @@ async def test_a_killed_owner_s_vm_is_adopted_and_its_command_finishes(tmp_path:
         async def sink(data: bytes) -> None:
             rest.extend(data)
 
-        result = await follow_exec(vm, state["channel"], stdout=sink, timeout=300)
+        result = await vm.follow(state["channel"], stdout=sink, timeout=300)
         assert result.exit_code == 3
         assert stored + bytes(rest) == EXPECTED
         # The adopted VM is a VM like any other: it runs new commands.

@@ -648,28 +648,25 @@ class VM:
         ``journal``, ``on_started``, ``on_frame``: see :meth:`AgentClient.exec`.
         """
         full_env = {**default_guest_env(), **self.image_env, **self.network_env, **(env or {})}
-        try:
-            result = await self._guarded(
-                self._agent().exec(
-                    argv,
-                    env=full_env,
-                    cwd=cwd,
-                    uid=uid,
-                    gid=gid,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    capture=capture,
-                    max_capture=max_capture,
-                    timeout=timeout,
-                    limits=self.job_limits.request(self.memory_mb),
-                    on_started=on_started,
-                    on_frame=on_frame,
-                    journal=journal,
-                )
+        result = await self._command(
+            self._agent().exec(
+                argv,
+                env=full_env,
+                cwd=cwd,
+                uid=uid,
+                gid=gid,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                capture=capture,
+                max_capture=max_capture,
+                timeout=timeout,
+                limits=self.job_limits.request(self.memory_mb),
+                on_started=on_started,
+                on_frame=on_frame,
+                journal=journal,
             )
-        except GuestPanic as exc:
-            raise JobKernelPanic(panic_message(exc.reason), console=exc.console) from exc
+        )
         if check and not result.ok:
             how = (
                 f"exit status {result.exit_code}"
@@ -680,6 +677,31 @@ class VM:
                 f"{argv[0]} failed with {how}", exit_code=result.exit_code, signal=result.signal
             )
         return result
+
+    @require(VMState.READY)
+    async def follow(
+        self,
+        channel: int,
+        *,
+        stdout: OutputSink | None = None,
+        stderr: OutputSink | None = None,
+        timeout: float | None = None,
+        on_frame: Callable[[int, int], None] | None = None,
+    ) -> ExecResult:
+        """Follow to its end a command an earlier process started on ``channel`` of an
+        adopted VM (:mod:`stoker.vmadopt`); as :meth:`exec` otherwise."""
+        return await self._command(
+            self._agent().attach_exec(
+                channel, stdout=stdout, stderr=stderr, timeout=timeout, on_frame=on_frame
+            )
+        )
+
+    async def _command(self, running: Awaitable[ExecResult]) -> ExecResult:
+        """A command's result; a guest kernel panic meanwhile is the command's doing."""
+        try:
+            return await self._guarded(running)
+        except GuestPanic as exc:
+            raise JobKernelPanic(panic_message(exc.reason), console=exc.console) from exc
 
     @require(VMState.READY)
     async def put(self, src: str | os.PathLike[str], dest: str) -> PackReport:

@@ -8,7 +8,7 @@ After a restart, :func:`adopt_vm` rebuilds a :class:`~stoker.vm.VM` around it:
 the VMM watched through a pidfd, the console and monitor reconnected, the agent
 channel resumed from the journal offset the old process stored, and the
 network (an egress proxy lives in the service process) started again.
-:func:`follow_exec` then follows the command the old process had started.
+:meth:`VM.follow` then follows the command the old process had started.
 
 A friend module of :mod:`stoker.vm`: it sets up the same private state that
 :meth:`VM.start` would, from what is on disk instead of from a boot.
@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING
 
 from stoker import vmfiles
 from stoker.backends.base import Backend
-from stoker.errors import GuestPanic, InfrastructureError, JobKernelPanic
+from stoker.errors import InfrastructureError
 from stoker.isolation.cgroups import VMCgroup
 from stoker.lifecycle import VMState
-from stoker.outcomes import panic_message
 from stoker.paths import Dirs
-from stoker.protocol.common import ChannelLimits, ExecResult, OutputSink
+from stoker.protocol.common import ChannelLimits
 from stoker.vm import VM
 
 if TYPE_CHECKING:
@@ -127,27 +126,3 @@ async def adopt_vm(
         await vm.destroy()
         raise
     return vm
-
-
-async def follow_exec(
-    vm: VM,
-    channel: int,
-    *,
-    stdout: OutputSink | None = None,
-    stderr: OutputSink | None = None,
-    timeout: float | None = None,
-    on_frame: Callable[[int, int], None] | None = None,
-) -> ExecResult:
-    """Follow the command the old process started on ``channel`` to its end.
-
-    As :meth:`VM.exec`: a guest kernel panic meanwhile is the command's doing
-    (:class:`~stoker.errors.JobKernelPanic`).
-    """
-    try:
-        return await vm._guarded(
-            vm.agent.attach_exec(
-                channel, stdout=stdout, stderr=stderr, timeout=timeout, on_frame=on_frame
-            )
-        )
-    except GuestPanic as exc:
-        raise JobKernelPanic(panic_message(exc.reason), console=exc.console) from exc

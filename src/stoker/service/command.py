@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from stoker.accounts import guest_user
@@ -23,7 +23,6 @@ from stoker.service.models import Job
 from stoker.service.pools import GUEST_DIR
 from stoker.service.runs import Outcome, judge
 from stoker.vm import VM
-from stoker.vmadopt import follow_exec
 
 
 async def run_command(
@@ -52,25 +51,21 @@ async def run_command(
         uid, gid = account.uid, account.gid
     if vm.detached:
         writer.acks_to(vm.agent.ack)
-    result = None
-    try:
-        result = await vm.exec(
-            list(job.argv),
-            env=env,
-            cwd=job.workdir or GUEST_DIR,
-            uid=uid,
-            gid=gid,
-            stdout=functools.partial(writer.write, "stdout"),
-            stderr=functools.partial(writer.write, "stderr"),
-            capture=False,
-            timeout=job.timeout_s,
-            on_started=writer.command_started if vm.detached else None,
-            on_frame=writer.frame if vm.detached else None,
-            journal=vm.detached,
-        )
-    except CommandTimeout:
-        await writer.system(timeout_message(job.timeout_s))
-    return await _artifacts_and_outcome(job, vm, writer, files, max_artifact_bytes, enter, result)
+    running = vm.exec(
+        list(job.argv),
+        env=env,
+        cwd=job.workdir or GUEST_DIR,
+        uid=uid,
+        gid=gid,
+        stdout=functools.partial(writer.write, "stdout"),
+        stderr=functools.partial(writer.write, "stderr"),
+        capture=False,
+        timeout=job.timeout_s,
+        on_started=writer.command_started if vm.detached else None,
+        on_frame=writer.frame if vm.detached else None,
+        journal=vm.detached,
+    )
+    return await _finish_command(job, vm, writer, files, max_artifact_bytes, enter, running)
 
 
 async def resume_command(
@@ -87,30 +82,31 @@ async def resume_command(
     writer.resume_from(point)
     writer.acks_to(vm.agent.ack)
     left = job.timeout_s - max(0.0, time.time() - float(point["started"]))
-    result = None
-    try:
-        result = await follow_exec(
-            vm,
-            int(point["channel"]),
-            stdout=functools.partial(writer.write, "stdout"),
-            stderr=functools.partial(writer.write, "stderr"),
-            timeout=max(left, 0.001),
-            on_frame=writer.frame,
-        )
-    except CommandTimeout:
-        await writer.system(timeout_message(job.timeout_s))
-    return await _artifacts_and_outcome(job, vm, writer, files, max_artifact_bytes, enter, result)
+    running = vm.follow(
+        int(point["channel"]),
+        stdout=functools.partial(writer.write, "stdout"),
+        stderr=functools.partial(writer.write, "stderr"),
+        timeout=max(left, 0.001),
+        on_frame=writer.frame,
+    )
+    return await _finish_command(job, vm, writer, files, max_artifact_bytes, enter, running)
 
 
-async def _artifacts_and_outcome(
+async def _finish_command(
     job: Job,
     vm: VM,
     writer: LogWriter,
     files: JobFiles,
     max_artifact_bytes: int,
     enter: Callable[[str], None],
-    result: ExecResult | None,
+    running: Awaitable[ExecResult],
 ) -> Outcome:
+    """Wait for the command (a timeout is noted in the log), copy artifacts out, judge."""
+    result = None
+    try:
+        result = await running
+    except CommandTimeout:
+        await writer.system(timeout_message(job.timeout_s))
     if result is not None:
         cause = exec_cause(result)
         if cause in ("oom", "pids_limit", "disk_full"):
