@@ -41,32 +41,19 @@ DIE_WITH_PARENT = _pdeathsig_hook()
 def child_hook(
     *, cgroup: Path | None = None, user: RunAs | None = None, die_with_parent: bool = True
 ) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that places a VMM before it executes, then :data:`DIE_WITH_PARENT`
-    (unless ``die_with_parent`` is off: a detached VMM outlives us; None: nothing to do)."""
-    return _child_hook(cgroup, user) if die_with_parent else _place_only(cgroup, user)
-
-
-def _place_only(cgroup: Path | None, user: RunAs | None) -> Callable[[], None] | None:
-    if cgroup is None and user is None:
-        return None
-    return _child_hook(cgroup, user, signal_death=False)
-
-
-def _child_hook(
-    cgroup: Path | None, user: RunAs | None, *, signal_death: bool = True
-) -> Callable[[], None]:
-    """See :func:`child_hook`.
+    """A ``preexec_fn`` that places a VMM before it executes (None: nothing to do).
 
     In the child, in this order: join ``cgroup`` (writing ``0`` to its
     ``cgroup.procs`` moves the writer), so that everything the VMM allocates
     from its first instruction is charged to its VM (Python's subprocess has no
     ``CLONE_INTO_CGROUP``); then drop to ``user``'s groups, group and uid (the
-    move needs the parent's rights, so it comes first); then the parent-death
+    move needs the parent's rights, so it comes first); then, unless
+    ``die_with_parent`` is off (a detached VMM outlives us), the parent-death
     signal (a uid change clears it).  Only system calls, no locks: safe
     between fork and exec.
     """
-    if cgroup is None and user is None and signal_death:
-        return DIE_WITH_PARENT
+    if cgroup is None and user is None:
+        return DIE_WITH_PARENT if die_with_parent else None
     procs = None if cgroup is None else os.fsencode(cgroup / "cgroup.procs")
 
     def hook() -> None:
@@ -80,7 +67,7 @@ def _child_hook(
             os.setgroups(list(user.groups))
             os.setresgid(user.gid, user.gid, user.gid)
             os.setresuid(user.uid, user.uid, user.uid)
-        if signal_death:
+        if die_with_parent:
             DIE_WITH_PARENT()
 
     return hook

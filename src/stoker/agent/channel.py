@@ -6,14 +6,16 @@ Part of the guest agent (standard library only, Python 3.9+): see
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
+import itertools
 import os
 import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 from stoker.protocol import wire
 
@@ -35,7 +37,9 @@ class Journal:
     """
 
     def __init__(self) -> None:
-        self.frames: "List[bytes]" = []
+        # A deque: acks trim from the left, and a flood of small frames must not
+        # make each trim cost the whole journal.
+        self.frames: "Deque[bytes]" = collections.deque()
         #: Offset of the first frame kept, and of the end of the last one.
         self.start = 0
         self.end = 0
@@ -51,14 +55,14 @@ class Journal:
     def trim(self, offset: int) -> None:
         """Forget the frames that end at or before ``offset``."""
         while self.frames and self.start + len(self.frames[0]) <= offset:
-            self.start += len(self.frames.pop(0))
+            self.start += len(self.frames.popleft())
 
     def since(self, offset: int) -> "Optional[List[bytes]]":
         """The frames from ``offset`` on; None unless ``offset`` starts a kept frame."""
         pos = self.start
         for i, frame in enumerate(self.frames):
             if pos == offset:
-                return self.frames[i:]
+                return list(itertools.islice(self.frames, i, None))
             pos += len(frame)
         return [] if offset == self.end else None
 

@@ -69,6 +69,8 @@ class VmmRecord:
 
     pid: int
     start: int
+    #: The work directory it was read from: the VMM's own working directory.
+    workdir: Path | None = None
 
     def write(self, workdir: Path) -> None:
         tmp = workdir / f".{RECORD_FILE}.tmp"
@@ -84,11 +86,19 @@ class VmmRecord:
             raise InfrastructureError(f"no usable VMM record in {workdir}: {exc}") from None
         if not isinstance(pid, int) or not isinstance(start, int) or pid <= 1:
             raise InfrastructureError(f"the VMM record in {workdir} is malformed")
-        return cls(pid, start)
+        return cls(pid, start, workdir)
 
     def alive(self) -> bool:
-        """Whether the recorded process still runs (and is the same process)."""
-        return start_time(self.pid) == self.start
+        """Whether the recorded process still runs, is the same process, and works in
+        the VM's directory: the record alone never makes us signal a stranger."""
+        if start_time(self.pid) != self.start:
+            return False
+        if self.workdir is None:
+            return True
+        try:
+            return Path(f"/proc/{self.pid}/cwd").resolve() == self.workdir.resolve()
+        except OSError:
+            return False
 
 
 class AdoptedProcess:

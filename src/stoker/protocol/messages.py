@@ -125,7 +125,8 @@ class Resumed(_Msg, tag="resumed", frozen=True):
     """
 
     nonce: ShortStr
-    highest: Annotated[int, msgspec.Meta(ge=0, le=0x7FFFFFFF)]
+    #: Bounded well below the network channels' bit: the host numbers on from here.
+    highest: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)]
     offset: Annotated[int, msgspec.Meta(ge=0)] | None = None
     error: Text | None = None
 

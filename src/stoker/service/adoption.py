@@ -8,7 +8,7 @@ host's jobs that were running a command: for each whose job row has a resume
 point and whose VM is still there, it adopts the VM and checks, in one
 transaction, that the job is still this host's (another host sweeps a job only
 once its lease has expired; the VM ends itself before that, see
-``orphan_timeout``) and renews the lease.  Those jobs carry on where they were
+:attr:`ServiceConfig.orphan_seconds`) and renews the lease.  Those jobs carry on where they were
 (:func:`stoker.service.command.resume_command`); every other job of the old
 process is recovered as before (queued again, or ended).
 
@@ -46,16 +46,6 @@ class Adopted:
     vm: VM
     #: Where its command's stored output ends (see :meth:`LogWriter.resume_from`).
     point: dict[str, Any]
-
-
-def orphan_timeout(config: ServiceConfig) -> float:
-    """How long a service VM waits for a host before ending itself.
-
-    Shorter than the time before another host may take the job over (the
-    lease, counted from the last renewal, which can be a heartbeat before the
-    process died), so that a job never runs twice.
-    """
-    return max(1.0, config.lease_seconds - config.heartbeat_seconds - 1.0)
 
 
 async def adopt_jobs(

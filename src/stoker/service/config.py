@@ -490,6 +490,16 @@ class ServiceConfig(_Model):
         return self.storage_dir or self.state_dir / "jobs"
 
     @property
+    def orphan_seconds(self) -> float:
+        """How long a service VM waits for a host before ending itself.
+
+        Shorter than the time before another host may take its job over (the
+        lease, counted from the last renewal, which can be a heartbeat before the
+        process died), so that a job never runs twice at once.
+        """
+        return max(1.0, self.lease_seconds - self.heartbeat_seconds - 1.0)
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 

@@ -28,7 +28,6 @@ from sqlalchemy import delete
 from stoker.backends.base import Backend
 from stoker.net.proxy import ConnectionRecord
 from stoker.protocol.common import JobLimits
-from stoker.service.adoption import orphan_timeout
 from stoker.service.config import PoolConfig, ServiceConfig
 from stoker.service.db import Database
 from stoker.service.fake_backend import FakeBackend, FakeVM
@@ -362,7 +361,7 @@ class Fleet:
             # Real VMs outlive a crashed or killed service, which takes them over on
             # restart (stoker.service.adoption); fake ones are threads of this process.
             detached=cls is ServiceVM,
-            orphan_timeout=orphan_timeout(self.config),
+            orphan_timeout=self.config.orphan_seconds,
             job_limits=JobLimits(memory_mb=cfg.job_memory_limit, pids=cfg.job_pids_limit),
             isolation=self.config.isolation(pool.name),
         )
