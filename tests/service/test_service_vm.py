@@ -24,7 +24,7 @@ import pytest_asyncio
 from chaos_harness import Daemon
 
 from stoker.service.config import ServiceConfig, load_config
-from stoker.service.jobs import JobRequest, JobState
+from stoker.service.jobs import JobRequest, JobState, JobView
 from stoker.service.service import Service
 
 pytestmark = [pytest.mark.vm]
@@ -296,6 +296,18 @@ TICKING = (
     'echo "attempt=$STOKER_JOB_ATTEMPT"; i=0; '
     'while [ $i -lt 20 ]; do echo "tick $i"; i=$((i+1)); sleep 0.5; done; echo finished'
 )
+#: Its whole output, each line once.
+TICKED = "attempt=0\n" + "".join(f"tick {i}\n" for i in range(20)) + "finished\n"
+
+
+async def _ticking(daemon: Daemon, client: Service) -> tuple[JobView, list[int]]:
+    """Start ``daemon`` with a TICKING job; once it ticks, the job and its one QEMU."""
+    daemon.start()
+    job = await client.submit(JobRequest(command=("sh", "-c", TICKING)), "tester")
+    await until(lambda: _has_output(client, job.id, "tick 3"), 180, "the command to run")
+    vmms = qemu_children(daemon.pid)
+    assert len(vmms) == 1, vmms
+    return job, vmms
 
 
 async def test_kill_9_and_restart(
@@ -313,11 +325,7 @@ async def test_kill_9_and_restart(
     client = Service(config)
     await client.open()
     try:
-        daemon.start()
-        job = await client.submit(JobRequest(command=("sh", "-c", TICKING)), "tester")
-        await until(lambda: _has_output(client, job.id, "tick 3"), 180, "the command to run")
-        vmms = qemu_children(daemon.pid)
-        assert len(vmms) == 1, vmms
+        job, vmms = await _ticking(daemon, client)
         daemon.kill9()
         # The VM outlives the daemon (detached): its command waits for a reader.
         assert alive(vmms[0])
@@ -330,8 +338,7 @@ async def test_kill_9_and_restart(
         assert done.attempt == 0 and done.vm_kind == "cold"
         run = [JobState.ASSIGNED, JobState.BOOTING, JobState.RUNNING]
         _check_events(done.events, [JobState.QUEUED, *run, JobState.SUCCEEDED])
-        out = await stdout_of(client, job.id)
-        assert out == "attempt=0\n" + "".join(f"tick {i}\n" for i in range(20)) + "finished\n"
+        assert await stdout_of(client, job.id) == TICKED
         logs = "".join(c.text for c in await client.logs(job.id) if c.stream == "system")
         assert "took over VM" in logs
         assert daemon.stop() == 0, daemon.tail()
@@ -361,19 +368,14 @@ async def test_a_restart_hands_running_jobs_over(
     client = Service(load_config(daemon.config))
     await client.open()
     try:
-        daemon.start()
-        job = await client.submit(JobRequest(command=("sh", "-c", TICKING)), "tester")
-        await until(lambda: _has_output(client, job.id, "tick 3"), 180, "the command to run")
-        vmms = qemu_children(daemon.pid)
-        assert len(vmms) == 1, vmms
+        job, vmms = await _ticking(daemon, client)
         assert daemon.stop() == 0, daemon.tail()
         assert alive(vmms[0])  # handed over, not stopped
         assert "left running" in daemon.tail()
         daemon.start()
         done = await client.wait(job.id, timeout=180)
         assert done.state is JobState.SUCCEEDED and done.attempt == 0, done.reason
-        out = await stdout_of(client, job.id)
-        assert out == "attempt=0\n" + "".join(f"tick {i}\n" for i in range(20)) + "finished\n"
+        assert await stdout_of(client, job.id) == TICKED
         assert daemon.stop() == 0, daemon.tail()
         assert not any(alive(p) for p in vmms)
     except BaseException:

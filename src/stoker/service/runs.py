@@ -101,7 +101,7 @@ class JobRun:
             vm is not None
             and vm.detached
             and self.job.session_idle_s is None
-            and (self.resume is not None or self.job.state == "running")
+            and (self.resume is not None or self.job.state == JobState.RUNNING.value)
         )
 
     def stop(self, reason: StopReason) -> None:

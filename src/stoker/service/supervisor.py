@@ -320,8 +320,8 @@ class Supervisor(Heartbeats):
         run = JobRun(found.job, found.pool, vm=found.vm, resume=found.point)
         self.jobs[found.job.id] = run
         self._adopted.append(run)
-        record = VMRecord(name=found.vm.name, pool=pool.name, job_id=found.job.id, state="busy")
-        record.pid, record.workdir = found.vm.vmm_pid, str(found.vm.workdir)
+        record = vm_record(found.vm, pool, found.job.id, "busy")
+        assert record is not None  # there is a VM
         self.fleet.spawn(self.fleet.record_vm(record))
         self._log.warning(
             "job %s: took over its VM %s from the previous process; the command runs on",
