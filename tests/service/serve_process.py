@@ -10,6 +10,7 @@ the server (SIGTERM, then SIGKILL after the grace period) and reaps it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -59,6 +60,7 @@ class ServeProcess:
         database_url: str = "",
         extra: str = "",
         tokens: Mapping[str, Sequence[str]] = SCOPED_TOKENS,
+        pool_labels: Sequence[str] = (),
     ) -> None:
         self.root = root
         self.port = free_port()
@@ -96,6 +98,7 @@ max_concurrent = {pool_max}
 cpus = 1
 memory = "256M"
 max = {pool_max}
+labels = {json.dumps(list(pool_labels))}
 
 {snippets}"""
         )

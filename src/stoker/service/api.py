@@ -11,9 +11,15 @@ Every endpoint but ``GET /health`` needs a bearer token with a scope
     GET  /v1/jobs/{id}/artifacts           read
     GET  /v1/jobs/{id}/artifacts/{name}    read
     GET  /v1/pools | /v1/vms | /v1/hosts   read
+    GET  /v1/whoami                        read     the token's name and scopes
     GET  /metrics                          read     Prometheus text format
     GET  /openapi.json                     read     this API's OpenAPI document
     GET  /health                           -
+    GET  /ui/                              -        the dashboard (signs in with a token)
+
+The dashboard (``/ui/``) signs in with a token once and keeps it in an
+HTTP-only, SameSite=Strict cookie, which every endpoint accepts in place of the
+header; a change made that way (``POST``) must also carry ``X-Stoker-CSRF``.
 
 Errors are ``{"error": "<one line>", "detail": ...}`` with 400 (bad input),
 401 (no or unknown token; ``WWW-Authenticate: Bearer``), 403 (scope), 404,
@@ -645,6 +651,19 @@ async def list_hosts(request: Request, principal: Reader) -> list[HostView]:
 ops = APIRouter(tags=["operations"])
 
 
+class WhoAmI(BaseModel):
+    """The token a request was made with: its name (the submitter of its jobs) and scopes."""
+
+    name: str
+    scopes: list[str]
+
+
+@ops.get("/v1/whoami", summary="The caller's token", response_model=WhoAmI, responses=ERRORS)
+async def whoami(principal: Reader) -> WhoAmI:
+    """Who the token belongs to and what it may do (the dashboard shows only what it may)."""
+    return WhoAmI(name=principal.name, scopes=sorted(principal.scopes))
+
+
 @ops.get(
     "/health",
     summary="Health check",
@@ -717,6 +736,9 @@ def create_app(service: Service, config: ServiceConfig) -> FastAPI:
     from stoker.service.session_api import router as sessions  # imports this module
 
     app.include_router(sessions)
+    from stoker.service.ui import router as dashboard
+
+    app.include_router(dashboard)
     for integration in service.integrations:
         router = integration.router()
         if router is not None:

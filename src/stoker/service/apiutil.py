@@ -23,6 +23,12 @@ from stoker.service.auth import Principal, Scope, TokenTable
 from stoker.service.db import DatabaseError, DatabaseFull
 from stoker.service.jobs import Conflict, Forbidden, NotFound, QuotaExceeded, TooLarge
 
+#: The dashboard's sign-in cookie: the token itself, HTTP-only and SameSite=Strict.
+SESSION_COOKIE: Final = "stoker_session"
+#: Requests that change something and are signed in by the cookie must carry this header.
+CSRF_HEADER: Final = "X-Stoker-CSRF"
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
 _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="bearerToken",
@@ -107,18 +113,31 @@ class ScopeCheck:
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         tokens: TokenTable = request.app.state.tokens
-        if credentials is None:
+        # A bearer token wins; without one, the dashboard's sign-in cookie (same site only,
+        # HTTP-only) carries the same token.
+        token = credentials.credentials if credentials is not None else None
+        by_cookie = token is None and SESSION_COOKIE in request.cookies
+        if by_cookie:
+            token = request.cookies[SESSION_COOKIE]
+        if token is None:
             raise ApiError(
                 401,
                 "missing bearer token (send 'Authorization: Bearer <token>')",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        principal = tokens.authenticate(credentials.credentials)
+        principal = tokens.authenticate(token)
         if principal is None:
             raise ApiError(
                 401,
-                "invalid bearer token",
+                "invalid bearer token" if not by_cookie else "invalid bearer token (signed out)",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        if by_cookie and request.method not in SAFE_METHODS and CSRF_HEADER not in request.headers:
+            # SameSite=Strict already keeps the cookie off other sites' requests; a header
+            # no form can send (and no other origin may without CORS) makes sure of it.
+            raise ApiError(
+                403,
+                f"a change made with the dashboard's cookie needs the {CSRF_HEADER} header",
             )
         if not principal.allows(self.scope):
             raise ApiError(
