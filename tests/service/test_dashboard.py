@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,15 +35,48 @@ pytestmark = pytest.mark.timeout(300)
 LONG_LINE = 50_000_000
 
 
+#: Room for the 50 MB line (the default keeps 16 MiB of a job's log), and a pool whose VMs
+#: reach the network only through the egress proxy, which allows only names no test uses.
+EXTRA_CONFIG = """
+[limits]
+max_log_bytes = "64M"
+
+[pools.net]
+cpus = 1
+memory = "256M"
+max = 2
+labels = ["net"]
+network = { mode = "egress", allow = ["pkg.test"] }
+"""
+
+#: A job in the egress pool: an artifact, then two plain-HTTP requests for denied.test
+#: through the loopback proxy only (NETWORK RULE: it exits at once without one; the
+#: proxy refuses the name before any lookup), then exit status 3.
+NET_CLIENT = r"""
+import os, pathlib, sys, urllib.error, urllib.request
+pathlib.Path("out").mkdir()
+pathlib.Path("out/report.txt").write_text("all good\n")
+proxy = os.environ.get("http_proxy", "")
+if not proxy.startswith("http://127.0.0.1:"):
+    sys.exit("no loopback proxy: %r" % proxy)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+for _ in range(2):
+    try:
+        opener.open("http://denied.test/", timeout=30)
+    except urllib.error.HTTPError as exc:
+        print(exc.code, exc.headers.get("X-Stoker-Deny-Reason"))
+sys.exit(3)
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     root = tmp_path_factory.mktemp("dashboard")
-    # Room for the 50 MB line: the default keeps 16 MiB of a job's log.
     with ServeProcess(
         root,
         pool_max=4,
         pool_labels=["linux", "dashboard"],
-        extra='[limits]\nmax_log_bytes = "64M"\n',
+        extra=EXTRA_CONFIG,
     ) as serve:
         yield serve
 
@@ -206,6 +240,29 @@ def test_submit_token_cancels_a_running_job(page: Page, server: ServeProcess, ga
         assert "second line" not in page.get_by_role("log", name="Job output").inner_text()
     finally:
         gate.touch()
+
+
+def test_job_page_shows_its_network_and_artifacts(page: Page, server: ServeProcess) -> None:
+    job_id = submit(server, [sys.executable, "-c", NET_CLIENT], pool="net", artifacts=["out/*"])
+    wait_for(server, job_id, "failed")
+    sign_in(page, server, "viewer")
+    page.goto(f"{server.url}/ui/#/jobs/{job_id}")
+    expect(page.locator(".job-state .badge")).to_have_text("failed")
+    network = page.get_by_role("region", name="Network")
+    expect(network).to_contain_text("egress")
+    expect(network).to_contain_text("pkg.test")
+    expect(network).to_contain_text("0 allowed, 2 denied")
+    expect(network.locator("ul.denied li")).to_contain_text("denied.test:80")
+    artifacts = page.locator("#artifacts")
+    expect(artifacts).to_contain_text("out/report.txt")
+    [listed] = httpx.get(
+        f"{server.url}/v1/jobs/{job_id}/artifacts", headers=server.headers("viewer")
+    ).json()["artifacts"]
+    expect(artifacts).to_contain_text(listed["sha256"])
+    expect(artifacts).to_contain_text("9 B")
+    link = artifacts.get_by_role("link", name="out/report.txt")
+    body = page.evaluate("async (href) => (await fetch(href)).text()", link.get_attribute("href"))
+    assert body == "all good\n"
 
 
 # --- hostile output -------------------------------------------------------------------------------
