@@ -344,6 +344,57 @@ def test_jobs_list_filters_and_pages(page: Page, server: ServeProcess) -> None:
     assert rows.nth(0).get_by_role("link").inner_text() == newest[0]
 
 
+#: Every visible text's contrast with the background it is drawn on (WCAG 2 ratio), the
+#: failures as [text, ratio, needed]: 4.5 for body text, 3 for large (24px, or 18.7px bold).
+CONTRAST = """() => {
+  const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => [r, g, b].map((v) => {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+  }).reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = rgb(getComputedStyle(el).backgroundColor);
+      if (c.length === 3 || c[3] > 0.5) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const failures = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const el = node.parentElement;
+    if (!node.textContent.trim() || !el.checkVisibility()) continue;
+    const style = getComputedStyle(el);
+    if (Number(style.opacity) < 1) continue;  // dimmed on purpose (disabled, ANSI dim)
+    const [a, b] = [lum(rgb(style.color)), lum(background(el))];
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    const size = parseFloat(style.fontSize);
+    const large = size >= 24 || (size >= 18.66 && Number(style.fontWeight) >= 700);
+    const needed = large ? 3 : 4.5;
+    if (ratio < needed) failures.push([node.textContent.trim().slice(0, 40), ratio, needed]);
+  }
+  return failures;
+}"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_text_contrast(browser: Browser, server: ServeProcess, scheme: str) -> None:
+    context = browser.new_context(color_scheme=scheme)  # type: ignore[arg-type]
+    try:
+        page = context.new_page()
+        sign_in(page, server, "viewer")
+        expect(page.locator("#pools")).to_contain_text("default")
+        assert page.evaluate(CONTRAST) == []
+        job_id = submit(
+            server, ["sh", "-c", r"printf 'plain \033[31mred\033[0m \033[30mblack\033[0m\n' >&2"]
+        )
+        page.goto(f"{server.url}/ui/#/jobs/{job_id}")
+        expect(page.locator(".job-state .badge")).to_have_text("succeeded")
+        expect(page.get_by_role("log", name="Job output")).to_contain_text("black")
+        assert page.evaluate(CONTRAST) == []
+    finally:
+        context.close()
+
+
 # --- phones, keyboards, labels --------------------------------------------------------------------
 
 
