@@ -6,10 +6,14 @@ host; see :mod:`stoker.service.fleet`.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import functools
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 
 from stoker.service.api import _call, _service
 from stoker.service.apiutil import ERRORS, Reader
+from stoker.service.failures import FailedVMView, read_failures
 from stoker.service.fleet import HostView, VMView
 
 router = APIRouter(prefix="/v1", tags=["fleet"], responses=ERRORS)
@@ -19,6 +23,23 @@ router = APIRouter(prefix="/v1", tags=["fleet"], responses=ERRORS)
 async def list_vms(request: Request, principal: Reader) -> list[VMView]:
     """The VMs of every host: booting, warm and idle, or running a job; with their shapes."""
     return await _call(_service(request).vms())
+
+
+@router.get("/vms/failed", summary="List failed VMs", response_model=list[FailedVMView])
+async def list_failed_vms(
+    request: Request,
+    principal: Reader,
+    limit: Annotated[
+        int, Query(ge=1, le=1000, description="At most this many, newest first.")
+    ] = 50,
+) -> list[FailedVMView]:
+    """VMs that failed lately (boot failure, VMM crash or kill, kernel panic), newest first.
+
+    Each with the last 16 KiB of its serial console, the job's secrets shown as
+    ``***``.  Every host keeps its newest 100 (``failures.KEPT_PER_HOST``).
+    """
+    read = functools.partial(read_failures, limit=limit)
+    return await _call(_service(request).db.run(read, write=False))
 
 
 @router.get("/hosts", summary="List hosts", response_model=list[HostView])

@@ -250,3 +250,27 @@ class VMRecord(Base):
     pid: Mapped[int | None] = mapped_column(Integer)
     workdir: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column()
+
+
+class VMFailure(Base):
+    """A VM that broke (boot failure, VMM crash, kernel panic), newest kept per host."""
+
+    __tablename__ = "vm_failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vm_name: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(64))
+    pool: Mapped[str] = mapped_column(String(64))
+    #: The job it served (None: a warm VM).
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    failed_at: Mapped[datetime] = mapped_column()
+    #: The error's first line.
+    reason: Mapped[str] = mapped_column(Text)
+    #: The last lines of its serial console, bounded, the job's secrets masked.
+    console: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        # The API's list (newest first) and the per-host pruning.
+        Index("ix_vm_failures_failed", "failed_at"),
+        Index("ix_vm_failures_host", "host", "failed_at"),
+    )
