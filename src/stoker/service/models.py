@@ -136,7 +136,13 @@ class Job(Base):
         # The sweeper's scan: claimed jobs whose lease ran out.
         Index("ix_jobs_lease", "state", "lease_until"),
         Index("ix_jobs_host", "host", "state"),
-        Index("ix_jobs_created", "created_at"),
+        # GET /v1/jobs, newest first, by each filter (stoker.service.joblist).
+        Index("ix_jobs_created_id", "created_at", "id"),
+        Index("ix_jobs_state_created", "state", "created_at", "id"),
+        Index("ix_jobs_pool_created", "pool", "created_at", "id"),
+        Index("ix_jobs_submitter_created", "submitter", "created_at", "id"),
+        # GET /v1/stats: jobs finished lately, grouped by state and cause (covering).
+        Index("ix_jobs_finished", "finished_at", "state", "cause"),
     )
 
 

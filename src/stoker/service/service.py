@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Text, cast, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from stoker import __version__
@@ -56,6 +56,7 @@ from stoker.service.fake_backend import FakeBackend
 from stoker.service.files import JobFiles, unpack_upload
 from stoker.service.fleet import HostView, VMView, read_hosts, read_vms
 from stoker.service.integrations import Integration
+from stoker.service.joblist import list_query
 from stoker.service.jobs import (
     ArtifactView,
     Conflict,
@@ -437,30 +438,7 @@ class Service:
         f = filters or JobFilter()
 
         def read(session: Session) -> builtins.list[JobView]:
-            query = select(Job)
-            if f.state is not None:
-                query = query.where(Job.state == f.state.value)
-            if f.pool is not None:
-                query = query.where(Job.pool == f.pool)
-            if f.submitter is not None:
-                query = query.where(Job.submitter == f.submitter)
-            if f.label is not None:
-                # Labels are names without quotes, so the quoted name matches exactly.
-                query = query.where(
-                    cast(Job.labels, Text).contains(f'"{f.label}"', autoescape=True)
-                )
-            if f.before is not None:
-                anchor = session.get(Job, f.before)
-                if anchor is None:
-                    raise NotFound(f"no job {f.before!r}")
-                query = query.where(
-                    or_(
-                        Job.created_at < anchor.created_at,
-                        (Job.created_at == anchor.created_at) & (Job.id < anchor.id),
-                    )
-                )
-            query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(f.limit)
-            return [JobView.of(job) for job in session.scalars(query)]
+            return [JobView.of(job) for job in session.scalars(list_query(session, f))]
 
         return await self.db.run(read, write=False)
 
