@@ -148,3 +148,28 @@ async def test_each_host_keeps_its_newest_failures(api: Api) -> None:
         ("host-b", "crash 101", "console 101"),
         ("host-b", "crash 100", "console 100"),
     ]
+
+
+# --- statistics -----------------------------------------------------------------------------------
+
+
+async def test_stats_count_what_finished_in_the_window(api: Api) -> None:
+    before = await get(api, "/v1/stats", "StatsView")
+    assert before["window_s"] == 3600 and before["total_jobs"] == 0
+    assert before["finished"] == dict.fromkeys(
+        ["cancelled", "errored", "failed", "succeeded", "timed_out"], 0
+    )
+    await api.run({"command": ["true"]})
+    await api.run({"command": ["sh", "-c", "exit 3"]})
+    waiting = (await api.submit({"command": ["sleep", "60"], "pool": "big"})).json()
+    await running(api, waiting["id"])
+    stats = await get(api, "/v1/stats?window=60", "StatsView")
+    assert stats["window_s"] == 60 and stats["total_jobs"] == 3
+    assert (stats["finished"]["succeeded"], stats["finished"]["failed"]) == (1, 1)
+    assert stats["by_cause"]["exit"] == 2 and stats["by_cause"]["oom"] == 0
+    assert stats["running"] == {"big": 1} and stats["queued"] == {}
+    await api.client.post(f"/v1/jobs/{waiting['id']}/cancel", headers=bearer("ci"))
+    await api.service.wait(waiting["id"], timeout=20)
+    for bad in ("59", "604801", "x"):
+        response = await api.client.get(f"/v1/stats?window={bad}", headers=bearer("viewer"))
+        assert response.status_code == 422, bad

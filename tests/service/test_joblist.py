@@ -1,4 +1,4 @@
-"""The job list's query is an index range scan for every filter (SQLite's plans).
+"""The job list's and the statistics' queries are index range scans (SQLite's plans).
 
 Structural, not timed: ``EXPLAIN QUERY PLAN`` of ``GET /v1/jobs``'s query for
 every filter, first page and deep page (``before``), must reach the jobs
@@ -19,6 +19,7 @@ from stoker.service.db import Database, upgrade
 from stoker.service.joblist import explain, list_query
 from stoker.service.jobs import JobFilter, JobState
 from stoker.service.models import Job
+from stoker.service.stats import finished_query, read_stats
 
 N = 2000
 CASES: dict[str, dict[str, Any]] = {
@@ -103,3 +104,16 @@ def test_each_filter_is_an_index_scan_in_page_order(db: Database, case: str, dee
         and ("label" not in fields or i % 50 == 0)
     ][:50]
     assert got == expect
+
+
+def test_stats_read_the_finished_index_only(db: Database) -> None:
+    now = datetime.now(UTC)
+    query = finished_query(now - timedelta(hours=1), now)
+    plan = db.call(lambda s: explain(s, query), write=False)
+    assert any("COVERING INDEX ix_jobs_finished" in step for step in plan), plan
+    stats = db.call(lambda s: read_stats(s, window_s=3600, now=datetime.now(UTC)), write=False)
+    # One job a minute, half of them finished (30 s after they were created).
+    assert stats.finished["succeeded"] + stats.finished["failed"] in (30, 31)
+    assert stats.finished["errored"] == 0 and stats.by_cause["exit"] in (30, 31)
+    assert stats.queued == {"small": 167, "medium": 167, "large": 166}
+    assert sum(stats.running.values()) == N // 4 and stats.total_jobs == N

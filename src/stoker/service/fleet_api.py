@@ -1,7 +1,8 @@
-"""REST routes of the fleet: hosts and VMs (with what they use).
+"""REST routes the dashboard reads: hosts, VMs, failed VMs, job statistics.
 
 Everything here is read from the database, so any host's API shows every
-host; see :mod:`stoker.service.fleet`.
+host: see :mod:`stoker.service.fleet`, :mod:`stoker.service.failures` and
+:mod:`stoker.service.stats`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from stoker.service.api import _call, _service
 from stoker.service.apiutil import ERRORS, Reader
 from stoker.service.failures import FailedVMView, read_failures
 from stoker.service.fleet import HostView, VMView
+from stoker.service.models import utcnow
+from stoker.service.stats import DEFAULT_WINDOW, MAX_WINDOW, MIN_WINDOW, StatsView, read_stats
 
 router = APIRouter(prefix="/v1", tags=["fleet"], responses=ERRORS)
 
@@ -46,3 +49,24 @@ async def list_failed_vms(
 async def list_hosts(request: Request, principal: Reader) -> list[HostView]:
     """The ``stoker serve`` processes sharing the database: capacity, use and heartbeat."""
     return await _call(_service(request).hosts())
+
+
+@router.get("/stats", summary="Job statistics", response_model=StatsView, tags=["jobs"])
+async def job_stats(
+    request: Request,
+    principal: Reader,
+    window: Annotated[
+        int,
+        Query(
+            ge=MIN_WINDOW,
+            le=MAX_WINDOW,
+            description="Count jobs finished in this many seconds before now (60 to 604800).",
+        ),
+    ] = DEFAULT_WINDOW,
+) -> StatsView:
+    """Jobs finished in the window by final state and cause; jobs queued and running by pool.
+
+    Counted by the database (aggregate queries over indexes), cheap at any number of jobs.
+    """
+    read = functools.partial(read_stats, window_s=window, now=utcnow())
+    return await _call(_service(request).db.run(read, write=False))
