@@ -1,4 +1,4 @@
-"""REST routes the dashboard reads: hosts, VMs, failed VMs, job statistics.
+"""REST routes the dashboard reads: hosts, VMs, failed VMs, job statistics, integrations.
 
 Everything here is read from the database, so any host's API shows every
 host: see :mod:`stoker.service.fleet`, :mod:`stoker.service.failures` and
@@ -16,6 +16,7 @@ from stoker.service.api import _call, _service
 from stoker.service.apiutil import ERRORS, Reader
 from stoker.service.failures import FailedVMView, read_failures
 from stoker.service.fleet import HostView, VMView
+from stoker.service.integrations import IntegrationView
 from stoker.service.models import utcnow
 from stoker.service.stats import DEFAULT_WINDOW, MAX_WINDOW, MIN_WINDOW, StatsView, read_stats
 
@@ -70,3 +71,15 @@ async def job_stats(
     """
     read = functools.partial(read_stats, window_s=window, now=utcnow())
     return await _call(_service(request).db.run(read, write=False))
+
+
+@router.get(
+    "/integrations",
+    summary="List integrations",
+    response_model=list[IntegrationView],
+    tags=["operations"],
+)
+async def list_integrations(request: Request, principal: Reader) -> list[IntegrationView]:
+    """Each configured CI integration: its targets, runners by state, and its loop as this
+    host sees it (only the leader host runs the loop: the others show no passes)."""
+    return [await _call(i.view()) for i in _service(request).integrations]
