@@ -10,6 +10,7 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -59,6 +60,14 @@ async def test_vms_have_shapes_and_hosts_their_use(api: Api) -> None:
     shapes = {j: (vm["pool"], vm["cpus"], vm["memory_mb"], vm["state"]) for j, vm in vms.items()}
     assert shapes == {big["id"]: ("big", 2, 512, "busy"), small["id"]: ("default", 1, 256, "busy")}
     assert all(vm["disk_mb"] > 0 and vm["created_at"] for vm in vms.values())
+    # A VM's age counts from when it was first recorded (booting), not its last change.
+    created = {vm.name: vm.created_at for vm in await api.service.vms()}
+    events = (await api.service.get(big["id"])).events
+    booting = next(e.at for e in events if e.to_state.value == "booting")
+    assert created[vms[big["id"]]["name"]] <= booting + timedelta(seconds=1)
+    assert created[vms[big["id"]]["name"]] < next(
+        e.at for e in events if e.to_state.value == "running"
+    )
     hosts = await get(api, "/v1/hosts", "HostView")
     assert (hosts[0]["used_cpus"], hosts[0]["used_memory_mb"]) == (3.0, 768.0)
     for job in (big, small):

@@ -68,6 +68,18 @@ class _Shape(NamedTuple):
     disk_mb: int
 
 
+def merge_vm_record(session: Session, record: VMRecord) -> None:
+    """Write ``record`` over the VM's row, if any, keeping its ``created_at``.
+
+    A VM's row is rewritten as its state moves on (booting, idle, busy); the
+    age the API shows counts from the first.
+    """
+    known = session.get(VMRecord, record.name)
+    if known is not None:
+        record.created_at = known.created_at
+    session.merge(record)
+
+
 def read_vms(session: Session, pools: Mapping[str, PoolConfig]) -> list[VMView]:
     """Every VM record by host and name, with its shape (one query: VMs outer-join jobs)."""
     rows = session.execute(

@@ -32,6 +32,7 @@ from stoker.service.config import PoolConfig, ServiceConfig
 from stoker.service.db import Database
 from stoker.service.failures import is_vm_failure, record_failure
 from stoker.service.fake_backend import FakeBackend, FakeVM
+from stoker.service.fleet import merge_vm_record
 from stoker.service.models import VMRecord, utcnow
 from stoker.service.runs import JobRun
 from stoker.service.scheduler import Capacity, PoolState, replenish
@@ -321,8 +322,9 @@ class Fleet:
         """Write (or update) the VM's record (never raises)."""
         record.host = self.host
         record.created_at = utcnow()
+
         try:
-            await self.db.run(lambda s: s.merge(record))
+            await self.db.run(lambda s: merge_vm_record(s, record))
         except Exception as exc:
             self._log.warning("recording VM %s failed: %s", record.name, exc)
 

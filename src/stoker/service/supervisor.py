@@ -81,6 +81,7 @@ from stoker.service.files import (
     fetch_source,
     sweep_orphan_files,
 )
+from stoker.service.fleet import merge_vm_record
 from stoker.service.heartbeat import Heartbeats
 from stoker.service.jobs import (
     ACTIVE,
@@ -650,7 +651,7 @@ class Supervisor(Heartbeats):
             if to in ACTIVE:
                 job.lease_until = now + lease
             if record is not None:
-                session.merge(record)
+                merge_vm_record(session, record)
             return source, job, log_end(session, job_id) if log_state else None
 
         source, job, logs = await self.db.run(move, patience=JOB_PATIENCE)
