@@ -10,7 +10,10 @@ Every endpoint but ``GET /health`` needs a bearer token with a scope
     GET  /v1/jobs/{id}/logs                read     ?follow=1: server-sent events
     GET  /v1/jobs/{id}/artifacts           read
     GET  /v1/jobs/{id}/artifacts/{name}    read
-    GET  /v1/pools | /v1/vms | /v1/hosts   read
+    GET  /v1/pools | /v1/vms | /v1/hosts   read     VMs' shapes; hosts' budget and use
+    GET  /v1/vms/failed                    read     ?limit=: newest first, console tail
+    GET  /v1/stats                         read     ?window=: jobs finished, queued, running
+    GET  /v1/integrations                  read     CI integrations: runners, loop, errors
     GET  /metrics                          read     Prometheus text format
     GET  /openapi.json                     read     this API's OpenAPI document
     GET  /health                           -
