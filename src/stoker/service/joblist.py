@@ -14,7 +14,9 @@ filter walks the ``created_at`` index (newest first) and reads each job's
 row until the page is full, so its cost is the number of jobs newer than the
 page's last match: cheap for a common label, a scan for a rare one (see
 ``bench/joblist.py``).  Combined with another filter it walks that filter's
-index instead.
+index instead.  PostgreSQL, which keeps statistics, may walk the ``created_at``
+index for a filter most jobs match (a page fills after a few rows), and for a
+label filter may scan the table and keep the newest 100 (tens of ms at 100,000).
 """
 
 from __future__ import annotations
