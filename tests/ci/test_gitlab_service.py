@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from stoker.ci.gitlab.fake_gitlab import FakeGitLab
@@ -191,3 +192,17 @@ async def test_the_same_jobs_with_a_real_gitlab_runner(world: dict[str, Any]) ->
     jobs = gl.jobs()
     assert jobs[ok].state == "success", jobs[ok].trace.decode(errors="replace")
     assert jobs[bad].state == "failed" and jobs[bad].exit_code == 5
+
+
+async def test_the_integration_view_shows_the_registered_runner(world: dict[str, Any]) -> None:
+    headers = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+    async with httpx.AsyncClient(base_url=world["url"], headers=headers) as client:
+        for _ in range(100):  # the pass ends just after it wrote gitlab-runner's file
+            [view] = (await client.get("/v1/integrations")).json()
+            if view["last_pass_at"] is not None:
+                break
+            await asyncio.sleep(0.05)
+    assert (view["name"], view["targets"]) == ("gitlab", [f"{world['gl'].url} pool:gl"])
+    assert view["runners"] == {"registered": 1} and view["leader"] is True
+    assert view["last_error"] is None and view["last_correction"] is None
+    assert view["last_webhook_at"] is None and view["rate_limit_remaining"] is None

@@ -256,7 +256,7 @@ async def test_every_other_endpoint_needs_a_valid_token(api: Api) -> None:
                 assert response.headers["www-authenticate"].startswith("Bearer")
                 assert response.json()["error"].startswith(error)
                 seen += 1
-    assert seen == 3 * 15  # 11 job and fleet endpoints, whoami, 3 of sessions
+    assert seen == 3 * 18  # 14 job, fleet and operations endpoints, whoami, 3 of sessions
     # the document itself is behind a token too; no browser UIs
     response = await api.client.get("/openapi.json")
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"

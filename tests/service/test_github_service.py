@@ -263,6 +263,10 @@ async def test_orphan_runners_with_our_label_are_deleted_and_others_kept(
         # The pass that deleted it counts the correction when it ends.
         await until(lambda: running.integration.corrections >= 1, 15, "the correction")
         assert theirs in github.runners
+        view = await running.integration.view()
+        assert view.last_correction is not None
+        assert view.last_correction.kind == "orphan_runners"
+        assert view.targets == [f"repository:{REPO}"] and view.leader
 
 
 async def test_an_idle_runner_past_its_deadline_is_cancelled_and_deregistered(
@@ -335,10 +339,23 @@ async def test_health_metrics_and_the_runner_listing_show_the_integration(
             auth = {"Authorization": f"Bearer {token}"}
             live = (await client.get("/v1/github/runners", headers=auth)).json()
             everything = (await client.get("/v1/github/runners?all=true", headers=auth)).json()
+            integrations = (await client.get("/v1/integrations", headers=auth)).json()
         assert anonymous.status_code == 401
         assert live == []
         assert [r["state"] for r in everything] == ["destroyed"]
         assert everything[0]["github_job_id"] == job
+        [view] = integrations
+        assert (view["name"], view["targets"], view["leader"]) == (
+            "github",
+            [f"repository:{REPO}"],
+            True,
+        )
+        # Runners by live state, all present; the destroyed one is history.
+        assert view["runners"] == dict.fromkeys(
+            ["intent", "registered", "booting", "idle", "busy", "finished", "deregistered"], 0
+        )
+        assert view["last_webhook_at"] and view["last_pass_at"] and view["last_error"] is None
+        assert view["rate_limit_remaining"] is not None
         await running.integration.run_once(full=True)
         health = await running.service.health()
         state = health.integrations["github"]

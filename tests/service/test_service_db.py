@@ -23,7 +23,7 @@ from stoker.service.scheduler import Candidate
 
 ConfigFactory = Callable[..., ServiceConfig]
 #: The newest migration.
-HEAD = "0007"
+HEAD = "0009"
 
 
 def _check_schema(url: str) -> None:

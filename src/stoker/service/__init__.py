@@ -25,6 +25,7 @@ from stoker._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from stoker.service.config import ServiceConfig, load_config
+    from stoker.service.fleet import HostView, VMView
     from stoker.service.jobs import (
         ArtifactView,
         Conflict,
@@ -41,12 +42,10 @@ if TYPE_CHECKING:
     )
     from stoker.service.service import (
         HealthView,
-        HostView,
         NullObserver,
         Observer,
         PoolView,
         Service,
-        VMView,
     )
 
 # Imported when first used: clients of the API (stoker job, the GitLab executor, which
@@ -68,12 +67,12 @@ _HOMES = {
     "QuotaExceeded": "jobs",
     "TooLarge": "jobs",
     "HealthView": "service",
-    "HostView": "service",
+    "HostView": "fleet",
     "NullObserver": "service",
     "Observer": "service",
     "PoolView": "service",
     "Service": "service",
-    "VMView": "service",
+    "VMView": "fleet",
 }
 
 

@@ -10,7 +10,10 @@ Every endpoint but ``GET /health`` needs a bearer token with a scope
     GET  /v1/jobs/{id}/logs                read     ?follow=1: server-sent events
     GET  /v1/jobs/{id}/artifacts           read
     GET  /v1/jobs/{id}/artifacts/{name}    read
-    GET  /v1/pools | /v1/vms | /v1/hosts   read
+    GET  /v1/pools | /v1/vms | /v1/hosts   read     VMs' shapes; hosts' budget and use
+    GET  /v1/vms/failed                    read     ?limit=: newest first, console tail
+    GET  /v1/stats                         read     ?window=: jobs finished, queued, running
+    GET  /v1/integrations                  read     CI integrations: runners, loop, errors
     GET  /v1/whoami                        read     the token's name and scopes
     GET  /metrics                          read     Prometheus text format
     GET  /openapi.json                     read     this API's OpenAPI document
@@ -81,7 +84,7 @@ from stoker.service.jobs import (
 from stoker.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from stoker.service.metrics import Metrics
 from stoker.service.openapi import allowed_methods, document
-from stoker.service.service import HealthView, HostView, NullObserver, PoolView, Service, VMView
+from stoker.service.service import HealthView, NullObserver, PoolView, Service
 from stoker.service.sessions import StepRequest
 from stoker.service.upload import BadUpload, UploadTooLarge, body_limit, receive_upload
 
@@ -636,18 +639,6 @@ async def list_pools(request: Request, principal: Reader) -> list[PoolView]:
     return await _call(_service(request).pools())
 
 
-@fleet.get("/vms", summary="List VMs", response_model=list[VMView])
-async def list_vms(request: Request, principal: Reader) -> list[VMView]:
-    """The VMs of every host: booting, warm and idle, or running a job."""
-    return await _call(_service(request).vms())
-
-
-@fleet.get("/hosts", summary="List hosts", response_model=list[HostView])
-async def list_hosts(request: Request, principal: Reader) -> list[HostView]:
-    """The ``stoker serve`` processes sharing the database, their capacity and heartbeat."""
-    return await _call(_service(request).hosts())
-
-
 ops = APIRouter(tags=["operations"])
 
 
@@ -733,8 +724,11 @@ def create_app(service: Service, config: ServiceConfig) -> FastAPI:
     app.include_router(jobs)
     app.include_router(fleet)
     app.include_router(ops)
-    from stoker.service.session_api import router as sessions  # imports this module
+    # These import this module.
+    from stoker.service.fleet_api import router as fleet_views
+    from stoker.service.session_api import router as sessions
 
+    app.include_router(fleet_views)
     app.include_router(sessions)
     from stoker.service.ui import router as dashboard
 

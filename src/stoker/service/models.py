@@ -136,7 +136,13 @@ class Job(Base):
         # The sweeper's scan: claimed jobs whose lease ran out.
         Index("ix_jobs_lease", "state", "lease_until"),
         Index("ix_jobs_host", "host", "state"),
-        Index("ix_jobs_created", "created_at"),
+        # GET /v1/jobs, newest first, by each filter (stoker.service.joblist).
+        Index("ix_jobs_created_id", "created_at", "id"),
+        Index("ix_jobs_state_created", "state", "created_at", "id"),
+        Index("ix_jobs_pool_created", "pool", "created_at", "id"),
+        Index("ix_jobs_submitter_created", "submitter", "created_at", "id"),
+        # GET /v1/stats: jobs finished lately, grouped by state and cause (covering).
+        Index("ix_jobs_finished", "finished_at", "state", "cause"),
     )
 
 
@@ -250,3 +256,27 @@ class VMRecord(Base):
     pid: Mapped[int | None] = mapped_column(Integer)
     workdir: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column()
+
+
+class VMFailure(Base):
+    """A VM that broke (boot failure, VMM crash, kernel panic), newest kept per host."""
+
+    __tablename__ = "vm_failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vm_name: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(64))
+    pool: Mapped[str] = mapped_column(String(64))
+    #: The job it served (None: a warm VM).
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    failed_at: Mapped[datetime] = mapped_column()
+    #: The error's first line.
+    reason: Mapped[str] = mapped_column(Text)
+    #: The last lines of its serial console, bounded, the job's secrets masked.
+    console: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        # The API's list (newest first) and the per-host pruning.
+        Index("ix_vm_failures_failed", "failed_at"),
+        Index("ix_vm_failures_host", "host", "failed_at"),
+    )

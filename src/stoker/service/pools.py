@@ -30,7 +30,9 @@ from stoker.net.proxy import ConnectionRecord
 from stoker.protocol.common import JobLimits
 from stoker.service.config import PoolConfig, ServiceConfig
 from stoker.service.db import Database
+from stoker.service.failures import is_vm_failure, record_failure
 from stoker.service.fake_backend import FakeBackend, FakeVM
+from stoker.service.fleet import merge_vm_record
 from stoker.service.models import VMRecord, utcnow
 from stoker.service.runs import JobRun
 from stoker.service.scheduler import Capacity, PoolState, replenish
@@ -320,10 +322,38 @@ class Fleet:
         """Write (or update) the VM's record (never raises)."""
         record.host = self.host
         record.created_at = utcnow()
+
         try:
-            await self.db.run(lambda s: s.merge(record))
+            await self.db.run(lambda s: merge_vm_record(s, record))
         except Exception as exc:
             self._log.warning("recording VM %s failed: %s", record.name, exc)
+
+    async def vm_failed(
+        self,
+        name: str,
+        pool: str,
+        exc: BaseException,
+        *,
+        job_id: str | None = None,
+        secrets: Iterable[str] = (),
+    ) -> None:
+        """Record that VM ``name`` broke with ``exc``, for ``GET /v1/vms/failed``
+        (never raises; an error that is not the VM's own is not recorded)."""
+        if not is_vm_failure(exc):
+            return
+        write = functools.partial(
+            record_failure,
+            vm_name=name,
+            host=self.host,
+            pool=pool,
+            exc=exc,
+            job_id=job_id,
+            secrets=list(secrets),
+        )
+        try:
+            await self.db.run(write)
+        except Exception as error:
+            self._log.warning("recording the failure of VM %s failed: %s", name, error)
 
     # ------------------------------------------------------------------ warm pools
 
@@ -395,6 +425,7 @@ class Fleet:
                 extra={"vm": vm.name, "pool": pool.name, "host": self.host},
             )
         except Exception as exc:
+            await self.vm_failed(vm.name, pool.name, exc)
             pool.failures += 1
             delay = min(MAX_WARM_BACKOFF, 2.0**pool.failures)
             pool.retry_at = time.monotonic() + delay

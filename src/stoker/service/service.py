@@ -36,12 +36,12 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Text, cast, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from stoker import __version__
@@ -54,7 +54,9 @@ from stoker.service.config import ServiceConfig
 from stoker.service.db import JOB_PATIENCE, Database, upgrade
 from stoker.service.fake_backend import FakeBackend
 from stoker.service.files import JobFiles, unpack_upload
+from stoker.service.fleet import HostView, VMView, read_hosts, read_vms
 from stoker.service.integrations import Integration
+from stoker.service.joblist import list_query
 from stoker.service.jobs import (
     ArtifactView,
     Conflict,
@@ -74,7 +76,7 @@ from stoker.service.jobs import (
 )
 from stoker.service.logs import Notifier
 from stoker.service.metrics import Metrics
-from stoker.service.models import Artifact, Host, Job, JobEvent, LogChunk, VMRecord, utcnow
+from stoker.service.models import Artifact, Job, JobEvent, LogChunk, utcnow
 from stoker.service.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -162,32 +164,6 @@ class PoolView(_View):
     queued: int
     #: The network policy of its VMs (None: each image's own ``[network]``).
     network: NetworkView | None = None
-
-
-class VMView(_View):
-    """A VM some host runs."""
-
-    name: str
-    host: str
-    pool: str
-    state: str
-    job_id: str | None
-    pid: int | None
-    created_at: datetime
-
-
-class HostView(_View):
-    """A ``stoker serve`` process sharing the database."""
-
-    name: str
-    cpus: int
-    memory_mb: int
-    overcommit: float
-    status: str
-    alive: bool
-    heartbeat_at: datetime | None
-    started_at: datetime
-    version: str
 
 
 class HealthView(_View):
@@ -462,30 +438,7 @@ class Service:
         f = filters or JobFilter()
 
         def read(session: Session) -> builtins.list[JobView]:
-            query = select(Job)
-            if f.state is not None:
-                query = query.where(Job.state == f.state.value)
-            if f.pool is not None:
-                query = query.where(Job.pool == f.pool)
-            if f.submitter is not None:
-                query = query.where(Job.submitter == f.submitter)
-            if f.label is not None:
-                # Labels are names without quotes, so the quoted name matches exactly.
-                query = query.where(
-                    cast(Job.labels, Text).contains(f'"{f.label}"', autoescape=True)
-                )
-            if f.before is not None:
-                anchor = session.get(Job, f.before)
-                if anchor is None:
-                    raise NotFound(f"no job {f.before!r}")
-                query = query.where(
-                    or_(
-                        Job.created_at < anchor.created_at,
-                        (Job.created_at == anchor.created_at) & (Job.id < anchor.id),
-                    )
-                )
-            query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(f.limit)
-            return [JobView.of(job) for job in session.scalars(query)]
+            return [JobView.of(job) for job in session.scalars(list_query(session, f))]
 
         return await self.db.run(read, write=False)
 
@@ -637,48 +590,18 @@ class Service:
         return out
 
     async def vms(self) -> builtins.list[VMView]:
-        """VMs of every host, as recorded in the database."""
-
-        def read(session: Session) -> builtins.list[VMView]:
-            rows = session.scalars(select(VMRecord).order_by(VMRecord.host, VMRecord.name))
-            return [
-                VMView(
-                    name=r.name,
-                    host=r.host,
-                    pool=r.pool,
-                    state=r.state,
-                    job_id=r.job_id,
-                    pid=r.pid,
-                    created_at=r.created_at,
-                )
-                for r in rows
-            ]
-
-        return await self.db.run(read, write=False)
+        """VMs of every host, as recorded in the database, with their shapes."""
+        pools = self.config.pools
+        return await self.db.run(lambda s: read_vms(s, pools), write=False)
 
     async def hosts(self) -> builtins.list[HostView]:
-        """Every host that ever served this database; ``alive``: heartbeat within the lease."""
-        now = utcnow()
-        lease = timedelta(seconds=self.config.lease_seconds)
-
-        def read(session: Session) -> builtins.list[HostView]:
-            return [
-                HostView(
-                    name=h.name,
-                    cpus=h.cpus,
-                    memory_mb=h.memory_mb,
-                    overcommit=h.overcommit,
-                    status=h.status,
-                    alive=h.status == "running"
-                    and h.heartbeat_at is not None
-                    and now - h.heartbeat_at < lease,
-                    heartbeat_at=h.heartbeat_at,
-                    started_at=h.started_at,
-                    version=h.version,
-                )
-                for h in session.scalars(select(Host).order_by(Host.name))
-            ]
-
+        """Every host that ever served this database, its budget and capacity in use."""
+        read = functools.partial(
+            read_hosts,
+            pools=self.config.pools,
+            now=utcnow(),
+            lease=timedelta(seconds=self.config.lease_seconds),
+        )
         return await self.db.run(read, write=False)
 
     async def health(self) -> HealthView:

@@ -81,6 +81,7 @@ from stoker.service.files import (
     fetch_source,
     sweep_orphan_files,
 )
+from stoker.service.fleet import merge_vm_record
 from stoker.service.heartbeat import Heartbeats
 from stoker.service.jobs import (
     ACTIVE,
@@ -570,6 +571,7 @@ class Supervisor(Heartbeats):
             # The command (or a session's step) panicked the guest: its failure, no retry.
             reason = redact(headline(exc), secrets_)
             await self._say(writer, reason)
+            await self._vm_failed(run, exc, secrets_)
             return panic_outcome(reason)
         except GuestProtocolError as exc:
             if phase in ("running the command", "copying artifacts out"):
@@ -577,7 +579,7 @@ class Supervisor(Heartbeats):
                 reason = redact(f"{phase}: the guest misbehaved: {headline(exc)}", secrets_)
                 await self._say(writer, reason)
                 return Outcome(JobState.FAILED, reason)
-            return await self._infra(writer, phase, exc, secrets_)
+            return await self._infra(run, writer, phase, exc, secrets_)
         except UsageError as exc:
             # A problem of this host's setup (an image that is not built): retrying will not help.
             reason = redact(f"{phase}: {headline(exc)}", secrets_)
@@ -586,11 +588,12 @@ class Supervisor(Heartbeats):
         except InfrastructureError as exc:
             if run.stop_reason == "hand_over":
                 return Outcome(None, "handed over to the next process", lost=True)
-            return await self._infra(writer, phase, exc, secrets_)
+            return await self._infra(run, writer, phase, exc, secrets_)
 
     async def _infra(
-        self, writer: LogWriter, phase: str, exc: BaseException, secrets_: list[str]
+        self, run: JobRun, writer: LogWriter, phase: str, exc: BaseException, secrets_: list[str]
     ) -> Outcome:
+        await self._vm_failed(run, exc, secrets_)
         reason = redact(f"{phase}: {headline(exc)}", secrets_)
         self._log.warning(
             "infrastructure failure (%s): %s",
@@ -600,6 +603,12 @@ class Supervisor(Heartbeats):
         )
         await self._say(writer, redact(f"{phase}: {exc}", secrets_))
         return Outcome(None, reason, failure=classify(exc))
+
+    async def _vm_failed(self, run: JobRun, exc: BaseException, secrets_: list[str]) -> None:
+        if run.vm is not None:
+            await self.fleet.vm_failed(
+                run.vm.name, run.pool, exc, job_id=run.job.id, secrets=secrets_
+            )
 
     async def _say(self, writer: LogWriter, text: str) -> None:
         with contextlib.suppress(Exception):
@@ -642,7 +651,7 @@ class Supervisor(Heartbeats):
             if to in ACTIVE:
                 job.lease_until = now + lease
             if record is not None:
-                session.merge(record)
+                merge_vm_record(session, record)
             return source, job, log_end(session, job_id) if log_state else None
 
         source, job, logs = await self.db.run(move, patience=JOB_PATIENCE)

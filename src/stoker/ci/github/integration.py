@@ -43,6 +43,7 @@ from stoker.ci.github.reconcile import PassReport, Reconciler
 from stoker.ci.github.webhook import MAX_BODY, WebhookRejected, parse_delivery
 from stoker.errors import InfrastructureError, StokerError, UsageError
 from stoker.service.apiutil import ERRORS, Reader
+from stoker.service.integrations import CorrectionView, IntegrationView
 from stoker.service.models import utcnow
 
 if TYPE_CHECKING:
@@ -151,6 +152,8 @@ class GitHubIntegration:
         self.last_sweep_at: datetime | None = None
         self.passes = 0
         self.corrections = 0
+        #: The kind and time of the last correction a pass made.
+        self.last_correction: CorrectionView | None = None
         self.last_error: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -281,6 +284,9 @@ class GitHubIntegration:
         self.last_pass, self.last_pass_at = report, utcnow()
         corrections = report.corrections + found
         self.corrections += corrections
+        for kind, value in _correction_kinds(report, found):
+            if value:
+                self.last_correction = CorrectionView(kind=kind, at=utcnow())
         self.last_error = "; ".join(report.errors[:3]) or None
         await self._observe(report, found)
         if corrections or report.created or report.deregistered:
@@ -440,18 +446,39 @@ class GitHubIntegration:
             metrics.api_calls.labels(route=route).set(calls)
         if self._client.rate_limit.remaining is not None:
             metrics.rate_remaining.set(self._client.rate_limit.remaining)
-        for kind, value in (
-            ("expired", report.expired),
-            ("orphan_runners", report.gc_runners),
-            ("orphan_jobs", report.gc_jobs),
-            ("jobs_found", found),
-        ):
+        for kind, value in _correction_kinds(report, found):
             if value:
                 metrics.corrections.labels(kind=kind).inc(value)
         for seconds in started:
             metrics.job_start.observe(seconds)
         for seconds in report.online_seconds:
             metrics.runner_online.observe(seconds)
+
+    async def view(self) -> IntegrationView:
+        """For ``GET /v1/integrations``: runners by state (all hosts'), this host's loop."""
+        service = self._service
+        states: dict[str, int] = {}
+        if service is not None:
+            query = select(GitHubRunner.state, func.count()).group_by(GitHubRunner.state)
+            rows = await service.db.run(lambda s: s.execute(query).all(), write=False)
+            states = {state: n for state, n in rows}
+        client, demand = self._client, self._demand
+        return IntegrationView(
+            name=self.name,
+            targets=[f"{t.kind}:{t.name}" for t in self.config.targets],
+            # Destroyed runners are history (they pile up): only the live states.
+            runners={
+                s.value: states.get(s.value, 0)
+                for s in RunnerState
+                if s is not RunnerState.DESTROYED
+            },
+            leader=self.leader,
+            rate_limit_remaining=client.rate_limit.remaining if client else None,
+            last_webhook_at=demand.last_webhook_at if demand else None,
+            last_pass_at=self.last_pass_at,
+            last_correction=self.last_correction,
+            last_error=self.last_error,
+        )
 
     def status(self) -> dict[str, Any]:
         """For ``/health``: the loop, the last pass, webhooks and the API budget."""
@@ -471,3 +498,13 @@ class GitHubIntegration:
             "rate_limit_remaining": client.rate_limit.remaining if client else None,
             "api_calls": client.stats.total if client else 0,
         }
+
+
+def _correction_kinds(report: PassReport, found: int) -> tuple[tuple[str, int], ...]:
+    """What a pass repaired, by kind (the metric's label and the view's ``kind``)."""
+    return (
+        ("expired", report.expired),
+        ("orphan_runners", report.gc_runners),
+        ("orphan_jobs", report.gc_jobs),
+        ("jobs_found", found),
+    )

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from stoker.ci.gitlab.client import GitLabClient
 from stoker.ci.gitlab.register import Registrar, Report, register
 from stoker.errors import StokerError, UsageError
+from stoker.service.integrations import CorrectionView, IntegrationView
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -78,6 +80,8 @@ class GitLabIntegration:
         self.last_report: Report | None = None
         self.last_pass_at: float | None = None
         self.last_error: str | None = None
+        #: The last runner a pass had to re-create (GitLab had removed it) or delete.
+        self.last_correction: CorrectionView | None = None
         self._registry: CollectorRegistry | None = None
         self._runners: Gauge | None = None
         self._failures: Counter | None = None
@@ -121,6 +125,9 @@ class GitLabIntegration:
                 async with GitLabClient(gitlab.url, token) as client:
                     report = await register(registrar, client, lambda m: log.info("gitlab: %s", m))
                 self.last_report, self.last_error = report, None
+                for kind, names in (("replaced", report.replaced), ("deleted", report.deleted)):
+                    if names:
+                        self.last_correction = CorrectionView(kind=kind, at=datetime.now(UTC))
                 if self._runners is not None:
                     self._runners.set(len(report.created + report.replaced + report.kept))
             except StokerError as exc:
@@ -139,6 +146,30 @@ class GitLabIntegration:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    async def view(self) -> IntegrationView:
+        """For ``GET /v1/integrations``: the runners of the last registration pass.
+
+        GitLab's runners are registrations, not rows (gitlab-runner on this host
+        runs their jobs as session jobs): ``runners`` counts the ``registered``
+        ones as of the last pass.  GitLab sends no webhooks here.
+        """
+        gitlab = self.config.gitlab
+        assert gitlab is not None
+        report = self.last_report
+        registered = len(report.created + report.replaced + report.kept) if report else 0
+        at = self.last_pass_at
+        return IntegrationView(
+            name=self.name,
+            targets=[f"{gitlab.url} pool:{pool}" for pool in gitlab.pools],
+            runners={"registered": registered},
+            leader=self._task is not None,
+            rate_limit_remaining=None,
+            last_webhook_at=None,
+            last_pass_at=datetime.fromtimestamp(at, UTC) if at is not None else None,
+            last_correction=self.last_correction,
+            last_error=self.last_error,
+        )
 
     def status(self) -> dict[str, Any]:
         """For ``/health``: the last registration pass."""
