@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from stoker.service.config import ServiceConfig
+from stoker.service.daemon import listen_socket
 from stoker.service.fake_backend import FakeBackend
 from stoker.service.jobs import JobState, JobView
 from stoker.service.service import Observer, Service
@@ -178,3 +179,12 @@ def pg_url() -> Iterator[str]:
     url = url.replace("postgresql://", "postgresql+psycopg://", 1)
     reset_postgres(url)
     yield url
+
+
+@pytest.fixture
+def sock() -> Iterator[Any]:
+    """A listening socket on 127.0.0.1 for a service the test runs in process (its port is
+    known before the service starts: FakeGitHub sends its webhooks there)."""
+    listener = listen_socket("127.0.0.1", 0)
+    yield listener
+    listener.close()

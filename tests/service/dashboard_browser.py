@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -50,3 +50,21 @@ def screenshot_path(name: str) -> Path:
     """``build/test-artifacts/dashboard/<name>.png`` (its directory made)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS / f"{name}.png"
+
+
+@asynccontextmanager
+async def async_chromium() -> AsyncIterator[object]:
+    """:func:`chromium` for tests whose service runs in their own event loop."""
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:  # pragma: no cover - a dev dependency
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    executable = chromium_path()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox"]
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import tarfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,21 @@ async def serving(
         await service.stop(grace=5)
 
 
+@contextlib.contextmanager
+def github_for(sock: Any, public_key: bytes) -> Iterator[FakeGitHub]:
+    """FakeGitHub with the App installed on OWNER and REPO added, its webhooks sent to the
+    service that will listen on ``sock``."""
+    with FakeGitHub(
+        app_id=APP_ID,
+        public_key_pem=public_key,
+        webhook_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1/github/webhook",
+        webhook_secret=SECRET,
+    ) as fake:
+        fake.install(OWNER, INSTALLATION)
+        fake.add_repo(REPO)
+        yield fake
+
+
 def make_socket() -> Any:
     """A listening socket on 127.0.0.1 (its port is the webhook's)."""
     return listen_socket("127.0.0.1", 0)
@@ -168,6 +183,7 @@ __all__ = [
     "Running",
     "app_key",
     "fake_backend",
+    "github_for",
     "github_table",
     "make_socket",
     "serving",

@@ -34,6 +34,7 @@ from github_harness import (
     Running,
     app_key,
     fake_backend,
+    github_for,
     github_table,
     make_socket,
     serving,
@@ -60,23 +61,8 @@ def runner_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def sock() -> Iterator[Any]:
-    listener = make_socket()
-    yield listener
-    listener.close()
-
-
-@pytest.fixture
 def github(keys: bytes, sock: Any) -> Iterator[FakeGitHub]:
-    port = sock.getsockname()[1]
-    with FakeGitHub(
-        app_id=APP_ID,
-        public_key_pem=keys,
-        webhook_url=f"http://127.0.0.1:{port}/v1/github/webhook",
-        webhook_secret=SECRET,
-    ) as fake:
-        fake.install(OWNER, INSTALLATION)
-        fake.add_repo(REPO)
+    with github_for(sock, keys) as fake:
         yield fake
 
 

@@ -127,6 +127,10 @@ function overview() {
           { empty: `No job finished in the last ${windowText}.`, id: "finished" },
         ),
       );
+      const causes = Object.entries(statView.by_cause ?? {}).filter(([, n]) => n);
+      if (causes.length) {
+        stats.append(h("p", { class: "muted" }, "How they ended: ", causes.map(([cause, n]) => `${n} ${cause}`).join(", "), "."));
+      }
     }
     if (integrations) {
       fill(ci, integrationsTable(integrations));
@@ -140,9 +144,9 @@ function integrationsTable(integrations) {
     "CI integrations",
     ["Integration", "Targets", "Runners", "API budget left", "Last webhook", "Last pass", "Last correction", "Last error"],
     integrations.map((item) => [
-      item.name,
+      item.leader ? `${item.name} (leader)` : item.name,
       (item.targets ?? []).join(", ") || "—",
-      Object.entries(item.runners ?? {}).map(([state, n]) => `${n} ${state}`).join(", ") || "none",
+      Object.entries(item.runners ?? {}).filter(([, n]) => n).map(([state, n]) => `${n} ${state}`).join(", ") || "none live",
       item.rate_limit_remaining ?? "—",
       item.last_webhook_at ? ago(item.last_webhook_at) : "never",
       item.last_pass_at ? ago(item.last_pass_at) : "never",
@@ -432,7 +436,7 @@ function vmsView() {
     );
     if (broken === null) return;
     const items = broken.vms ?? broken;
-    const open = new Set([...failed.querySelectorAll("details[open]")].map((d) => d.dataset.name));
+    const open = new Set([...failed.querySelectorAll("details[open]")].map((d) => d.dataset.id));
     fill(
       failed,
       h("h2", { id: "failed-title" }, "Recently failed VMs"),
@@ -440,10 +444,10 @@ function vmsView() {
         ? items.map((vm) =>
             h(
               "details",
-              { dataset: { name: `${vm.host}/${vm.name}` }, open: open.has(`${vm.host}/${vm.name}`) },
-              h("summary", {}, h("span", { class: "mono" }, vm.name), ` (${vm.pool}) on ${vm.host}, `, ago(vm.failed_at), ": ", vm.reason),
+              { dataset: { id: String(vm.id) }, open: open.has(String(vm.id)) },
+              h("summary", {}, h("span", { class: "mono" }, vm.vm_name), ` (${vm.pool}) on ${vm.host}, `, ago(vm.failed_at), ": ", vm.reason),
               vm.job_id ? h("p", {}, "Job ", shortId(vm.job_id)) : null,
-              h("pre", { class: "console", tabindex: 0, "aria-label": `Console of ${vm.name}` }, vm.console || "(the console was empty)"),
+              h("pre", { class: "console", tabindex: 0, "aria-label": `Console of ${vm.vm_name}` }, vm.console || "(the console was empty)"),
             ),
           )
         : h("p", { class: "muted" }, "No VM has failed recently."),
