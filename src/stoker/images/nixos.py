@@ -341,9 +341,9 @@ def nixos_kernel_cmdline(
     ``regInfo=`` names the registration ``stoker-agent.nix`` loads into the Nix
     database.  Raises :class:`ProvisionError` when it exceeds the x86 limit.
     """
-    _check_store_path(toplevel, NIX_STORE, what="toplevel")
+    check_store_path(toplevel, NIX_STORE, what="toplevel")
     if registration is not None:
-        _check_store_path(_store_path_of(registration, NIX_STORE), NIX_STORE, what="registration")
+        check_store_path(_store_path_of(registration, NIX_STORE), NIX_STORE, what="registration")
     # Verbatim, not split: the kernel allows quoted values with spaces (foo="a b").
     configured = kernel_params.strip()
     if "\0" in configured or "\n" in configured:
@@ -365,7 +365,7 @@ def nixos_kernel_cmdline(
 # --- store paths --------------------------------------------------------------------------------
 
 
-def _check_store_path(path: str, store_dir: Path, *, what: str) -> str:
+def check_store_path(path: str, store_dir: Path, *, what: str) -> str:
     """``path`` itself when it is ``STORE_DIR/<hash>-<name>``; else :class:`ProvisionError`."""
     pure = PurePosixPath(path)
     if (
@@ -401,7 +401,7 @@ def parse_closure(output: str, *, store_dir: Path = NIX_STORE) -> list[str]:
     for number, line in enumerate(output.split("\n"), start=1):
         if not line:
             continue
-        paths.add(_check_store_path(line, store_dir, what=f"closure line {number}"))
+        paths.add(check_store_path(line, store_dir, what=f"closure line {number}"))
     if not paths:
         raise ProvisionError("nix-store reported an empty closure")
     return sorted(paths)
@@ -430,16 +430,16 @@ class BootLinks:
                 target = str((links / name).readlink())
             except OSError as exc:
                 raise ProvisionError(f"nix build produced no {name} link: {exc}") from None
-            _check_store_path(_store_path_of(target, store_dir), store_dir, what=name)
+            check_store_path(_store_path_of(target, store_dir), store_dir, what=name)
             targets[name] = target
-        _check_store_path(targets["toplevel"], store_dir, what="toplevel")
+        check_store_path(targets["toplevel"], store_dir, what="toplevel")
         return cls(**targets)
 
 
 # --- packing ------------------------------------------------------------------------------------
 
 
-def _copy_entry(src: Path, dst: Path) -> int:
+def copy_store_entry(src: Path, dst: Path) -> int:
     """Copy ``src`` (not following symlinks) to ``dst``; returns the bytes of regular files.
 
     Modes keep their permission bits only (the store holds no setuid files);
@@ -463,7 +463,7 @@ def _copy_entry(src: Path, dst: Path) -> int:
         with os.scandir(src) as entries:
             names = sorted(entry.name for entry in entries)
         for name in names:
-            total += _copy_entry(src / name, dst / name)
+            total += copy_store_entry(src / name, dst / name)
         dst.chmod(stat.S_IMODE(st.st_mode) & 0o777)
         return total
     raise ProvisionError(f"{src}: not a file, directory or symlink; a store holds nothing else")
@@ -504,7 +504,7 @@ def pack_store_closure(
         raise ProvisionError("refusing to pack an empty closure")
     sources: list[Path] = []
     for path in paths:
-        _check_store_path(path, store_dir, what="closure")
+        check_store_path(path, store_dir, what="closure")
         source = Path(path)
         try:
             source.lstat()
@@ -517,7 +517,7 @@ def pack_store_closure(
         tree.mkdir()
         # The image's root becomes the guest's /nix/store: world-readable whatever our umask.
         tree.chmod(0o755)
-        total = sum(_copy_entry(source, tree / source.name) for source in sources)
+        total = sum(copy_store_entry(source, tree / source.name) for source in sources)
         log_line(log, f"packing {len(sources)} store paths, {total} bytes, as erofs")
         run_checked(
             store_mkfs_argv(output, tree, source_date_epoch=source_date_epoch, fs_uuid=fs_uuid),

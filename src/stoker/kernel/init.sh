@@ -12,6 +12,7 @@
 #     stoker.nic=1             load the NIC driver and configure eth0 (nat mode)
 #     stoker.probe=1           print STOKER-PROBE-OK after loading modules, power off
 #     stoker.debug=1           trace every step on the console
+#   /nix/store               if the root has one: bound read-only from the root device
 #   on success: exec PYTHON -B -S -m stoker.agent as PID 1 of the overlay root
 #     (lower = root device, upper = scratch/tmpfs), PYTHONPATH=/usr/lib/stoker-agent,
 #     /dev /proc /sys already mounted
@@ -150,6 +151,11 @@ must "cannot create /rw/upper and /rw/work" mkdir -p /rw/upper /rw/work
 must "cannot mount the overlay on /newroot" \
     mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot
 debug "root mounted"
+# An image's Nix store (nix: bases) stays read-only, as on NixOS: the erofs
+# itself, bound over the overlay's copy, so no command can add or alter a path.
+if [ -d /lower/nix/store ]; then
+    must "cannot bind the Nix store read-only" mount --bind /lower/nix/store /newroot/nix/store
+fi
 
 # 7. The agent.
 must "cannot create /usr/lib/stoker-agent" mkdir -p /newroot/usr/lib/stoker-agent
