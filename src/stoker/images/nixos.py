@@ -769,14 +769,93 @@ class NixosBuilder:
         return self._digest
 
     def build(self, workdir: Path, rootfs_out: Path, log: Path) -> dict[str, object]:
-        """Build the configuration, pack its closure into ``rootfs_out``, return manifest extras."""
+        """Build the configuration, pack its closure into ``rootfs_out``, return manifest extras.
+
+        A configuration made by nixpkgs gets ``stoker-agent.nix``; one without
+        ``extendModules`` is built as it is (:mod:`~stoker.images.nixos_toplevel`).
+        Its ``microvm.*`` settings, if any, become the image's defaults
+        (:mod:`~stoker.images.microvm`).
+        """
+        from stoker.images.microvm import read_microvm_shape
+        from stoker.images.nix import check_closure_size, nix_user_error
+        from stoker.images.nixos_toplevel import (
+            Toplevel,
+            build_as_is,
+            extensible_argv,
+            is_extensible,
+            manifest_boot,
+        )
+
         require_nix(self._environ)
         check_nixos_spec(self.spec)
         flake, attr = split_nixos_base(self.spec.base_ref)
         url = flake_url(flake)
+        name = nixos_attr_name(attr)
+        log_line(log, f"building nixosConfigurations.{name} of {url}")
+        shape = read_microvm_shape(url, name, environ=self._environ)
+        try:
+            extensible = is_extensible(
+                run_nix(
+                    extensible_argv(url, name, features=NIX_FEATURES),
+                    environ=self._environ,
+                    log=log,
+                    timeout=NIX_QUERY_TIMEOUT,
+                )
+            )
+        except LaunchError as exc:
+            raise nix_user_error(f"evaluating nixosConfigurations.{name} of {url}", exc) from None
+        extra: dict[str, object] = {}
+        if extensible:
+            links, closure = self._build_with_module(url, attr, workdir=workdir, log=log)
+            top = Toplevel.read(links.toplevel)
+            extra = {
+                "cmdline": nixos_kernel_cmdline(
+                    links.toplevel,
+                    registration=links.registration,
+                    kernel_params=top.kernel_params,
+                ),
+                "kernel": links.kernel,
+                "initrd": links.initrd,
+            }
+            python = links.python
+        else:
+            top, closure = build_as_is(url, name, environ=self._environ, workdir=workdir, log=log)
+            # Started by the system's own init, which stoker does not look into.
+            python = ""
+        check_closure_size(closure, image=self.name, limit_mb=self.spec.size_limit)
+        params = [*top.kernel_params.split(), *shape.kernel_params]
+        uncompressed = pack_store_closure(
+            closure,
+            rootfs_out,
+            source_date_epoch=STORE_EPOCH,
+            fs_uuid=filesystem_uuid(self._digest),
+            log=log,
+            workdir=workdir,
+        )
+        return {
+            "builder": BUILDER_NAME,
+            "builder_version": BUILDER_VERSION,
+            "spec": self.spec.model_dump(mode="json"),
+            "fstype": "erofs",
+            "flake": url,
+            "attr": name,
+            "boot": {**manifest_boot(top, params=params), **extra},
+            "python": python,
+            "guest_path": NIXOS_GUEST_PATH,
+            "store_paths": closure,
+            "uncompressed_size": uncompressed,
+            "source_date_epoch": STORE_EPOCH,
+            "microvm": shape.to_json(),
+            "defaults": shape.defaults(),
+            **({"network": {"mode": shape.network}} if shape.network else {}),
+        }
+
+    def _build_with_module(
+        self, url: str, attr: str, *, workdir: Path, log: Path
+    ) -> tuple[BootLinks, list[str]]:
+        """Build the configuration extended with ``stoker-agent.nix``: links and closure."""
         module, agent_src = write_agent_sources(workdir / "nixos")
         out_link = workdir / "boot"
-        log_line(log, f"building nixosConfigurations.{nixos_attr_name(attr)} of {url}")
         run_nix(
             nix_build_argv(url, attr, agent_module=module, agent_src=agent_src, out_link=out_link),
             environ=self._environ,
@@ -794,44 +873,4 @@ class NixosBuilder:
                 f"the agent's python ({python_path}) is not in the system closure; "
                 "is stoker-agent.nix's service overridden?"
             )
-        try:
-            kernel_params = (Path(links.toplevel) / "kernel-params").read_text()
-        except OSError as exc:
-            raise ProvisionError(f"cannot read the system's kernel-params: {exc}") from None
-        cmdline = nixos_kernel_cmdline(
-            links.toplevel, registration=links.registration, kernel_params=kernel_params
-        )
-        uncompressed = pack_store_closure(
-            closure,
-            rootfs_out,
-            source_date_epoch=STORE_EPOCH,
-            fs_uuid=filesystem_uuid(self._digest),
-            log=log,
-            workdir=workdir,
-        )
-        limit = self.spec.size_limit
-        if limit is not None and uncompressed > limit * 1024 * 1024:
-            raise ProvisionError(
-                f"image {self.name!r}: the system closure is {uncompressed / 2**20:.0f} MiB, "
-                f"over its size_limit of {limit} MiB"
-            )
-        return {
-            "builder": BUILDER_NAME,
-            "builder_version": BUILDER_VERSION,
-            "spec": self.spec.model_dump(mode="json"),
-            "fstype": "erofs",
-            "flake": url,
-            "attr": nixos_attr_name(attr),
-            "boot": {
-                "kind": "nixos",
-                "toplevel": links.toplevel,
-                "kernel": links.kernel,
-                "initrd": links.initrd,
-                "cmdline": cmdline,
-            },
-            "python": links.python,
-            "guest_path": NIXOS_GUEST_PATH,
-            "store_paths": closure,
-            "uncompressed_size": uncompressed,
-            "source_date_epoch": STORE_EPOCH,
-        }
+        return links, closure
