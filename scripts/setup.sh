@@ -23,6 +23,7 @@ PACKAGES=(
   git               # `stoker serve` jobs whose source is a git URL + ref; the network tests' git server
   iproute2 util-linux   # the network tests and bench run in their own namespace (ip, unshare)
   systemd           # systemd-analyze verify of deploy/stoker.service (the unit's test)
+  nix-bin           # nix: and nixos: image bases (the Nix tests build flakes with it, offline)
   ca-certificates
 )
 

@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from stoker.errors import LaunchError, ProvisionError, UsageError
+from stoker.images.nixcmd import NIX_FEATURES, NIX_QUERY_TIMEOUT, nix_user_error, run_nix
 
 #: The VMMs microvm.nix names that stoker has backends for.
 SUPPORTED_HYPERVISORS = ("qemu", "firecracker", "cloud-hypervisor")
@@ -218,8 +219,6 @@ def read_microvm_shape(flake_url: str, name: str, *, environ: Mapping[str, str])
     Runs ``nix eval`` (twice: whether ``config.microvm`` exists, then the
     selection).  Evaluation errors raise :class:`UsageError` with Nix's message.
     """
-    from stoker.images.nix import nix_user_error
-    from stoker.images.nixos import NIX_FEATURES, NIX_QUERY_TIMEOUT, run_nix
 
     def evaluate(argv: list[str]) -> object:
         try:

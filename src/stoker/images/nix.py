@@ -43,11 +43,16 @@ from pathlib import Path, PurePosixPath
 
 from stoker.errors import LaunchError, ProvisionError, UsageError
 from stoker.images.base import canonical_digest, log_line
-from stoker.images.nixos import (
+from stoker.images.nixcmd import (
     NIX_BUILD_TIMEOUT,
     NIX_FEATURES,
     NIX_METADATA_TIMEOUT,
     NIX_QUERY_TIMEOUT,
+    nix_user_error,
+    require_nix,
+    run_nix,
+)
+from stoker.images.nixos import (
     NIX_STORE,
     check_store_path,
     closure_argv,
@@ -56,8 +61,6 @@ from stoker.images.nixos import (
     flake_metadata_argv,
     flake_url,
     parse_closure,
-    require_nix,
-    run_nix,
     split_nixos_base,
 )
 
@@ -135,14 +138,6 @@ class NixOutput:
             "out_path": self.out_path,
             "flake_identity": self.flake_identity,
         }
-
-
-def nix_user_error(what: str, exc: LaunchError) -> UsageError:
-    """A failed Nix command as the user's error: Nix's own message, no traceback."""
-    text = exc.output.strip()
-    lines = text.splitlines()[-30:]
-    shown = "\n".join(f"  {line}" for line in lines) if lines else "  (no output)"
-    return UsageError(f"{what} failed; Nix said:\n{shown}", hint=exc.hint)
 
 
 def parse_description(output: str, target: str) -> tuple[str, str]:

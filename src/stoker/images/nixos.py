@@ -60,26 +60,32 @@ instead of its own ``reboot(2)``.  Commands need ``PATH`` set to
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import IO
 from urllib.parse import quote
 
 from stoker.agent.bundle import agent_files
 from stoker.errors import LaunchError, ProvisionError, UsageError
 from stoker.images.base import canonical_digest, log_line
+from stoker.images.nixcmd import (
+    NIX_BUILD_TIMEOUT,
+    NIX_FEATURES,
+    NIX_METADATA_TIMEOUT,
+    NIX_QUERY_TIMEOUT,
+    nix_user_error,
+    require_nix,
+    run_nix,
+)
 from stoker.images.spec import DEFAULT_KERNEL, AgentOptions, ImageSpec
 from stoker.procs import run_checked
 
@@ -96,8 +102,6 @@ _STORE_NAME_RE = re.compile(rf"[{NIX_BASE32}]{{32}}-(?!\.)[A-Za-z0-9+\-._?=]{{1,
 # imported: this module must not rely on spec.py's private names.
 _NIX_ATTR_RE = re.compile(r"[A-Za-z0-9_.+\"'-]+")
 
-#: The flags that make flakes and the ``nix`` command usable on any Nix >= 2.4.
-NIX_FEATURES: tuple[str, ...] = ("--extra-experimental-features", "nix-command flakes")
 #: The mtime of everything packed: what Nix gives every file in its store.
 STORE_EPOCH = 1
 #: ``PATH`` for commands in a NixOS guest (setuid wrappers first, as NixOS sets it).
@@ -121,11 +125,7 @@ MICROVM_PARAMS: tuple[str, ...] = (
 #: x86's COMMAND_LINE_SIZE, terminating NUL included.
 MAX_CMDLINE = 2048
 
-NIX_BUILD_TIMEOUT = 6 * 3600.0
-NIX_QUERY_TIMEOUT = 600.0
-NIX_METADATA_TIMEOUT = 1800.0
 MKFS_TIMEOUT = 3600.0
-NIX_HINT = "the nixos builder needs Nix on the host: https://nixos.org/download"
 
 
 # --- Nix syntax ---------------------------------------------------------------------------------
@@ -530,95 +530,6 @@ def pack_store_closure(
     return total
 
 
-# --- running Nix --------------------------------------------------------------------------------
-
-
-def require_nix(environ: Mapping[str, str]) -> None:
-    """Raise :class:`ProvisionError` unless ``nix`` and ``nix-store`` are on ``environ``'s PATH."""
-    search = environ.get("PATH", os.defpath)
-    missing = [tool for tool in ("nix", "nix-store") if shutil.which(tool, path=search) is None]
-    if missing:
-        raise ProvisionError(
-            f"{NIX_HINT} ({', '.join(missing)} not found on PATH)",
-            hint="install Nix, then `stoker doctor` shows its version",
-        )
-
-
-def _command_name(argv: Sequence[str]) -> str:
-    """``"nix build"``, ``"nix flake metadata"``, ``"nix-store"``: for messages."""
-    words = [Path(argv[0]).name]
-    rest = list(argv[1:])
-    if rest[: len(NIX_FEATURES)] == list(NIX_FEATURES):
-        rest = rest[len(NIX_FEATURES) :]
-    for word in rest:
-        if word.startswith("-"):
-            break
-        words.append(word)
-    return " ".join(words)
-
-
-def _log_tail(log: Path, offset: int) -> str:
-    """What was appended to ``log`` after ``offset`` (at most its last 16 KiB)."""
-    with log.open("rb") as fh:
-        fh.seek(max(offset, log.stat().st_size - 16384))
-        return fh.read().decode(errors="replace")
-
-
-def run_nix(
-    argv: Sequence[str],
-    *,
-    environ: Mapping[str, str],
-    log: Path | None,
-    timeout: float,
-) -> str:
-    """Run a Nix command with exactly ``environ``; return its standard output.
-
-    Standard error (progress, warnings, build logs) goes to ``log`` as it
-    happens, so a long build can be followed there, and never into the returned
-    text, which callers parse (``run_checked`` merges the two).  Failures raise
-    :class:`LaunchError` with the end of standard error.
-    """
-    name = _command_name(argv)
-    start = 0
-    with contextlib.ExitStack() as stack:
-        stderr: int | IO[bytes] = subprocess.PIPE
-        if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            fh = stack.enter_context(log.open("ab"))
-            fh.write(f"$ {' '.join(argv)}\n".encode())
-            fh.flush()
-            start = fh.tell()
-            stderr = fh
-        try:
-            proc = subprocess.run(
-                list(argv),
-                env=dict(environ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                timeout=timeout,
-                check=False,
-            )
-        except FileNotFoundError as exc:
-            raise LaunchError(f"{argv[0]} is not installed", argv=argv, hint=NIX_HINT) from exc
-        except subprocess.TimeoutExpired as exc:
-            partial = (exc.stderr or b"").decode(errors="replace")
-            raise LaunchError(
-                f"{name} timed out after {timeout:.0f}s",
-                argv=argv,
-                output=partial if log is None else _log_tail(log, start),
-            ) from exc
-    if log is None:
-        errors, hint = proc.stderr.decode(errors="replace"), None
-    else:
-        errors, hint = _log_tail(log, start), f"full log: {log}"
-    if proc.returncode != 0:
-        raise LaunchError(
-            f"{name} failed", argv=argv, returncode=proc.returncode, output=errors, hint=hint
-        )
-    return proc.stdout.decode(errors="replace")
-
-
 def flake_identity(metadata: Mapping[str, object]) -> str:
     """Hex sha256 of what a flake evaluates from, given ``nix flake metadata --json`` output.
 
@@ -777,7 +688,7 @@ class NixosBuilder:
         (:mod:`~stoker.images.microvm`).
         """
         from stoker.images.microvm import read_microvm_shape
-        from stoker.images.nix import check_closure_size, nix_user_error
+        from stoker.images.nix import check_closure_size
         from stoker.images.nixos_toplevel import (
             Toplevel,
             build_as_is,

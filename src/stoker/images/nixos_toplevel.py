@@ -21,6 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stoker.errors import LaunchError, ProvisionError, UsageError
+from stoker.images.nixcmd import (
+    NIX_BUILD_TIMEOUT,
+    NIX_FEATURES,
+    NIX_QUERY_TIMEOUT,
+    nix_user_error,
+    run_nix,
+)
 
 #: What a toplevel must have: stage-2 init, kernel image, initrd.
 TOPLEVEL_ENTRIES = ("init", "kernel", "initrd", "kernel-params")
@@ -126,17 +133,8 @@ def build_as_is(
     The out-link in ``workdir`` keeps the closure alive while it is packed.
     A failed build raises :class:`UsageError` with Nix's message.
     """
-    from stoker.images.nix import nix_user_error
-    from stoker.images.nixos import (
-        NIX_BUILD_TIMEOUT,
-        NIX_FEATURES,
-        NIX_QUERY_TIMEOUT,
-        NIX_STORE,
-        check_store_path,
-        closure_argv,
-        parse_closure,
-        run_nix,
-    )
+    # Imported here: nixos.py imports this module.
+    from stoker.images.nixos import NIX_STORE, check_store_path, closure_argv, parse_closure
 
     out_link = workdir / "toplevel"
     argv = toplevel_build_argv(flake_url, name, features=NIX_FEATURES, out_link=out_link)
