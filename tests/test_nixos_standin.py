@@ -14,9 +14,11 @@ nixpkgs python either.  Booting a real NixOS system is not tested here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +45,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the local Nix store is root's"),
     pytest.mark.skipif(not BUSYBOX.is_file(), reason="busybox-static missing (/bin/busybox)"),
 ]
+STOKER = [sys.executable, "-m", "stoker.cli"]
 NIX_ENV = {**os.environ, "NIX_CONFIG": "substituters =\n"}
 FEATURES = ("--extra-experimental-features", "nix-command flakes")
 
@@ -76,6 +79,8 @@ FLAKE = r"""{
         export PATH=${bb}/bin
         mkdir -p /bin /usr/bin /tmp /etc
         ${bb}/bin/busybox --install -s /bin
+        # No GNU tar, as on NixOS: the agent unpacks with Python's tarfile.
+        rm /bin/tar
         # The system's packages on PATH (the agent, as PID 1, mounts a tmpfs on /run).
         ln -s $out/sw/bin/* /usr/bin/
         export PYTHONHOME=${py}
@@ -287,3 +292,24 @@ async def test_stand_in_system_boots(
     assert "stoker.init=/nix/store/" in text and "-nixos-system-stand-in/init" in text, text
     assert "stoker.standin=1 stoker.microvm=yes" in text, text
     assert "rc=1" in text and "Read-only file system" in text and "root-rw" in text, text
+
+    # The CLI takes the base itself (built already: the same digest, a new name) ...
+    src = tmp_path / "project"
+    src.mkdir()
+    (src / "input.txt").write_text("from the host\n")
+    env = {**NIX_ENV, "STOKER_CACHE_DIR": str(dirs.cache)}
+    run = subprocess.run(
+        [*STOKER, "run", "--image", "nixos:./f#standin", "--snapshot", "never", str(src), "--",
+         "sh", "-c", "nix-hello; cat input.txt; nproc"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "hello from the stand-in system\nfrom the host\n1\n", run.stderr
+    # ... and `stoker image inspect` shows the store paths the image holds.
+    inspect = subprocess.run(
+        [*STOKER, "image", "inspect", "nixos-standin"],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    )  # fmt: skip
+    manifest = json.loads(inspect.stdout)
+    assert manifest["boot"]["toplevel"] in manifest["store_paths"]
+    assert any(p.endswith("-stand-in-python") for p in manifest["store_paths"])

@@ -37,9 +37,10 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from stoker.errors import LaunchError, ProvisionError, UsageError
 from stoker.images.base import canonical_digest, log_line
@@ -63,6 +64,9 @@ from stoker.images.nixos import (
     parse_closure,
     split_nixos_base,
 )
+
+if TYPE_CHECKING:
+    from stoker.paths import Dirs
 
 #: Bump whenever a change here alters the image for the same flake and spec.
 BUILDER_VERSION = 1
@@ -276,3 +280,54 @@ def install_closure(tree: Path, paths: Sequence[str], out_path: str) -> list[str
         (profile / command).symlink_to(f"{out_path}/bin/{command}")
         (links / command).symlink_to(str(PROFILE_BIN / command))
     return commands
+
+
+#: The base kinds ``stoker run --image`` builds on the fly.
+FLAKE_KINDS = ("nix", "nixos")
+
+
+def flake_image_name(base: str) -> str:
+    """The image name ``stoker run --image nixos:FLAKE#ATTR`` builds under: ``nixos-ATTR``.
+
+    Characters an image name cannot hold become ``-``; the name points at the
+    last flake built for that attribute (the digest still decides the content).
+    """
+    kind, _, ref = base.partition(":")
+    attr = ref.rpartition("#")[2].strip('"')
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in attr)
+    return f"{kind}-{cleaned}"[:128]
+
+
+def is_flake_base(image: str) -> bool:
+    """Whether ``image`` (an ``--image`` value) is a ``nix:``/``nixos:`` base, not a name."""
+    return image.partition(":")[0] in FLAKE_KINDS and ":" in image
+
+
+def ensure_flake_image(
+    base: str,
+    *,
+    dirs: Dirs,
+    cwd: Path,
+    environ: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> str:
+    """Build (or find built) the image of ``base`` (``nix:``/``nixos:FLAKE#ATTR``); its name.
+
+    A relative flake path is taken from ``cwd``.  Raises :class:`UsageError`
+    for a malformed base, with the spec's own message.
+    """
+    import pydantic
+
+    from stoker.images.builder import builder_for
+    from stoker.images.spec import ImageSpec
+    from stoker.images.store import ImageStore
+
+    name = flake_image_name(base)
+    try:
+        spec = ImageSpec.model_validate({"name": name, "base": base}, context={"base_dir": cwd})
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(str(e["msg"]) for e in exc.errors())
+        raise UsageError(f"--image {base!r}: {problems}") from None
+    builder = builder_for(spec, dirs=dirs, environ=environ, progress=progress)
+    ImageStore(dirs).ensure(builder, progress=progress)
+    return name
