@@ -283,7 +283,7 @@ async def test_stand_in_system_boots(
         print(f"boot: {booted:.1f}s, to the command's end: {time.monotonic() - t:.1f}s")
         probe = await vm.exec(
             ["sh", "-c", "cat /proc/cmdline; grep ' /nix/store ' /proc/mounts; "
-             "touch /nix/store/new; echo rc=$?; touch /written && echo root-rw"]
+             "touch /nix/store/new; echo rc=$?; touch /written && echo root-rw; echo PATH=$PATH"]
         )  # fmt: skip
     said, where = hello.stdout.decode().splitlines()
     assert said == "hello from the stand-in system" and where.endswith("-nix-hello/bin/nix-hello")
@@ -291,6 +291,7 @@ async def test_stand_in_system_boots(
     text = probe.stdout.decode() + probe.stderr.decode()
     assert "stoker.init=/nix/store/" in text and "-nixos-system-stand-in/init" in text, text
     assert "stoker.standin=1 stoker.microvm=yes" in text, text
+    assert "PATH=/run/wrappers/bin:/run/current-system/sw/bin:/usr/local/sbin:" in text, text
     assert "rc=1" in text and "Read-only file system" in text and "root-rw" in text, text
 
     # The CLI takes the base itself (built already: the same digest, a new name) ...

@@ -55,7 +55,7 @@ from stoker.errors import (
 from stoker.isolation import Isolation, VMCgroup, place_vmm
 from stoker.lifecycle import Timings, VMState, require
 from stoker.outcomes import panic_message, signal_name
-from stoker.paths import Dirs
+from stoker.paths import GUEST_PATH, Dirs
 from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, JobLimits, OutputSink
 from stoker.snapshots import (
     MEMORY_FILE,
@@ -747,7 +747,7 @@ class VM:
 def default_guest_env() -> dict[str, str]:
     """The environment every command starts from."""
     return {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": GUEST_PATH,
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TERM": "dumb",

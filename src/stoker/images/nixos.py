@@ -1,4 +1,4 @@
-"""NixOS images: a flake's ``nixosConfiguration`` booted with its own kernel and initrd.
+"""NixOS images: a flake's ``nixosConfiguration``, its store booted through stoker's initramfs.
 
 A spec with ``base = "nixos:FLAKEREF#ATTR"`` names a NixOS configuration; the
 configuration, not the spec, declares packages, users and files.  Building it
@@ -38,24 +38,32 @@ read any file the user can): build NixOS bases only from flakes you would
 
 Boot contract
 -------------
-For a manifest whose ``boot.kind`` is ``"nixos"`` the VM must
+For a manifest whose ``boot.kind`` is ``"nixos"`` the VM (see
+:func:`stoker.artifacts.nixos_boot`)
 
-* boot ``boot.kernel`` with ``boot.initrd`` (host files in ``/nix/store``; the
-  configuration's own stage-1 initrd, not stoker's busybox initramfs) and the
-  command line ``boot.cmdline`` (:func:`nixos_kernel_cmdline`; runtime
-  parameters such as ``tsc_early_khz`` may be appended);
-* attach the image as the first virtio-blk disk (``/dev/vda``, read-only; it
-  is mounted on ``/nix/store``) and the ext4 scratch disk as the second
-  (``/dev/vdb``; it becomes ``/``), further disks after them;
-* expose the virtio-serial port ``org.stoker.agent`` as for every image.
+* boots stoker's kernel with stoker's busybox initramfs as stage 1 and the
+  parameters ``stoker.init=<toplevel>/init`` and ``boot.params`` (the
+  configuration's ``kernel-params`` and microvm.nix ``kernelParams``);
+* attaches the image as the first virtio-blk disk (``/dev/vda``, read-only),
+  which init.sh mounts on ``/nix/store``, and the ext4 scratch disk as the
+  second (``/dev/vdb``), which becomes ``/``; then runs the system's stage 2;
+* exposes the virtio-serial port ``org.stoker.agent`` as for every image.
 
-The agent then runs as a systemd service, not as PID 1 (its ``ready`` message
-says ``pid1: false``): it leaves mounts to systemd, does not set the clock or
-the hostname on ``init``, unpacks the seed disk with Python's ``tarfile``
-(there is no ``/usr/bin/tar`` on NixOS; slower under emulation), and its exit
-after ``shutdown`` powers the VM off through the unit's ``SuccessAction``
-instead of its own ``reboot(2)``.  Commands need ``PATH`` set to
-:data:`NIXOS_GUEST_PATH` (the manifest's ``guest_path``): NixOS has no ``/usr/bin``.
+``boot.kernel``, ``boot.initrd`` and ``boot.cmdline`` record the system's
+own kernel, initrd and command line (:func:`nixos_kernel_cmdline`), which
+are not booted: the configuration's stage 1 would look for disks by its own
+rules.  Configurations without ``extendModules`` are built as they are
+(:mod:`~stoker.images.nixos_toplevel`); their ``init`` starts the agent.
+
+With ``stoker-agent.nix`` the agent runs as a systemd service, not as PID 1
+(its ``ready`` message says ``pid1: false``): it leaves mounts to systemd, does
+not set the clock or the hostname on ``init``, unpacks the seed disk with
+Python's ``tarfile`` (there is no ``/usr/bin/tar`` on NixOS; slower under
+emulation), and its exit after ``shutdown`` powers the VM off through the
+unit's ``SuccessAction`` instead of its own ``reboot(2)``.  Commands get
+:data:`NIXOS_GUEST_PATH` first on ``PATH`` (the manifest's ``env``): NixOS
+has no ``/usr/bin``.  Booting a real NixOS system this way is untested here
+(no nixpkgs); the tests boot a stand-in system closure.
 """
 
 from __future__ import annotations
@@ -87,11 +95,12 @@ from stoker.images.nixcmd import (
     run_nix,
 )
 from stoker.images.spec import DEFAULT_KERNEL, AgentOptions, ImageSpec
+from stoker.paths import GUEST_PATH
 from stoker.procs import run_checked
 
 BUILDER_NAME = "nixos"
 #: Bump whenever a change here alters the produced image for the same configuration.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 NIX_STORE = Path("/nix/store")
 #: Nix's base-32 alphabet (no e, o, t, u); store path hashes are 32 of these.
@@ -753,6 +762,8 @@ class NixosBuilder:
             "boot": {**manifest_boot(top, params=params), **extra},
             "python": python,
             "guest_path": NIXOS_GUEST_PATH,
+            # Applied to every command (vm.py): NixOS's programs first, then the usual places.
+            "env": {"PATH": f"{NIXOS_GUEST_PATH}:{GUEST_PATH}"},
             "store_paths": closure,
             "uncompressed_size": uncompressed,
             "source_date_epoch": STORE_EPOCH,
