@@ -21,12 +21,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stoker.artifacts import BootArtifacts
 from stoker.errors import ProvisionError, UsageError
-from stoker.images import ImageStore
+from stoker.images import Image, ImageBuilder, ImageStore
 from stoker.images.builder import builder_for
 from stoker.images.microvm import (
     MicrovmShape,
@@ -240,11 +241,16 @@ def test_unsupported_microvm_settings_are_named(flake: Path) -> None:
         assert named in message, message
 
 
-def _build(flake: Path, tmp: Path, dirs: Dirs, attr: str, name: str) -> object:
+def _builder(flake: Path, tmp: Path, dirs: Dirs, attr: str, name: str) -> ImageBuilder:
     spec_file = tmp / f"{name}.toml"
     spec_file.write_text(f'name = "{name}"\nbase = "nixos:{flake}#{attr}"\n')
     (spec,) = load_spec_file(spec_file).values()
-    return ImageStore(dirs).ensure(builder_for(spec, dirs=dirs, environ=NIX_ENV), progress=print)
+    return builder_for(spec, dirs=dirs, environ=NIX_ENV)
+
+
+def _build(flake: Path, tmp: Path, dirs: Dirs, attr: str, name: str) -> Image:
+    builder = _builder(flake, tmp, dirs, attr, name)
+    return ImageStore(dirs).ensure(builder, progress=print)
 
 
 def test_stand_in_system_builds_with_its_microvm_shape(flake: Path, tmp_path: Path) -> None:
@@ -252,7 +258,7 @@ def test_stand_in_system_builds_with_its_microvm_shape(flake: Path, tmp_path: Pa
     t = time.monotonic()
     image = _build(flake, tmp_path, dirs, "standin", "test-nixos-standin-unit")
     print(f"nix build + pack: {time.monotonic() - t:.1f}s")
-    manifest = image.manifest  # type: ignore[attr-defined]
+    manifest: dict[str, Any] = image.manifest
     boot = manifest["boot"]
     assert boot["kind"] == "nixos" and boot["stage1"] == "stoker"
     assert boot["init"] == boot["toplevel"] + "/init"
@@ -262,6 +268,21 @@ def test_stand_in_system_builds_with_its_microvm_shape(flake: Path, tmp_path: Pa
     assert manifest["microvm"]["vmm"] == "qemu"
     with pytest.raises(ProvisionError, match=r"is not a NixOS system: it has no init, kernel"):
         _build(flake, tmp_path, dirs, "notASystem", "test-nixos-not-a-system")
+
+
+def test_stand_in_image_is_reproducible_and_follows_the_flake(tmp_path: Path) -> None:
+    """Two stores, the same bytes; an edited flake (its narHash) changes the digest."""
+    flake = write_flake(tmp_path / "f")
+    images = [
+        _build(flake, tmp_path, Dirs(cache=tmp_path / c, runtime=tmp_path / "run"), "standin", "x")
+        for c in ("a", "b")
+    ]
+    assert images[0].digest == images[1].digest
+    assert images[0].rootfs.read_bytes() == images[1].rootfs.read_bytes()
+    dirs = Dirs(cache=tmp_path / "a", runtime=tmp_path / "run")
+    (flake / "flake.nix").write_text(FLAKE.replace("stoker.standin=1", "stoker.standin=2"))
+    edited = _builder(flake, tmp_path, dirs, "standin", "x").spec_digest()
+    assert edited != images[0].digest
 
 
 @pytest.mark.vm
