@@ -117,6 +117,30 @@ FLAKE = r"""{
       };
     };
     nixosConfigurations.plain.config.system.build.toplevel = toplevel;
+    # Stand-in for what nixpkgs' lib.nixosSystem returns: the attributes stoker's
+    # build expression uses (extendModules ignores the agent module: no module system).
+    nixosConfigurations.extensible = let
+      system = {
+        config = {
+          system.build = { inherit toplevel; kernel = boot; initialRamdisk = boot; };
+          system.boot.loader = { kernelFile = "kernel"; initrdFile = "initrd"; };
+          stoker.agent.python = py;
+        };
+        pkgs = {
+          linkFarm = name: entries: derivation {
+            inherit name; system = "x86_64-linux"; builder = "${bb}/bin/sh";
+            PATH = "${bb}/bin";
+            args = [ "-c" ("mkdir $out\n" + builtins.concatStringsSep "\n"
+              (map (e: "ln -s ${e.path} $out/${e.name}") entries)) ];
+          };
+          closureInfo = { rootPaths }: derivation {
+            name = "closure-info"; system = "x86_64-linux"; builder = "${bb}/bin/sh";
+            PATH = "${bb}/bin";
+            args = [ "-c" "mkdir $out; echo stand-in registration > $out/registration" ];
+          };
+        };
+      };
+    in system // { extendModules = { modules }: system; };
     nixosConfigurations.notASystem.config.system.build.toplevel = hello;
   };
 }
@@ -335,3 +359,20 @@ async def test_stand_in_system_boots(
     manifest = json.loads(inspect.stdout)
     assert manifest["boot"]["toplevel"] in manifest["store_paths"]
     assert any(p.endswith("-stand-in-python") for p in manifest["store_paths"])
+
+
+def test_extensible_configuration_goes_through_stoker_s_build_expression(
+    flake: Path, tmp_path: Path
+) -> None:
+    """nix_build_expr's extendModules/linkFarm/closureInfo route, on a stand-in nixosSystem."""
+    dirs = Dirs(cache=tmp_path / "cache", runtime=tmp_path / "run")
+    manifest: dict[str, Any] = _build(flake, tmp_path, dirs, "extensible", "x").manifest
+    boot = manifest["boot"]
+    toplevel = boot["toplevel"]
+    assert toplevel.endswith("-nixos-system-stand-in") and boot["init"] == f"{toplevel}/init"
+    assert boot["kernel"].endswith("-stand-in-boot-files/kernel")
+    assert manifest["python"].endswith("-stand-in-python/bin/python3")
+    registration = next(p for p in boot["params"] if p.startswith("regInfo="))
+    assert registration.endswith("-closure-info/registration")
+    assert f"init={toplevel}/init" in boot["cmdline"] and registration in boot["cmdline"]
+    assert any(p.endswith("-closure-info") for p in manifest["store_paths"])

@@ -725,6 +725,8 @@ class NixosBuilder:
         except LaunchError as exc:
             raise nix_user_error(f"evaluating nixosConfigurations.{name} of {url}", exc) from None
         extra: dict[str, object] = {}
+        # regInfo= lets stoker-agent.nix load the store's paths into the guest's Nix database.
+        registration: list[str] = []
         if extensible:
             links, closure = self._build_with_module(url, attr, workdir=workdir, log=log)
             top = Toplevel.read(links.toplevel)
@@ -738,12 +740,13 @@ class NixosBuilder:
                 "initrd": links.initrd,
             }
             python = links.python
+            registration = [f"regInfo={links.registration}"]
         else:
             top, closure = build_as_is(url, name, environ=self._environ, workdir=workdir, log=log)
             # Started by the system's own init, which stoker does not look into.
             python = ""
         check_closure_size(closure, image=self.name, limit_mb=self.spec.size_limit)
-        params = [*top.kernel_params.split(), *shape.kernel_params]
+        params = [*top.kernel_params.split(), *shape.kernel_params, *registration]
         uncompressed = pack_store_closure(
             closure,
             rootfs_out,
