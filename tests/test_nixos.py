@@ -24,14 +24,13 @@ from hypothesis import strategies as st
 
 from stoker import doctor
 from stoker.errors import LaunchError, ProvisionError, UsageError
-from stoker.images import nixos
+from stoker.images import nixcmd, nixos
+from stoker.images.nixcmd import flake_identity, flake_metadata_argv
 from stoker.images.nixos import (
     BootLinks,
     NixosBuilder,
     check_nixos_spec,
     closure_argv,
-    flake_identity,
-    flake_metadata_argv,
     flake_url,
     local_flake_url,
     nix_build_argv,
@@ -713,16 +712,16 @@ def test_run_nix_keeps_stdout_apart_from_stderr(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "build.log"
     env = {"PATH": os.environ["PATH"]}
     script = "echo /nix/store/x; echo 'warning: noise' >&2"
-    assert nixos.run_nix(["sh", "-c", script], environ=env, log=log, timeout=30) == (
+    assert nixcmd.run_nix(["sh", "-c", script], environ=env, log=log, timeout=30) == (
         "/nix/store/x\n"
     )
     # The log has the command and its standard error, not its output.
     assert log.read_text() == f"$ sh -c {script}\nwarning: noise\n"
-    assert nixos.run_nix(["sh", "-c", script], environ=env, log=None, timeout=30) == (
+    assert nixcmd.run_nix(["sh", "-c", script], environ=env, log=None, timeout=30) == (
         "/nix/store/x\n"
     )
     with pytest.raises(LaunchError, match="exit status: 3") as info:
-        nixos.run_nix(["sh", "-c", "echo broken >&2; exit 3"], environ=env, log=log, timeout=30)
+        nixcmd.run_nix(["sh", "-c", "echo broken >&2; exit 3"], environ=env, log=log, timeout=30)
     assert "broken" in info.value.output
     assert info.value.hint == f"full log: {log}"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from stoker.errors import LaunchError, ProvisionError, UsageError
+from stoker.images.base import canonical_digest
 
 #: The flags that make flakes and the ``nix`` command usable on any Nix >= 2.4.
 NIX_FEATURES: tuple[str, ...] = ("--extra-experimental-features", "nix-command flakes")
@@ -122,3 +123,31 @@ def nix_user_error(what: str, exc: LaunchError) -> UsageError:
     lines = exc.output.strip().splitlines()[-30:]
     shown = "\n".join(f"  {line}" for line in lines) if lines else "  (no output)"
     return UsageError(f"{what} failed; Nix said:\n{shown}", hint=exc.hint)
+
+
+def flake_metadata_argv(flake: str) -> list[str]:
+    """``nix flake metadata --json`` of ``flake`` (a URL), never writing its lock file."""
+    # --no-write-lock-file: asking for an identity must not edit the user's checkout.
+    return ["nix", *NIX_FEATURES, "flake", "metadata", "--json", "--no-write-lock-file", flake]
+
+
+def flake_identity(metadata: Mapping[str, object]) -> str:
+    """Hex sha256 of what a flake evaluates from, given ``nix flake metadata --json`` output.
+
+    The source's ``narHash`` (content, not location), its subdirectory and the
+    locked inputs; ``lastModified`` and the checkout's path are left out, so a
+    moved or touched checkout keeps its identity.
+    """
+    locked = metadata.get("locked")
+    if not isinstance(locked, Mapping):
+        raise ProvisionError("nix flake metadata reported no locked source")
+    nar_hash = locked.get("narHash")
+    if not isinstance(nar_hash, str) or not nar_hash:
+        raise ProvisionError("nix flake metadata reported no narHash for the flake's source")
+    return canonical_digest(
+        {
+            "narHash": nar_hash,
+            "dir": locked.get("dir", ""),
+            "locks": metadata.get("locks"),
+        }
+    )

@@ -90,6 +90,8 @@ from stoker.images.nixcmd import (
     NIX_FEATURES,
     NIX_METADATA_TIMEOUT,
     NIX_QUERY_TIMEOUT,
+    flake_identity,
+    flake_metadata_argv,
     nix_user_error,
     require_nix,
     run_nix,
@@ -308,12 +310,6 @@ def closure_argv(paths: Iterable[str]) -> list[str]:
     if not items or not all(p.startswith("/") for p in items):
         raise ValueError(f"expected absolute store paths, got {items!r}")
     return ["nix-store", "--query", "--requisites", *items]
-
-
-def flake_metadata_argv(flake: str) -> list[str]:
-    """``nix flake metadata --json`` of ``flake`` (a URL), never writing its lock file."""
-    # --no-write-lock-file: asking for an identity must not edit the user's checkout.
-    return ["nix", *NIX_FEATURES, "flake", "metadata", "--json", "--no-write-lock-file", flake]
 
 
 def store_mkfs_argv(output: Path, tree: Path, *, source_date_epoch: int, fs_uuid: str) -> list[str]:
@@ -537,28 +533,6 @@ def pack_store_closure(
     finally:
         _remove_staging(staging)
     return total
-
-
-def flake_identity(metadata: Mapping[str, object]) -> str:
-    """Hex sha256 of what a flake evaluates from, given ``nix flake metadata --json`` output.
-
-    The source's ``narHash`` (content, not location), its subdirectory and the
-    locked inputs; ``lastModified`` and the checkout's path are left out, so a
-    moved or touched checkout keeps its identity.
-    """
-    locked = metadata.get("locked")
-    if not isinstance(locked, Mapping):
-        raise ProvisionError("nix flake metadata reported no locked source")
-    nar_hash = locked.get("narHash")
-    if not isinstance(nar_hash, str) or not nar_hash:
-        raise ProvisionError("nix flake metadata reported no narHash for the flake's source")
-    return canonical_digest(
-        {
-            "narHash": nar_hash,
-            "dir": locked.get("dir", ""),
-            "locks": metadata.get("locks"),
-        }
-    )
 
 
 def nixos_base_digest(flake_ref: str, *, environ: Mapping[str, str] | None = None) -> str:
