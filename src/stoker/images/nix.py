@@ -21,7 +21,7 @@ A derivation whose output is itself a root filesystem is still packed as
 packages: using it as the root is left for when such closures carry a Python.
 
 The image digest covers the flake's identity (its source's ``narHash`` and
-locked inputs, :func:`~stoker.images.nixos.flake_identity`) and the output's
+locked inputs, :func:`~stoker.images.nixcmd.flake_identity`) and the output's
 store path (which changes with the derivation), so a changed lock or
 derivation rebuilds the image.  Evaluating needs no build (``nix eval``);
 building happens when the image is built.  As with ``nixos:`` bases, a flake's
@@ -123,7 +123,7 @@ class NixOutput:
     name: str
     #: Its (default) output's store path, known before it is built.
     out_path: str
-    #: :func:`~stoker.images.nixos.flake_identity` of the flake.
+    #: :func:`~stoker.images.nixcmd.flake_identity` of the flake.
     flake_identity: str
 
     def digest(self) -> str:

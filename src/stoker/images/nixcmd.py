@@ -1,4 +1,4 @@
-"""Running Nix's commands: found on PATH, their errors kept apart from their output.
+"""Running Nix's commands (errors kept apart from output) and a flake's identity.
 
 Shared by the ``nix:`` and ``nixos:`` builders (:mod:`stoker.images.nix`,
 :mod:`stoker.images.nixos`) and the microvm.nix reader
