@@ -24,6 +24,7 @@ PACKAGES=(
   iproute2 util-linux   # the network tests and bench run in their own namespace (ip, unshare)
   systemd           # systemd-analyze verify of deploy/stoker.service (the unit's test)
   chromium          # the dashboard's browser tests (headless, driven by Playwright)
+  nix-bin           # nix: and nixos: image bases (the Nix tests build flakes with it, offline)
   ca-certificates
 )
 

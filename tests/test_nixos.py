@@ -1,10 +1,11 @@
 """Tests for the nixos image builder (stoker.images.nixos).
 
-Nix is not installed on the development machines, so the builder is exercised
-through its command construction (golden argv and expressions, escaping), the
-parsing of what Nix prints, and packing a stand-in store closure that the
-tests make themselves with the real mkfs.erofs, checked with fsck.erofs and
-dump.erofs.  No fake ``nix``.
+The builder is exercised here through its command construction (golden argv
+and expressions, escaping), the parsing of what Nix prints, and packing a
+stand-in store closure that the tests make themselves with the real
+mkfs.erofs, checked with fsck.erofs and dump.erofs.  No fake ``nix``.  Builds
+and boots with the real Nix (a stand-in system closure, no nixpkgs here) are
+in test_nixos_standin.py.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from hypothesis import strategies as st
 
 from stoker import doctor
 from stoker.errors import LaunchError, ProvisionError, UsageError
-from stoker.images import nixos
+from stoker.images import nixcmd, nixos
+from stoker.images.nixcmd import flake_identity, flake_metadata_argv
 from stoker.images.nixos import (
     BootLinks,
     NixosBuilder,
     check_nixos_spec,
     closure_argv,
-    flake_identity,
-    flake_metadata_argv,
     flake_url,
     local_flake_url,
     nix_build_argv,
@@ -696,14 +696,14 @@ def test_build_without_nix_fails_early(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     out = tmp_path / "rootfs.erofs"
-    with pytest.raises(ProvisionError, match=r"needs Nix on the host: https://nixos.org/download"):
+    with pytest.raises(ProvisionError, match=r"need Nix on the host: apt-get install nix-bin"):
         builder.build(work, out, tmp_path / "build.log")
     assert not out.exists()
     assert list(work.iterdir()) == []
 
 
 def test_base_digest_without_nix_fails(tmp_path: Path) -> None:
-    with pytest.raises(ProvisionError, match="needs Nix"):
+    with pytest.raises(ProvisionError, match="need Nix on the host"):
         nixos_base_digest("github:example/ci#ci", environ={"PATH": str(tmp_path)})
 
 
@@ -712,16 +712,16 @@ def test_run_nix_keeps_stdout_apart_from_stderr(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "build.log"
     env = {"PATH": os.environ["PATH"]}
     script = "echo /nix/store/x; echo 'warning: noise' >&2"
-    assert nixos.run_nix(["sh", "-c", script], environ=env, log=log, timeout=30) == (
+    assert nixcmd.run_nix(["sh", "-c", script], environ=env, log=log, timeout=30) == (
         "/nix/store/x\n"
     )
     # The log has the command and its standard error, not its output.
     assert log.read_text() == f"$ sh -c {script}\nwarning: noise\n"
-    assert nixos.run_nix(["sh", "-c", script], environ=env, log=None, timeout=30) == (
+    assert nixcmd.run_nix(["sh", "-c", script], environ=env, log=None, timeout=30) == (
         "/nix/store/x\n"
     )
     with pytest.raises(LaunchError, match="exit status: 3") as info:
-        nixos.run_nix(["sh", "-c", "echo broken >&2; exit 3"], environ=env, log=log, timeout=30)
+        nixcmd.run_nix(["sh", "-c", "echo broken >&2; exit 3"], environ=env, log=log, timeout=30)
     assert "broken" in info.value.output
     assert info.value.hint == f"full log: {log}"
 
@@ -840,8 +840,8 @@ def test_doctor_warns_without_nix(tmp_path: Path) -> None:
     check = doctor.nix_check(path=str(tmp_path))
     assert check.name == "nix"
     assert check.status == "warn"
-    assert "nixos image builder" in check.detail
-    assert "nixos.org" in check.fix
+    assert 'base = "nix:..." or "nixos:..."' in check.detail
+    assert "apt-get install nix-bin" in check.fix and "nixos.org" in check.fix
 
 
 def test_doctor_reports_nix(tmp_path: Path) -> None:

@@ -106,15 +106,42 @@ def resolve_artifacts(
     return BootArtifacts(kernel=kernel, initrd=initramfs.path, image=found)
 
 
+def nixos_boot(image: Image) -> tuple[str | None, tuple[str, ...]]:
+    """``(stage-2 init, kernel parameters)`` of a NixOS image; ``(None, ())`` for others.
+
+    A NixOS image (``boot.kind = "nixos"``) is its system's store.  It boots
+    on stoker's kernel with stoker's initramfs as stage 1, which mounts the
+    image on ``/nix/store`` and the scratch disk as the root, then runs the
+    system's ``init`` (``stoker.init=``); the system's ``kernel-params`` and
+    microvm.nix ``kernelParams`` follow stoker's parameters.  The system's own
+    kernel and initrd are recorded in the manifest but not booted: its stage 1
+    knows nothing of stoker's disks.  Raises :class:`ProvisionError` for a
+    manifest that does not say what to run.
+    """
+    boot = image.manifest.get("boot")
+    if not isinstance(boot, dict) or boot.get("kind") != "nixos":
+        return None, ()
+    init, params = boot.get("init"), boot.get("params", [])
+    if (
+        not isinstance(init, str)
+        or not init.startswith("/nix/store/")
+        or not isinstance(params, list)
+        or not all(isinstance(p, str) and p for p in params)
+        # One word each: a space would let a value smuggle in other parameters.
+        or any(c.isspace() or c == "\0" for word in (init, *params) for c in word)
+    ):
+        raise ProvisionError(
+            f"image {image.name!r} is a NixOS image without a usable boot.init",
+            hint="rebuild it with this version of stoker",
+        )
+    return init, tuple(params)
+
+
 def _check_kernel(image: Image) -> str:
     """The kind of kernel ``image`` is made for; refuses those this runtime cannot boot."""
-    boot = image.manifest.get("boot")
-    if isinstance(boot, dict) and boot.get("kind") == "nixos":
-        raise ProvisionError(
-            f"image {image.name!r} is a NixOS image: it boots its own kernel and initrd "
-            "with systemd, which this runtime cannot start yet",
-            hint="see the README's NixOS section; use a debian: or oci: base meanwhile",
-        )
+    if nixos_boot(image)[0] is not None:
+        # stoker's kernel and initramfs are its stage 1 (see nixos_boot).
+        return "debian-cloud"
     kernel = image.manifest.get("kernel")
     kind = kernel.get("kind") if isinstance(kernel, dict) else None
     if kind in (None, "debian-cloud"):

@@ -54,14 +54,15 @@ def _tool(name: str, binary: str, package: str, *, needed_for: str, required: bo
 
 
 def nix_check(path: str | None = None) -> Check:
-    """Nix on ``path`` (default: ``$PATH``): only the nixos image builder needs it."""
+    """Nix on ``path`` (default: ``$PATH``): only ``nix:`` and ``nixos:`` image bases need it."""
     nix = shutil.which("nix", path=path)
     if nix is None:
         return Check(
             "nix",
             "warn",
-            'nix not found; the nixos image builder (base = "nixos:...") needs Nix on the host',
-            "install Nix: https://nixos.org/download",
+            'nix not found; images with base = "nix:..." or "nixos:..." need Nix on the host',
+            "apt-get install nix-bin (Debian, Ubuntu; scripts/setup.sh does it) "
+            "or see https://nixos.org/download",
         )
     try:
         version = run_checked([nix, "--version"], timeout=30).strip()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 from stoker import vmfiles, vmsnap
 from stoker._lazy import preload
 from stoker.archive import ExtractLimits, ExtractReport, PackReport, pack_tree, safe_extract
-from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, resolve_artifacts
+from stoker.artifacts import DEFAULT_IMAGE, BootArtifacts, nixos_boot, resolve_artifacts
 from stoker.backends.accel import AccelRequest, resolve_accel
 from stoker.backends.base import Backend, LaunchedVM, MachineSpec
 from stoker.backends.qemu import SEED_SERIAL, QemuBackend, host_tsc_khz
@@ -55,7 +55,7 @@ from stoker.errors import (
 from stoker.isolation import Isolation, VMCgroup, place_vmm
 from stoker.lifecycle import Timings, VMState, require
 from stoker.outcomes import panic_message, signal_name
-from stoker.paths import Dirs
+from stoker.paths import GUEST_PATH, Dirs
 from stoker.protocol.common import ChannelClosed, ChannelLimits, ExecResult, JobLimits, OutputSink
 from stoker.snapshots import (
     MEMORY_FILE,
@@ -494,6 +494,7 @@ class VM:
     def _machine_spec(
         self, artifacts: BootArtifacts, accel: str, scratch: Path, seed: Path | None
     ) -> MachineSpec:
+        init, params = nixos_boot(artifacts.image)
         nat = self.network_mode == "nat"
         if nat:
             offered, why = self.backend.nat_support()
@@ -517,6 +518,8 @@ class VM:
             seed=seed,
             tsc_khz=host_tsc_khz() if accel == "tcg" else None,
             detached=self.detached,
+            init=init,
+            cmdline_extra=params,
         )
 
     async def destroy(self) -> None:
@@ -744,7 +747,7 @@ class VM:
 def default_guest_env() -> dict[str, str]:
     """The environment every command starts from."""
     return {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": GUEST_PATH,
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TERM": "dumb",

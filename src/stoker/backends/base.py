@@ -85,6 +85,9 @@ class MachineSpec:
     #: The VMM's cgroup and user (see :mod:`stoker.isolation`); backends with
     #: :attr:`Backend.host_limits` honour it.
     host: HostPlacement = HostPlacement()
+    #: A NixOS system's stage-2 init (``TOPLEVEL/init``): the image is then its
+    #: store, mounted on ``/nix/store``, and the scratch disk the root (init.sh).
+    init: str | None = None
 
     def kernel_cmdline(self) -> str:
         """The guest kernel command line (a pure function of the spec)."""
@@ -121,6 +124,8 @@ class MachineSpec:
             params.append("stoker.nic=1")
         if self.probe:
             params.append("stoker.probe=1")
+        if self.init is not None:
+            params.append(f"stoker.init={self.init}")
         params.extend(self.cmdline_extra)
         return " ".join(params)
 

@@ -42,7 +42,11 @@ def run(
     src: Annotated[Path, typer.Argument(help="Project directory to copy into the VM.")],
     command: Annotated[list[str], typer.Argument(help="Command to run (after --).")],
     image: Annotated[
-        str, typer.Option(help="Image to boot: a name from `stoker image ls`.")
+        str,
+        typer.Option(
+            help="Image to boot: a name from `stoker image ls`, or nix:FLAKE#ATTR / "
+            "nixos:FLAKE#NAME (built first if needed, named nix-ATTR / nixos-NAME)."
+        ),
     ] = "default",
     cpus: Annotated[
         int | None, typer.Option(help="Virtual CPUs \\[default: the image's, else 2].")
@@ -138,6 +142,7 @@ def run(
     try:
         if accel not in ("auto", "kvm", "tcg"):
             raise UsageError(f"--accel must be auto, kvm or tcg, not {accel!r}")
+        image = _flake_image(image)
         req = RunRequest(
             src=src,
             argv=tuple(command),
@@ -281,3 +286,19 @@ def doctor(
                 colour = "red" if check.status == "fail" else "yellow"
                 console.print(f"[{colour}]{check.name}[/]: {check.fix}")
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _flake_image(image: str) -> str:
+    """``image`` itself, or for a ``nix:``/``nixos:`` base the name of its image (built now)."""
+    from stoker.images.nix import ensure_flake_image, is_flake_base
+
+    if not is_flake_base(image):
+        return image
+    from stoker.paths import Dirs
+
+    return ensure_flake_image(
+        image,
+        dirs=Dirs.from_env(),
+        cwd=Path.cwd(),
+        progress=lambda msg: say("stoker:", msg, style="dim"),
+    )

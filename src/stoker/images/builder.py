@@ -1,7 +1,7 @@
 """From an :class:`~stoker.images.spec.ImageSpec` to a published image.
 
 :class:`SpecBuilder` is the one :class:`~stoker.images.base.ImageBuilder` for
-``debian:``, ``ubuntu:`` and ``oci:`` bases; NixOS bases go to
+``debian:``, ``ubuntu:``, ``oci:`` and ``nix:`` bases; NixOS bases go to
 :class:`stoker.images.nixos.NixosBuilder`.  :func:`builder_for` picks one.
 
 A build runs these steps, each logged, the long ones reported through
@@ -9,16 +9,18 @@ A build runs these steps, each logged, the long ones reported through
 
 1. fetch and verify every artifact (before anything slow: a wrong checksum
    fails in seconds, and publishes nothing);
-2. the base: ``mmdebstrap`` (:mod:`~stoker.images.debian`) or the OCI layers
-   (:mod:`~stoker.images.oci`);
+2. the base: ``mmdebstrap`` (:mod:`~stoker.images.debian`), the OCI layers
+   (:mod:`~stoker.images.oci`), or a Nix closure over ``mmdebstrap``'s tree
+   (:mod:`~stoker.images.nix`: built first, so a failing flake costs no bootstrap);
 3. ``users``, ``files``, ``artifacts``, ``env``, ``run``
    (:mod:`~stoker.images.customize`);
 4. mount points, host name, python check (:mod:`~stoker.images.tree`);
 5. the size limit, then packing (:mod:`~stoker.images.pack`).
 
 The image digest covers the normalised spec, :data:`BUILDER_VERSION` and the
-digests of what the spec points at: the kernel, each file's content and the
-OCI base's config digest (:func:`stoker.images.spec.spec_digest`).
+digests of what the spec points at: the kernel, each file's content, the
+OCI base's config digest and a Nix base's flake identity and output path
+(:func:`stoker.images.spec.spec_digest`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stoker.errors import ProvisionError, UsageError
 from stoker.images import debian
@@ -55,6 +58,9 @@ from stoker.images.spec import (
 )
 from stoker.images.tree import installed_packages, prepare_tree, resolve_in_tree
 from stoker.paths import Dirs
+
+if TYPE_CHECKING:
+    from stoker.images.nix import NixOutput
 
 #: Bump whenever a change in the build pipeline alters the image for the same spec.
 BUILDER_VERSION = f"spec-1+debian-{debian.BUILDER_VERSION}"
@@ -134,7 +140,7 @@ def pack_options(spec: ImageSpec) -> PackOptions:
 
 
 class SpecBuilder:
-    """Builds an image from a spec with a ``debian:``, ``ubuntu:`` or ``oci:`` base."""
+    """Builds an image from a spec with a ``debian:``, ``ubuntu:``, ``oci:`` or ``nix:`` base."""
 
     def __init__(
         self,
@@ -174,6 +180,7 @@ class SpecBuilder:
         self._etc_apt = etc_apt
         self._pack = pack_options(spec)
         self._oci = None
+        self._nix: NixOutput | None = None
         base_digest = None
         if spec.base_kind == "oci":
             from stoker.images.oci import open_image
@@ -182,6 +189,12 @@ class SpecBuilder:
             # the config digest, not a read of the whole image.
             self._oci = open_image(Path(spec.base_ref), verify_layers=False)
             base_digest = self._oci.digest
+        elif spec.base_kind == "nix":
+            from stoker.images.nix import describe_nix_base
+
+            # An evaluation, not a build: a cache hit costs no `nix build`.
+            self._nix = describe_nix_base(spec.base_ref, environ=self._environ)
+            base_digest = self._nix.digest()
         inputs = collect_input_digests(spec, kernel=kernel.digest, base=base_digest)
         self._digest = spec_digest(spec, input_digests=inputs, builder_version=BUILDER_VERSION)
 
@@ -309,6 +322,13 @@ class SpecBuilder:
                 "layers": report.layers,
                 "skipped": list(report.skipped),
             }
+        closure: list[str] = []
+        if self._nix is not None:
+            from stoker.images.nix import build_output, check_closure_size
+
+            self._say(f"building {self._nix.attr} with nix build")
+            closure = build_output(self._nix, workdir=workdir, environ=self._environ, log=log)
+            check_closure_size(closure, image=spec.name, limit_mb=spec.size_limit)
         deb = to_debian_spec(spec)
         self._say(f"installing {len(deb.packages)} packages with mmdebstrap ({spec.base})")
         sources = debian.bootstrap(
@@ -316,10 +336,22 @@ class SpecBuilder:
             tree,
             workdir,
             log,
-            distribution=spec.base_kind,
+            distribution="debian" if self._nix is not None else spec.base_kind,
             etc_apt=self._etc_apt,
         )
-        return {"kind": spec.base_kind, "suite": deb.suite, "apt_sources": sources}
+        info: dict[str, object] = {
+            "kind": spec.base_kind,
+            "suite": deb.suite,
+            "apt_sources": sources,
+        }
+        if self._nix is not None:
+            from stoker.images.nix import install_closure
+
+            self._say(f"copying {len(closure)} store paths into /nix/store")
+            commands = install_closure(tree, closure, self._nix.out_path)
+            log_line(log, f"nix closure: {len(closure)} paths; commands: {commands}")
+            info.update(self._nix.to_json(), store_paths=closure, commands=commands)
+        return info
 
 
 def builder_for(

@@ -1,4 +1,4 @@
-"""NixOS images: a flake's ``nixosConfiguration`` booted with its own kernel and initrd.
+"""NixOS images: a flake's ``nixosConfiguration``, its store booted through stoker's initramfs.
 
 A spec with ``base = "nixos:FLAKEREF#ATTR"`` names a NixOS configuration; the
 configuration, not the spec, declares packages, users and files.  Building it
@@ -38,54 +38,71 @@ read any file the user can): build NixOS bases only from flakes you would
 
 Boot contract
 -------------
-For a manifest whose ``boot.kind`` is ``"nixos"`` the VM must
+For a manifest whose ``boot.kind`` is ``"nixos"`` the VM (see
+:func:`stoker.artifacts.nixos_boot`)
 
-* boot ``boot.kernel`` with ``boot.initrd`` (host files in ``/nix/store``; the
-  configuration's own stage-1 initrd, not stoker's busybox initramfs) and the
-  command line ``boot.cmdline`` (:func:`nixos_kernel_cmdline`; runtime
-  parameters such as ``tsc_early_khz`` may be appended);
-* attach the image as the first virtio-blk disk (``/dev/vda``, read-only; it
-  is mounted on ``/nix/store``) and the ext4 scratch disk as the second
-  (``/dev/vdb``; it becomes ``/``), further disks after them;
-* expose the virtio-serial port ``org.stoker.agent`` as for every image.
+* boots stoker's kernel with stoker's busybox initramfs as stage 1 and the
+  parameters ``stoker.init=<toplevel>/init`` and ``boot.params`` (the
+  configuration's ``kernel-params`` and microvm.nix ``kernelParams``);
+* attaches the image as the first virtio-blk disk (``/dev/vda``, read-only),
+  which init.sh mounts on ``/nix/store``, and the ext4 scratch disk as the
+  second (``/dev/vdb``), which becomes ``/``; then runs the system's stage 2;
+* exposes the virtio-serial port ``org.stoker.agent`` as for every image.
 
-The agent then runs as a systemd service, not as PID 1 (its ``ready`` message
-says ``pid1: false``): it leaves mounts to systemd, does not set the clock or
-the hostname on ``init``, unpacks the seed disk with Python's ``tarfile``
-(there is no ``/usr/bin/tar`` on NixOS; slower under emulation), and its exit
-after ``shutdown`` powers the VM off through the unit's ``SuccessAction``
-instead of its own ``reboot(2)``.  Commands need ``PATH`` set to
-:data:`NIXOS_GUEST_PATH` (the manifest's ``guest_path``): NixOS has no ``/usr/bin``.
+``boot.kernel``, ``boot.initrd`` and ``boot.cmdline`` record the system's
+own kernel, initrd and command line (:func:`nixos_kernel_cmdline`), which
+are not booted: the configuration's stage 1 would look for disks by its own
+rules.  Configurations without ``extendModules`` are built as they are
+(:mod:`~stoker.images.nixos_toplevel`); their ``init`` starts the agent.
+
+With ``stoker-agent.nix`` the agent runs as a systemd service, not as PID 1
+(its ``ready`` message says ``pid1: false``): it leaves mounts to systemd, does
+not set the clock or the hostname on ``init``, unpacks the seed disk with
+Python's ``tarfile`` (there is no ``/usr/bin/tar`` on NixOS; slower under
+emulation), and its exit after ``shutdown`` powers the VM off through the
+unit's ``SuccessAction`` instead of its own ``reboot(2)``.  Commands get
+:data:`NIXOS_GUEST_PATH` first on ``PATH`` (the manifest's ``env``): NixOS
+has no ``/usr/bin``.  Booting a real NixOS system this way is untested here
+(no nixpkgs); the tests boot a stand-in system closure.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import IO
 from urllib.parse import quote
 
 from stoker.agent.bundle import agent_files
 from stoker.errors import LaunchError, ProvisionError, UsageError
 from stoker.images.base import canonical_digest, log_line
+from stoker.images.nixcmd import (
+    NIX_BUILD_TIMEOUT,
+    NIX_FEATURES,
+    NIX_METADATA_TIMEOUT,
+    NIX_QUERY_TIMEOUT,
+    flake_identity,
+    flake_metadata_argv,
+    nix_user_error,
+    require_nix,
+    run_nix,
+)
 from stoker.images.spec import DEFAULT_KERNEL, AgentOptions, ImageSpec
+from stoker.paths import GUEST_PATH
 from stoker.procs import run_checked
 
 BUILDER_NAME = "nixos"
 #: Bump whenever a change here alters the produced image for the same configuration.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 NIX_STORE = Path("/nix/store")
 #: Nix's base-32 alphabet (no e, o, t, u); store path hashes are 32 of these.
@@ -96,8 +113,6 @@ _STORE_NAME_RE = re.compile(rf"[{NIX_BASE32}]{{32}}-(?!\.)[A-Za-z0-9+\-._?=]{{1,
 # imported: this module must not rely on spec.py's private names.
 _NIX_ATTR_RE = re.compile(r"[A-Za-z0-9_.+\"'-]+")
 
-#: The flags that make flakes and the ``nix`` command usable on any Nix >= 2.4.
-NIX_FEATURES: tuple[str, ...] = ("--extra-experimental-features", "nix-command flakes")
 #: The mtime of everything packed: what Nix gives every file in its store.
 STORE_EPOCH = 1
 #: ``PATH`` for commands in a NixOS guest (setuid wrappers first, as NixOS sets it).
@@ -121,11 +136,7 @@ MICROVM_PARAMS: tuple[str, ...] = (
 #: x86's COMMAND_LINE_SIZE, terminating NUL included.
 MAX_CMDLINE = 2048
 
-NIX_BUILD_TIMEOUT = 6 * 3600.0
-NIX_QUERY_TIMEOUT = 600.0
-NIX_METADATA_TIMEOUT = 1800.0
 MKFS_TIMEOUT = 3600.0
-NIX_HINT = "the nixos builder needs Nix on the host: https://nixos.org/download"
 
 
 # --- Nix syntax ---------------------------------------------------------------------------------
@@ -301,12 +312,6 @@ def closure_argv(paths: Iterable[str]) -> list[str]:
     return ["nix-store", "--query", "--requisites", *items]
 
 
-def flake_metadata_argv(flake: str) -> list[str]:
-    """``nix flake metadata --json`` of ``flake`` (a URL), never writing its lock file."""
-    # --no-write-lock-file: asking for an identity must not edit the user's checkout.
-    return ["nix", *NIX_FEATURES, "flake", "metadata", "--json", "--no-write-lock-file", flake]
-
-
 def store_mkfs_argv(output: Path, tree: Path, *, source_date_epoch: int, fs_uuid: str) -> list[str]:
     """mkfs.erofs packing the staged store ``tree`` into ``output`` reproducibly."""
     # fmt: off
@@ -341,9 +346,9 @@ def nixos_kernel_cmdline(
     ``regInfo=`` names the registration ``stoker-agent.nix`` loads into the Nix
     database.  Raises :class:`ProvisionError` when it exceeds the x86 limit.
     """
-    _check_store_path(toplevel, NIX_STORE, what="toplevel")
+    check_store_path(toplevel, NIX_STORE, what="toplevel")
     if registration is not None:
-        _check_store_path(_store_path_of(registration, NIX_STORE), NIX_STORE, what="registration")
+        check_store_path(_store_path_of(registration, NIX_STORE), NIX_STORE, what="registration")
     # Verbatim, not split: the kernel allows quoted values with spaces (foo="a b").
     configured = kernel_params.strip()
     if "\0" in configured or "\n" in configured:
@@ -365,7 +370,7 @@ def nixos_kernel_cmdline(
 # --- store paths --------------------------------------------------------------------------------
 
 
-def _check_store_path(path: str, store_dir: Path, *, what: str) -> str:
+def check_store_path(path: str, store_dir: Path, *, what: str) -> str:
     """``path`` itself when it is ``STORE_DIR/<hash>-<name>``; else :class:`ProvisionError`."""
     pure = PurePosixPath(path)
     if (
@@ -401,7 +406,7 @@ def parse_closure(output: str, *, store_dir: Path = NIX_STORE) -> list[str]:
     for number, line in enumerate(output.split("\n"), start=1):
         if not line:
             continue
-        paths.add(_check_store_path(line, store_dir, what=f"closure line {number}"))
+        paths.add(check_store_path(line, store_dir, what=f"closure line {number}"))
     if not paths:
         raise ProvisionError("nix-store reported an empty closure")
     return sorted(paths)
@@ -430,16 +435,16 @@ class BootLinks:
                 target = str((links / name).readlink())
             except OSError as exc:
                 raise ProvisionError(f"nix build produced no {name} link: {exc}") from None
-            _check_store_path(_store_path_of(target, store_dir), store_dir, what=name)
+            check_store_path(_store_path_of(target, store_dir), store_dir, what=name)
             targets[name] = target
-        _check_store_path(targets["toplevel"], store_dir, what="toplevel")
+        check_store_path(targets["toplevel"], store_dir, what="toplevel")
         return cls(**targets)
 
 
 # --- packing ------------------------------------------------------------------------------------
 
 
-def _copy_entry(src: Path, dst: Path) -> int:
+def copy_store_entry(src: Path, dst: Path) -> int:
     """Copy ``src`` (not following symlinks) to ``dst``; returns the bytes of regular files.
 
     Modes keep their permission bits only (the store holds no setuid files);
@@ -463,7 +468,7 @@ def _copy_entry(src: Path, dst: Path) -> int:
         with os.scandir(src) as entries:
             names = sorted(entry.name for entry in entries)
         for name in names:
-            total += _copy_entry(src / name, dst / name)
+            total += copy_store_entry(src / name, dst / name)
         dst.chmod(stat.S_IMODE(st.st_mode) & 0o777)
         return total
     raise ProvisionError(f"{src}: not a file, directory or symlink; a store holds nothing else")
@@ -504,7 +509,7 @@ def pack_store_closure(
         raise ProvisionError("refusing to pack an empty closure")
     sources: list[Path] = []
     for path in paths:
-        _check_store_path(path, store_dir, what="closure")
+        check_store_path(path, store_dir, what="closure")
         source = Path(path)
         try:
             source.lstat()
@@ -517,7 +522,7 @@ def pack_store_closure(
         tree.mkdir()
         # The image's root becomes the guest's /nix/store: world-readable whatever our umask.
         tree.chmod(0o755)
-        total = sum(_copy_entry(source, tree / source.name) for source in sources)
+        total = sum(copy_store_entry(source, tree / source.name) for source in sources)
         log_line(log, f"packing {len(sources)} store paths, {total} bytes, as erofs")
         run_checked(
             store_mkfs_argv(output, tree, source_date_epoch=source_date_epoch, fs_uuid=fs_uuid),
@@ -528,117 +533,6 @@ def pack_store_closure(
     finally:
         _remove_staging(staging)
     return total
-
-
-# --- running Nix --------------------------------------------------------------------------------
-
-
-def require_nix(environ: Mapping[str, str]) -> None:
-    """Raise :class:`ProvisionError` unless ``nix`` and ``nix-store`` are on ``environ``'s PATH."""
-    search = environ.get("PATH", os.defpath)
-    missing = [tool for tool in ("nix", "nix-store") if shutil.which(tool, path=search) is None]
-    if missing:
-        raise ProvisionError(
-            f"{NIX_HINT} ({', '.join(missing)} not found on PATH)",
-            hint="install Nix, then `stoker doctor` shows its version",
-        )
-
-
-def _command_name(argv: Sequence[str]) -> str:
-    """``"nix build"``, ``"nix flake metadata"``, ``"nix-store"``: for messages."""
-    words = [Path(argv[0]).name]
-    rest = list(argv[1:])
-    if rest[: len(NIX_FEATURES)] == list(NIX_FEATURES):
-        rest = rest[len(NIX_FEATURES) :]
-    for word in rest:
-        if word.startswith("-"):
-            break
-        words.append(word)
-    return " ".join(words)
-
-
-def _log_tail(log: Path, offset: int) -> str:
-    """What was appended to ``log`` after ``offset`` (at most its last 16 KiB)."""
-    with log.open("rb") as fh:
-        fh.seek(max(offset, log.stat().st_size - 16384))
-        return fh.read().decode(errors="replace")
-
-
-def run_nix(
-    argv: Sequence[str],
-    *,
-    environ: Mapping[str, str],
-    log: Path | None,
-    timeout: float,
-) -> str:
-    """Run a Nix command with exactly ``environ``; return its standard output.
-
-    Standard error (progress, warnings, build logs) goes to ``log`` as it
-    happens, so a long build can be followed there, and never into the returned
-    text, which callers parse (``run_checked`` merges the two).  Failures raise
-    :class:`LaunchError` with the end of standard error.
-    """
-    name = _command_name(argv)
-    start = 0
-    with contextlib.ExitStack() as stack:
-        stderr: int | IO[bytes] = subprocess.PIPE
-        if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            fh = stack.enter_context(log.open("ab"))
-            fh.write(f"$ {' '.join(argv)}\n".encode())
-            fh.flush()
-            start = fh.tell()
-            stderr = fh
-        try:
-            proc = subprocess.run(
-                list(argv),
-                env=dict(environ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                timeout=timeout,
-                check=False,
-            )
-        except FileNotFoundError as exc:
-            raise LaunchError(f"{argv[0]} is not installed", argv=argv, hint=NIX_HINT) from exc
-        except subprocess.TimeoutExpired as exc:
-            partial = (exc.stderr or b"").decode(errors="replace")
-            raise LaunchError(
-                f"{name} timed out after {timeout:.0f}s",
-                argv=argv,
-                output=partial if log is None else _log_tail(log, start),
-            ) from exc
-    if log is None:
-        errors, hint = proc.stderr.decode(errors="replace"), None
-    else:
-        errors, hint = _log_tail(log, start), f"full log: {log}"
-    if proc.returncode != 0:
-        raise LaunchError(
-            f"{name} failed", argv=argv, returncode=proc.returncode, output=errors, hint=hint
-        )
-    return proc.stdout.decode(errors="replace")
-
-
-def flake_identity(metadata: Mapping[str, object]) -> str:
-    """Hex sha256 of what a flake evaluates from, given ``nix flake metadata --json`` output.
-
-    The source's ``narHash`` (content, not location), its subdirectory and the
-    locked inputs; ``lastModified`` and the checkout's path are left out, so a
-    moved or touched checkout keeps its identity.
-    """
-    locked = metadata.get("locked")
-    if not isinstance(locked, Mapping):
-        raise ProvisionError("nix flake metadata reported no locked source")
-    nar_hash = locked.get("narHash")
-    if not isinstance(nar_hash, str) or not nar_hash:
-        raise ProvisionError("nix flake metadata reported no narHash for the flake's source")
-    return canonical_digest(
-        {
-            "narHash": nar_hash,
-            "dir": locked.get("dir", ""),
-            "locks": metadata.get("locks"),
-        }
-    )
 
 
 def nixos_base_digest(flake_ref: str, *, environ: Mapping[str, str] | None = None) -> str:
@@ -769,14 +663,98 @@ class NixosBuilder:
         return self._digest
 
     def build(self, workdir: Path, rootfs_out: Path, log: Path) -> dict[str, object]:
-        """Build the configuration, pack its closure into ``rootfs_out``, return manifest extras."""
+        """Build the configuration, pack its closure into ``rootfs_out``, return manifest extras.
+
+        A configuration made by nixpkgs gets ``stoker-agent.nix``; one without
+        ``extendModules`` is built as it is (:mod:`~stoker.images.nixos_toplevel`).
+        Its ``microvm.*`` settings, if any, become the image's defaults
+        (:mod:`~stoker.images.microvm`).
+        """
+        from stoker.images.microvm import read_microvm_shape
+        from stoker.images.nix import check_closure_size
+        from stoker.images.nixos_toplevel import (
+            Toplevel,
+            build_as_is,
+            extensible_argv,
+            is_extensible,
+            manifest_boot,
+        )
+
         require_nix(self._environ)
         check_nixos_spec(self.spec)
         flake, attr = split_nixos_base(self.spec.base_ref)
         url = flake_url(flake)
+        name = nixos_attr_name(attr)
+        log_line(log, f"building nixosConfigurations.{name} of {url}")
+        shape = read_microvm_shape(url, name, environ=self._environ)
+        try:
+            extensible = is_extensible(
+                run_nix(
+                    extensible_argv(url, name, features=NIX_FEATURES),
+                    environ=self._environ,
+                    log=log,
+                    timeout=NIX_QUERY_TIMEOUT,
+                )
+            )
+        except LaunchError as exc:
+            raise nix_user_error(f"evaluating nixosConfigurations.{name} of {url}", exc) from None
+        extra: dict[str, object] = {}
+        # regInfo= lets stoker-agent.nix load the store's paths into the guest's Nix database.
+        registration: list[str] = []
+        if extensible:
+            links, closure = self._build_with_module(url, attr, workdir=workdir, log=log)
+            top = Toplevel.read(links.toplevel)
+            extra = {
+                "cmdline": nixos_kernel_cmdline(
+                    links.toplevel,
+                    registration=links.registration,
+                    kernel_params=top.kernel_params,
+                ),
+                "kernel": links.kernel,
+                "initrd": links.initrd,
+            }
+            python = links.python
+            registration = [f"regInfo={links.registration}"]
+        else:
+            top, closure = build_as_is(url, name, environ=self._environ, workdir=workdir, log=log)
+            # Started by the system's own init, which stoker does not look into.
+            python = ""
+        check_closure_size(closure, image=self.name, limit_mb=self.spec.size_limit)
+        params = [*top.kernel_params.split(), *shape.kernel_params, *registration]
+        uncompressed = pack_store_closure(
+            closure,
+            rootfs_out,
+            source_date_epoch=STORE_EPOCH,
+            fs_uuid=filesystem_uuid(self._digest),
+            log=log,
+            workdir=workdir,
+        )
+        return {
+            "builder": BUILDER_NAME,
+            "builder_version": BUILDER_VERSION,
+            "spec": self.spec.model_dump(mode="json"),
+            "fstype": "erofs",
+            "flake": url,
+            "attr": name,
+            "boot": {**manifest_boot(top, params=params), **extra},
+            "python": python,
+            "guest_path": NIXOS_GUEST_PATH,
+            # Applied to every command (vm.py): NixOS's programs first, then the usual places.
+            "env": {"PATH": f"{NIXOS_GUEST_PATH}:{GUEST_PATH}"},
+            "store_paths": closure,
+            "uncompressed_size": uncompressed,
+            "source_date_epoch": STORE_EPOCH,
+            "microvm": shape.to_json(),
+            "defaults": shape.defaults(),
+            **({"network": {"mode": shape.network}} if shape.network else {}),
+        }
+
+    def _build_with_module(
+        self, url: str, attr: str, *, workdir: Path, log: Path
+    ) -> tuple[BootLinks, list[str]]:
+        """Build the configuration extended with ``stoker-agent.nix``: links and closure."""
         module, agent_src = write_agent_sources(workdir / "nixos")
         out_link = workdir / "boot"
-        log_line(log, f"building nixosConfigurations.{nixos_attr_name(attr)} of {url}")
         run_nix(
             nix_build_argv(url, attr, agent_module=module, agent_src=agent_src, out_link=out_link),
             environ=self._environ,
@@ -794,44 +772,4 @@ class NixosBuilder:
                 f"the agent's python ({python_path}) is not in the system closure; "
                 "is stoker-agent.nix's service overridden?"
             )
-        try:
-            kernel_params = (Path(links.toplevel) / "kernel-params").read_text()
-        except OSError as exc:
-            raise ProvisionError(f"cannot read the system's kernel-params: {exc}") from None
-        cmdline = nixos_kernel_cmdline(
-            links.toplevel, registration=links.registration, kernel_params=kernel_params
-        )
-        uncompressed = pack_store_closure(
-            closure,
-            rootfs_out,
-            source_date_epoch=STORE_EPOCH,
-            fs_uuid=filesystem_uuid(self._digest),
-            log=log,
-            workdir=workdir,
-        )
-        limit = self.spec.size_limit
-        if limit is not None and uncompressed > limit * 1024 * 1024:
-            raise ProvisionError(
-                f"image {self.name!r}: the system closure is {uncompressed / 2**20:.0f} MiB, "
-                f"over its size_limit of {limit} MiB"
-            )
-        return {
-            "builder": BUILDER_NAME,
-            "builder_version": BUILDER_VERSION,
-            "spec": self.spec.model_dump(mode="json"),
-            "fstype": "erofs",
-            "flake": url,
-            "attr": nixos_attr_name(attr),
-            "boot": {
-                "kind": "nixos",
-                "toplevel": links.toplevel,
-                "kernel": links.kernel,
-                "initrd": links.initrd,
-                "cmdline": cmdline,
-            },
-            "python": links.python,
-            "guest_path": NIXOS_GUEST_PATH,
-            "store_paths": closure,
-            "uncompressed_size": uncompressed,
-            "source_date_epoch": STORE_EPOCH,
-        }
+        return links, closure

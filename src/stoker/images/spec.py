@@ -33,8 +33,10 @@ Keys of an image (all but ``base`` are optional):
 ``base``
     ``"debian:bookworm"``, ``"debian:trixie"``, ``"ubuntu:noble"``,
     ``"oci:PATH"`` (an OCI image layout directory or a ``docker save`` archive on
-    disk) or ``"nixos:FLAKEREF#ATTR"`` (a ``nixosConfiguration``; a local flake
-    reference starts with ``.`` or ``/``).
+    disk), ``"nixos:FLAKEREF#ATTR"`` (a ``nixosConfiguration``) or
+    ``"nix:FLAKEREF#ATTR"`` (a derivation whose closure is layered into a Debian
+    bookworm userland as ``/nix/store``, its ``bin/`` on ``PATH``; see
+    :mod:`stoker.images.nix`).  A local flake reference starts with ``.`` or ``/``.
 ``packages``
     Debian package names (policy 5.6.1 syntax, optionally ``:arch`` and
     ``=version``).  Order and duplicates do not matter: the list is sorted and
@@ -157,7 +159,9 @@ SPEC_FORMAT_VERSION = 1
 
 DEBIAN_SUITES: tuple[str, ...] = ("bookworm", "trixie")
 UBUNTU_SUITES: tuple[str, ...] = ("noble",)
-BASE_KINDS: tuple[str, ...] = ("debian", "ubuntu", "oci", "nixos")
+BASE_KINDS: tuple[str, ...] = ("debian", "ubuntu", "oci", "nixos", "nix")
+#: The Debian suite under a ``nix:`` base's closure.
+NIX_BASE_SUITE = "bookworm"
 #: Kernels known by name; anything else in ``kernel`` is a path.
 KERNELS: tuple[str, ...] = ("debian-cloud", "stoker-microvm", "auto")
 DEFAULT_KERNEL = "debian-cloud"
@@ -548,7 +552,7 @@ class ImageSpec(_Model):
         kind, sep, ref = value.partition(":")
         expected = (
             'expected "debian:bookworm", "debian:trixie", "ubuntu:noble", '
-            '"oci:PATH" or "nixos:FLAKEREF#ATTR"'
+            '"oci:PATH", "nixos:FLAKEREF#ATTR" or "nix:FLAKEREF#ATTR"'
         )
         if not sep or kind not in BASE_KINDS:
             raise ValueError(f"unknown base {value!r}; {expected}")
@@ -568,11 +572,11 @@ class ImageSpec(_Model):
                     "image layout directory or a docker-save archive"
                 )
             return f"oci:{path}"
-        if kind == "nixos":
+        if kind in ("nixos", "nix"):
             flake, hash_sign, attr = ref.partition("#")
             if not flake or not hash_sign or not _NIX_ATTR_RE.fullmatch(attr):
                 raise ValueError(
-                    f'expected "nixos:FLAKEREF#ATTR", e.g. "nixos:./flake#ci", got {value!r}'
+                    f'expected "{kind}:FLAKEREF#ATTR", e.g. "{kind}:./flake#ci", got {value!r}'
                 )
             if any(c.isspace() for c in flake):
                 raise ValueError(f"flake reference {flake!r} contains whitespace")
@@ -580,7 +584,7 @@ class ImageSpec(_Model):
                 path = _host_path(flake, info)
                 if not path.is_dir():
                     raise ValueError(f"flake directory {flake!r} does not exist ({path})")
-                return f"nixos:{path}#{attr}"
+                return f"{kind}:{path}#{attr}"
         return value
 
     @model_validator(mode="after")
@@ -646,7 +650,7 @@ class ImageSpec(_Model):
 
     @property
     def base_kind(self) -> str:
-        """``"debian"``, ``"ubuntu"``, ``"oci"`` or ``"nixos"``."""
+        """``"debian"``, ``"ubuntu"``, ``"oci"``, ``"nixos"`` or ``"nix"``."""
         return self.base.partition(":")[0]
 
     @property
@@ -1118,10 +1122,10 @@ def required_inputs(spec: ImageSpec) -> frozenset[str]:
     """The keys :func:`spec_digest` needs in ``input_digests`` for ``spec``.
 
     ``kernel`` always; ``files[i]`` for every file (its content); ``base`` for
-    OCI and NixOS bases (the archive or layout, the system closure).
+    OCI and Nix bases (the archive or layout, the flake and its output).
     """
     keys = {"kernel", *(f"files[{i}]" for i in range(len(spec.files)))}
-    if spec.base_kind in ("oci", "nixos"):
+    if spec.base_kind in ("oci", "nixos", "nix"):
         keys.add("base")
     return frozenset(keys)
 
@@ -1151,10 +1155,11 @@ def digest_document(spec: ImageSpec) -> dict[str, Any]:
         data["kernel"] = "path"
     if spec.base_kind == "oci":
         data["base"] = "oci:"
-    elif spec.base_kind == "nixos":
+    elif spec.base_kind in ("nixos", "nix"):
+        # A checkout's location is no part of the image: its content enters as the base digest.
         flake, _, attr = spec.base_ref.partition("#")
         if _is_local_flake(flake):
-            data["base"] = f"nixos:#{attr}"
+            data["base"] = f"{spec.base_kind}:#{attr}"
     return data
 
 
@@ -1227,8 +1232,10 @@ def to_debian_spec(spec: ImageSpec) -> DebianSpec:
     the packages and the python path are mapped: files, users, artifacts, env,
     run steps and the size limit are the builder's to apply.
     """
-    if spec.base_kind not in ("debian", "ubuntu"):
+    if spec.base_kind not in ("debian", "ubuntu", "nix"):
         raise UsageError(f"image {spec.name!r}: base {spec.base!r} is not a Debian or Ubuntu base")
     pinned = {_bare_package(p) for p in spec.packages}
     defaults = tuple(p for p in DEFAULT_PACKAGES if p not in pinned)
-    return DebianSpec(suite=spec.base_ref, packages=(*defaults, *spec.packages))
+    # A nix: base is its closure over Debian's userland (the agent needs python3).
+    suite = NIX_BASE_SUITE if spec.base_kind == "nix" else spec.base_ref
+    return DebianSpec(suite=suite, packages=(*defaults, *spec.packages))

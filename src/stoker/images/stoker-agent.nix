@@ -9,11 +9,15 @@
 #   /dev/vda   erofs image whose root is the system closure (<hash>-name entries at the
 #              top, as microvm.nix builds its store disk), mounted read-only on /nix/store
 #   /dev/vdb   ext4 disk formatted by the host for every VM: the writable root file system
-#   console    ttyS0; the host passes init=<toplevel>/init and regInfo=<closure-info>/registration
+#   console    ttyS0
 #   agent      virtio-serial port org.stoker.agent, served by the stoker-agent unit below
 #
-# The host boots the configuration's own kernel and initrd (NixOS stage 1), not
-# stoker's busybox initramfs.
+# The host boots stoker's kernel with stoker's busybox initramfs as stage 1: it
+# mounts the two disks as above and runs <toplevel>/init (stoker.init=), so
+# NixOS's stage 2 starts with / and /nix/store in place and /dev, /proc, /sys
+# mounted.  The settings below for stage 1 (initrd modules, fileSystems) serve
+# the configuration's own kernel and initrd, recorded in the image's manifest
+# and booted with init= and regInfo= where a host does that instead.
 { agentSrc }:
 { config, lib, pkgs, ... }:
 let

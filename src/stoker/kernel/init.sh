@@ -12,6 +12,10 @@
 #     stoker.nic=1             load the NIC driver and configure eth0 (nat mode)
 #     stoker.probe=1           print STOKER-PROBE-OK after loading modules, power off
 #     stoker.debug=1           trace every step on the console
+#     stoker.init=PATH         a NixOS system's stage-2 init: the root device is then its
+#                              store (mounted read-only on /nix/store) and the scratch disk
+#                              (or tmpfs) the root itself; PATH is exec'd instead of PYTHON
+#   /nix/store               if the root has one: bound read-only from the root device
 #   on success: exec PYTHON -B -S -m stoker.agent as PID 1 of the overlay root
 #     (lower = root device, upper = scratch/tmpfs), PYTHONPATH=/usr/lib/stoker-agent,
 #     /dev /proc /sys already mounted
@@ -77,6 +81,7 @@ PROBE=0
 DEBUG=0
 PCI=0
 NIC=0
+INIT=
 read -r cmdline </proc/cmdline
 set -f  # the command line is split into words, never globbed
 for arg in $cmdline; do
@@ -90,6 +95,7 @@ for arg in $cmdline; do
     stoker.debug=*) DEBUG=${arg#*=} ;;
     stoker.pci=*) PCI=${arg#*=} ;;
     stoker.nic=*) NIC=${arg#*=} ;;
+    stoker.init=*) INIT=${arg#*=} ;;
     esac
 done
 set +f
@@ -146,9 +152,21 @@ else
     must "cannot mount a tmpfs on /rw" \
         mount -t tmpfs -o "size=$TMPFS_SIZE,mode=0755" tmpfs /rw
 fi
-must "cannot create /rw/upper and /rw/work" mkdir -p /rw/upper /rw/work
-must "cannot mount the overlay on /newroot" \
-    mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot
+if [ -n "$INIT" ]; then
+    # A NixOS image is the system's store: NixOS's own layout, no overlay.
+    must "cannot bind the writable root" mount --bind /rw /newroot
+    must "cannot create /nix/store in the root" mkdir -p /newroot/nix/store
+    must "cannot mount the store on /nix/store" mount --bind /lower /newroot/nix/store
+else
+    must "cannot create /rw/upper and /rw/work" mkdir -p /rw/upper /rw/work
+    must "cannot mount the overlay on /newroot" \
+        mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot
+    # An image's Nix store (nix: bases) stays read-only, as on NixOS: the erofs
+    # itself, bound over the overlay's copy, so no command can add or alter a path.
+    if [ -d /lower/nix/store ]; then
+        must "cannot bind the Nix store read-only" mount --bind /lower/nix/store /newroot/nix/store
+    fi
+fi
 debug "root mounted"
 
 # 7. The agent.
@@ -161,12 +179,21 @@ for dir in dev proc sys; do
     must "cannot move /$dir into the root" mount --move "/$dir" "/newroot/$dir"
 done
 
-# 9. Hand over to the agent.  -e or -L: an absolute symlink resolves only after switch_root.
+# 9. Hand over to the agent, or to the NixOS system's init (which starts it).
+export PYTHONPATH=/usr/lib/stoker-agent
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+if [ -n "$INIT" ]; then
+    if [ ! -e "/newroot$INIT" ] && [ ! -L "/newroot$INIT" ]; then
+        fail "$INIT does not exist in the system's store"
+    fi
+    debug "exec $INIT"
+    exec switch_root /newroot "$INIT"
+    fail "switch_root failed"
+fi
+# -e or -L: an absolute symlink resolves only after switch_root.
 if [ ! -e "/newroot$PYTHON" ] && [ ! -L "/newroot$PYTHON" ]; then
     fail "$PYTHON does not exist in the root file system"
 fi
-export PYTHONPATH=/usr/lib/stoker-agent
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 debug "exec $PYTHON -B -S -m stoker.agent"
 exec switch_root /newroot "$PYTHON" -B -S -m stoker.agent
 fail "switch_root failed"
