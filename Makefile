@@ -24,6 +24,8 @@ bench: setup
 	.venv/bin/python bench/snapshots.py
 	.venv/bin/python bench/images.py
 	.venv/bin/python bench/scheduler.py
+	.venv/bin/python bench/joblist.py
+	.venv/bin/python bench/dashboard.py
 	.venv/bin/python bench/network.py
 	.venv/bin/python bench/github.py
 	.venv/bin/python bench/gitlab.py
