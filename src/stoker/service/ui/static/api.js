@@ -72,6 +72,21 @@ export async function api(path, { method = "GET", timeout = TIMEOUT_MS } = {}) {
   return body;
 }
 
+/** GET /health (no token): its report whether the host is ok (200) or not (503); null when
+ * the service does not answer in time. */
+export async function health(timeout = TIMEOUT_MS) {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), timeout);
+  try {
+    const response = await fetch("/health", { signal: controller.signal, credentials: "same-origin" });
+    return await response.json();
+  } catch {
+    return null;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** Like api(), but an endpoint this service does not have (404) gives `null`. */
 export async function optional(path) {
   try {

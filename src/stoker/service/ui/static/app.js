@@ -1,7 +1,7 @@
 // The dashboard: a hash router over three sections (overview, jobs, VMs) and a job's page.
 // Each view fetches what it shows from the REST API and refreshes itself while visible.
 
-import { api, ApiError, optional, trouble } from "./api.js";
+import { api, ApiError, health, optional, trouble } from "./api.js";
 import { ago, badge, between, bytes, details, duration, fill, h, meter, table } from "./dom.js";
 import { LogView } from "./logview.js";
 
@@ -56,26 +56,24 @@ function failure(err) {
 
 function overview() {
   const root = h("div", { class: "overview" }, h("h1", {}, "Overview"));
-  const health = h("p", { class: "health" });
+  const healthLine = h("p", { class: "health" });
   const hosts = h("div");
   const pools = h("div");
   const stats = h("div");
   const ci = h("div");
-  root.append(health, hosts, pools, stats, ci);
+  root.append(healthLine, hosts, pools, stats, ci);
   fill(main, root);
 
   const stop = every(async () => {
     const [healthView, hostList, poolList, statView, integrations] = await Promise.all([
-      fetch("/health", { credentials: "same-origin" })
-        .then((r) => r.json())
-        .catch(() => null),
+      health(),
       api("/v1/hosts"),
       api("/v1/pools"),
       optional("/v1/stats"),
       optional("/v1/integrations"),
     ]);
     if (healthView) {
-      fill(health, "This host (", healthView.host, ") is ", badge(healthView.status),
+      fill(healthLine, "This host (", healthView.host, ") is ", badge(healthView.status),
         healthView.detail ? ` — ${healthView.detail}` : "", ` · ${healthView.running} jobs running`);
     }
     fill(
