@@ -265,9 +265,32 @@ def test_job_page_shows_its_network_and_artifacts(page: Page, server: ServeProce
     assert body == "all good\n"
 
 
+def test_vms_page_lists_a_running_vm(page: Page, server: ServeProcess, gate: Path) -> None:
+    job_id = submit(server, gated(gate))
+    try:
+        open_running_job(page, server, "viewer", job_id)
+        vm_name = job(server, job_id)["vm_name"]
+        page.get_by_role("link", name="VMs").click()
+        row = page.locator("#vms tbody tr").filter(has_text=vm_name)
+        expect(row).to_have_count(1)
+        cells = row.locator("td")
+        expect(cells.nth(1)).to_have_text("serve-test")
+        expect(cells.nth(2)).to_have_text("default")
+        expect(cells.nth(3)).to_have_text("busy")
+        expect(cells.nth(4)).to_contain_text(" s")  # its age
+        expect(cells.nth(6)).to_have_text("1 vCPU · 256 MiB")
+        cells.nth(5).get_by_role("link").click()
+        expect(page).to_have_url(re.compile(rf"#/jobs/{job_id}$"))
+    finally:
+        gate.touch()
+        wait_for(server, job_id, "succeeded")
+
+
 # --- hostile output -------------------------------------------------------------------------------
 
+SECRET_VALUE = "hunter2-do-not-show"
 HOSTILE = (
+    r'echo "the key is $API_KEY";'
     r"printf '<script>window.pwned = 1</script>\n';"
     "printf '<img src=x onerror=\"window.pwned = 2\">\\n';"
     r"printf '\033[1;31mbold red\033[0m plain \033[38;5;208morange\033[0m\n';"
@@ -282,7 +305,7 @@ HOSTILE = (
 
 def test_hostile_output_is_shown_as_text(page: Page, server: ServeProcess) -> None:
     sign_in(page, server, "viewer")
-    job_id = submit(server, ["sh", "-c", HOSTILE])
+    job_id = submit(server, ["sh", "-c", HOSTILE], secrets={"API_KEY": SECRET_VALUE})
     page.goto(f"{server.url}/ui/#/jobs/{job_id}")
     log = page.get_by_role("log", name="Job output")
     expect(page.locator(".job-state .badge")).to_have_text("succeeded", timeout=120_000)
@@ -290,6 +313,10 @@ def test_hostile_output_is_shown_as_text(page: Page, server: ServeProcess) -> No
     text = log.inner_text()
     # Markup is text: nothing ran, no element was made from it.
     assert "<script>window.pwned = 1</script>" in text
+    # A secret the job prints is masked, as the API masks it; the page shows only ***.
+    assert "the key is ***" in text
+    assert SECRET_VALUE not in page.content()
+    expect(page.locator("dl.details").first).to_contain_text("API_KEY=***")
     assert '<img src=x onerror="window.pwned = 2">' in text
     assert page.evaluate("window.pwned") is None
     assert log.locator("script, img, a").count() == 0
