@@ -20,7 +20,6 @@ from stoker.images.spec import (
     IMAGE_NAME_RE,
     Artifact,
     ImageSpec,
-    _Locator,
     collect_input_digests,
     digest_document,
     load_spec_file,
@@ -29,6 +28,7 @@ from stoker.images.spec import (
     spec_digest,
     to_debian_spec,
 )
+from stoker.images.spec_errors import _Locator
 from stoker.images.store import _NAME_RE as store_name_re
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,6 +6,11 @@ digest and the mapping onto :class:`~stoker.images.debian.DebianSpec`.  Nothing
 is downloaded or built, but every mistake a spec can contain is reported here,
 before any work starts.
 
+This module holds the models and the loading; the field types and validators
+are in :mod:`stoker.images.spec_fields`, the location and wording of errors in
+:mod:`stoker.images.spec_errors` and the digests in :mod:`stoker.images.spec_digest`
+(their public names are importable from here too).
+
 File format
 -----------
 A spec file holds either **one image**, with its keys at the top level::
@@ -107,9 +112,10 @@ Every problem becomes one line of a :class:`~stoker.errors.UsageError`::
 
     project.toml:14: image 'ci': image.ci.files[2].mode: expected an octal file mode ...
 
-naming the file, the line (tomllib reports no positions, so :class:`_Locator`
-re-scans the text), the image, the key path (array indices count from 0) and
-what was expected.  TOML syntax errors keep tomllib's line and column.
+naming the file, the line (tomllib reports no positions, so
+:class:`~stoker.images.spec_errors._Locator` re-scans the text), the image, the
+key path (array indices count from 0) and what was expected.  TOML syntax errors
+keep tomllib's line and column.
 
 Digest
 ------
@@ -121,22 +127,15 @@ base); artifacts are covered by their pinned ``sha256``.
 
 from __future__ import annotations
 
-import bisect
-import difflib
-import hashlib
 import re
 import tomllib
-import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -144,222 +143,111 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 
 from stoker.errors import UsageError
-from stoker.images.base import canonical_digest
-from stoker.images.debian import _PACKAGE_RE as DEBIAN_PACKAGE_RE
 from stoker.images.debian import DEFAULT_PACKAGES, DebianSpec
 from stoker.images.pack import COMPRESSORS
+from stoker.images.spec_digest import (
+    SPEC_FORMAT_VERSION,
+    collect_input_digests,
+    digest_document,
+    file_sha256,
+    required_inputs,
+    spec_digest,
+)
+from stoker.images.spec_errors import (
+    KeyPath,
+    _format_problem,
+    _key_path,
+    _Locator,
+    _Problem,
+    _problem,
+    _toml_type,
+)
+from stoker.images.spec_fields import (
+    _ARTIFACT_NAME_RE,
+    _NIX_ATTR_RE,
+    AUTO_KERNEL,
+    DEFAULT_KERNEL,
+    IMAGE_NAME_RE,
+    KERNELS,
+    DiskMB,
+    EnvName,
+    EnvValue,
+    GuestPath,
+    ImageName,
+    Items,
+    JobMemoryMB,
+    MemoryMB,
+    Mode,
+    PackageName,
+    RunStep,
+    Sha256,
+    SizeLimitMB,
+    Url,
+    UserName,
+    _check_artifact_name,
+    _host_path,
+    _is_local_flake,
+)
 from stoker.net.policy import NetworkPolicy
-from stoker.units import parse_size_mb
 
-#: Bump when the digest document changes shape (every image is rebuilt then).
-SPEC_FORMAT_VERSION = 1
+# The field types (stoker.images.spec_fields) and the digests (stoker.images.spec_digest)
+# live in their own modules; their public names are re-exported here, so that
+# ``stoker.images.spec`` stays the one place to import the spec format from.
+__all__ = [
+    "ARTIFACT_ENV_PREFIX",
+    "AUTO_KERNEL",
+    "BASE_KINDS",
+    "DEBIAN_SUITES",
+    "DEFAULT_KERNEL",
+    "IMAGE_NAME_RE",
+    "KERNELS",
+    "NIX_BASE_SUITE",
+    "PLACEHOLDER_SHA256",
+    "SPEC_FORMAT_VERSION",
+    "UBUNTU_SUITES",
+    "AgentOptions",
+    "Artifact",
+    "DiskMB",
+    "EnvName",
+    "EnvValue",
+    "FileSpec",
+    "GuestPath",
+    "ImageName",
+    "ImageSpec",
+    "Items",
+    "JobMemoryMB",
+    "KeyPath",
+    "MemoryMB",
+    "Mode",
+    "PackageName",
+    "RunStep",
+    "Sha256",
+    "SizeLimitMB",
+    "Url",
+    "UserName",
+    "UserSpec",
+    "VMDefaults",
+    "artifact_env_var",
+    "collect_input_digests",
+    "digest_document",
+    "file_sha256",
+    "load_spec_file",
+    "parse_spec_text",
+    "required_inputs",
+    "spec_digest",
+    "to_debian_spec",
+]
 
 DEBIAN_SUITES: tuple[str, ...] = ("bookworm", "trixie")
 UBUNTU_SUITES: tuple[str, ...] = ("noble",)
 BASE_KINDS: tuple[str, ...] = ("debian", "ubuntu", "oci", "nixos", "nix")
 #: The Debian suite under a ``nix:`` base's closure.
 NIX_BASE_SUITE = "bookworm"
-#: Kernels known by name; anything else in ``kernel`` is a path.
-KERNELS: tuple[str, ...] = ("debian-cloud", "stoker-microvm", "auto")
-DEFAULT_KERNEL = "debian-cloud"
-#: The microVM kernel when it has been built on the host, else the default.
-AUTO_KERNEL = "auto"
 ARTIFACT_ENV_PREFIX = "STOKER_ARTIFACT_"
 #: What example specs carry until a real checksum is filled in; it matches no file.
 PLACEHOLDER_SHA256 = "0" * 64
-
-# The store's rule for image names (not imported: the store may come to import this module).
-IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# useradd's default NAME_REGEX on Debian, without the trailing '$' of machine accounts.
-_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
-_ARTIFACT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
-_MODE_RE = re.compile(r"[0-7]{3,4}")
-_NIX_ATTR_RE = re.compile(r"[A-Za-z0-9_.+\"'-]+")
-
-T = TypeVar("T")
-
-
-# --- field types --------------------------------------------------------------------------------
-
-
-def _as_tuple(value: object) -> object:
-    # Strict mode accepts only tuples for tuple fields; TOML and JSON give lists.
-    return tuple(value) if isinstance(value, list) else value
-
-
-#: An immutable list: a TOML/JSON array, stored as a tuple.
-Items = Annotated[tuple[T, ...], BeforeValidator(_as_tuple)]
-
-
-def _check_image_name(value: str) -> str:
-    if not IMAGE_NAME_RE.fullmatch(value):
-        raise ValueError(
-            f"expected an image name of letters, digits, '.', '_' and '-' "
-            f"(not starting with a symbol), got {value!r}"
-        )
-    return value
-
-
-def _check_package(value: str) -> str:
-    if not DEBIAN_PACKAGE_RE.fullmatch(value):
-        raise ValueError(
-            "expected a Debian package name (lower-case letters, digits, '+', '-', '.', "
-            f"at least two characters, optionally :arch and =version), got {value!r}"
-        )
-    return value
-
-
-def _check_env_name(value: str) -> str:
-    if not _ENV_NAME_RE.fullmatch(value):
-        raise ValueError(
-            f"expected a variable name of letters, digits and '_' "
-            f"(not starting with a digit), got {value!r}"
-        )
-    return value
-
-
-def _check_env_value(value: str) -> str:
-    if "\0" in value:
-        raise ValueError("environment values cannot contain NUL characters")
-    return value
-
-
-def _check_user_name(value: str) -> str:
-    if not _USER_RE.fullmatch(value):
-        raise ValueError(
-            "expected a user or group name of lower-case letters, digits, '_' and '-' "
-            f"(not starting with a digit or '-', at most 32 characters), got {value!r}"
-        )
-    return value
-
-
-def _check_guest_path(value: str) -> str:
-    if not value.startswith("/") or value.startswith("//"):
-        raise ValueError(f'expected an absolute guest path like "/etc/motd", got {value!r}')
-    if "\0" in value:
-        raise ValueError("guest paths cannot contain NUL characters")
-    path = PurePosixPath(value)
-    if ".." in path.parts:
-        raise ValueError(f"guest path {value!r} must not contain '..'")
-    if path == PurePosixPath("/"):
-        raise ValueError("guest path must name something below '/', not '/' itself")
-    return str(path)
-
-
-def _reject_numeric_mode(value: object) -> object:
-    if isinstance(value, int) and not isinstance(value, bool):
-        raise ValueError(f'expected the mode as a quoted octal string like "0644", got {value}')
-    return value
-
-
-def _check_mode(value: str) -> str:
-    if not _MODE_RE.fullmatch(value):
-        raise ValueError(f'expected an octal file mode like "0644" or "0755", got {value!r}')
-    return value.rjust(4, "0")
-
-
-def _check_artifact_name(value: str) -> str:
-    if not _ARTIFACT_NAME_RE.fullmatch(value):
-        raise ValueError(
-            "expected an artifact name of letters, digits, '.', '_' and '-' "
-            f"(not starting with a symbol, at most 64 characters), got {value!r}"
-        )
-    return value
-
-
-def _check_sha256(value: str) -> str:
-    if not _SHA256_RE.fullmatch(value):
-        raise ValueError(f"expected a SHA-256 of exactly 64 hex digits, got {value!r}")
-    return value.lower()
-
-
-def _check_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
-    return value
-
-
-def _check_run_step(value: str) -> str:
-    if not value.strip():
-        raise ValueError("expected a shell command, got an empty string")
-    if "\0" in value:
-        raise ValueError("commands cannot contain NUL characters")
-    return value
-
-
-def _size(what: str, minimum: int) -> BeforeValidator:
-    def parse(value: object) -> object:
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            return value  # the strict int check reports the type
-        try:
-            return parse_size_mb(value, what=what, minimum=minimum)
-        except UsageError as exc:
-            # The error message names the key already.
-            raise ValueError(str(exc).removeprefix(f"{what}: ")) from None
-
-    return BeforeValidator(parse)
-
-
-ImageName = Annotated[str, AfterValidator(_check_image_name)]
-PackageName = Annotated[str, AfterValidator(_check_package)]
-EnvName = Annotated[str, AfterValidator(_check_env_name)]
-EnvValue = Annotated[str, AfterValidator(_check_env_value)]
-UserName = Annotated[str, AfterValidator(_check_user_name)]
-GuestPath = Annotated[str, AfterValidator(_check_guest_path)]
-Mode = Annotated[str, BeforeValidator(_reject_numeric_mode), AfterValidator(_check_mode)]
-Sha256 = Annotated[str, AfterValidator(_check_sha256)]
-Url = Annotated[str, AfterValidator(_check_url)]
-RunStep = Annotated[str, AfterValidator(_check_run_step)]
-MemoryMB = Annotated[int, _size("memory", 128)]
-DiskMB = Annotated[int, _size("disk", 64)]
-SizeLimitMB = Annotated[int, _size("size_limit", 1)]
-JobMemoryMB = Annotated[int, _size("job_memory_limit", 16)]
-
-
-# --- host paths ---------------------------------------------------------------------------------
-
-
-def _base_dir(info: ValidationInfo) -> Path | None:
-    """The directory relative host paths are resolved against (the spec file's)."""
-    context = info.context
-    if isinstance(context, Mapping):
-        base = context.get("base_dir")
-        if isinstance(base, Path):
-            return base
-    return None
-
-
-def _host_path(value: str, info: ValidationInfo, *, inside: bool = False) -> Path:
-    """``value`` resolved against the spec file's directory.
-
-    With ``inside``, a spec file may only name paths inside its own directory.
-    Without a spec file (validating a model directly, e.g. a JSON round-trip)
-    only absolute paths are accepted.
-    """
-    if not value or "\0" in value:
-        raise ValueError(f"expected a host path, got {value!r}")
-    base = _base_dir(info)
-    path = Path(value)
-    if base is None:
-        if not path.is_absolute():
-            raise ValueError(f"relative path {value!r} needs a spec file to be relative to")
-        return path
-    if inside and path.is_absolute():
-        raise ValueError(f"expected a path relative to the spec file, got {value!r}")
-    resolved = (base / path).resolve()
-    if inside and not resolved.is_relative_to(base.resolve()):
-        raise ValueError(f"{value!r} leads outside the spec file's directory ({base})")
-    return resolved
-
-
-def _is_local_flake(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../")) or ref in (".", "..")
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -691,332 +579,6 @@ def _reject_duplicates(field: str, key: str, values: Iterable[object]) -> None:
         seen[item] = index
 
 
-# --- locating keys in the TOML text -------------------------------------------------------------
-
-KeyPath = tuple[str | int, ...]
-_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_SCALAR_END = frozenset(",]}#\r\n")
-
-
-class _Locator:
-    """Line numbers of the keys, tables and array elements of a TOML text.
-
-    tomllib reports no positions, so the (already parsed, hence valid) text is
-    scanned again by a small tokenizer that only tracks paths: table headers,
-    arrays of tables (their element index), dotted keys, inline tables and the
-    elements of arrays.  The first line a path appears on wins.
-    """
-
-    def __init__(self, text: str) -> None:
-        self._text = text
-        self._pos = 0
-        self._line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
-        self._aot_counts: dict[KeyPath, int] = {}
-        self.lines: dict[KeyPath, int] = {}
-        self._scan()
-
-    def line_of(self, path: KeyPath) -> int | None:
-        """The line of ``path``, or of its nearest ancestor that appears in the text."""
-        for end in range(len(path), 0, -1):
-            line = self.lines.get(path[:end])
-            if line is not None:
-                return line
-        return None
-
-    # scanning
-
-    def _peek(self, length: int = 1) -> str:
-        return self._text[self._pos : self._pos + length]
-
-    def _record(self, path: KeyPath, pos: int) -> None:
-        line = bisect.bisect_right(self._line_starts, pos)
-        for end in range(1, len(path) + 1):
-            self.lines.setdefault(path[:end], line)
-
-    def _skip(self, *, newlines: bool) -> None:
-        text = self._text
-        while self._pos < len(text):
-            char = text[self._pos]
-            if char in " \t" or (newlines and char in "\r\n"):
-                self._pos += 1
-            elif char == "#":
-                end = text.find("\n", self._pos)
-                self._pos = len(text) if end < 0 else end
-            else:
-                return
-
-    def _skip_past(self, token: str) -> None:
-        found = self._text.find(token, self._pos)
-        self._pos = len(self._text) if found < 0 else found + len(token)
-
-    def _resolve(self, keys: list[str]) -> KeyPath:
-        # A header below an array of tables refers to its latest element.
-        path: KeyPath = ()
-        for key in keys:
-            path = (*path, key)
-            count = self._aot_counts.get(path)
-            if count:
-                path = (*path, count - 1)
-        return path
-
-    def _scan(self) -> None:
-        table: KeyPath = ()
-        while True:
-            self._skip(newlines=True)
-            if self._pos >= len(self._text):
-                return
-            start = self._pos
-            if self._peek(2) == "[[":
-                self._pos += 2
-                keys = self._key()
-                self._skip_past("]]")
-                if not keys:
-                    continue
-                array = (*self._resolve(keys[:-1]), keys[-1])
-                index = self._aot_counts.get(array, 0)
-                self._aot_counts[array] = index + 1
-                table = (*array, index)
-                self._record(table, start)
-            elif self._peek() == "[":
-                self._pos += 1
-                keys = self._key()
-                self._skip_past("]")
-                table = self._resolve(keys)
-                self._record(table, start)
-            else:
-                keys = self._key()
-                if not keys:
-                    self._pos += 1  # not valid TOML; tomllib would have refused it
-                    continue
-                self._assignment((*table, *keys), start)
-
-    def _assignment(self, path: KeyPath, start: int) -> None:
-        self._record(path, start)
-        self._skip(newlines=False)
-        if self._peek() == "=":
-            self._pos += 1
-        self._skip(newlines=False)
-        self._value(path)
-
-    def _key(self) -> list[str]:
-        keys: list[str] = []
-        while True:
-            self._skip(newlines=False)
-            char = self._peek()
-            if char in ('"', "'"):
-                start = self._pos
-                self._string()
-                keys.append(_decode_key(self._text[start : self._pos]))
-            else:
-                match = _BARE_KEY_RE.match(self._text, self._pos)
-                if match is None:
-                    return keys
-                keys.append(match.group())
-                self._pos = match.end()
-            self._skip(newlines=False)
-            if self._peek() != ".":
-                return keys
-            self._pos += 1
-
-    def _string(self) -> None:
-        text = self._text
-        quote = text[self._pos]
-        triple = self._peek(3) == quote * 3
-        self._pos += 3 if triple else 1
-        while self._pos < len(text):
-            char = text[self._pos]
-            if char == "\\" and quote == '"':
-                self._pos += 2
-            elif triple and self._peek(3) == quote * 3:
-                self._pos += 3
-                while self._peek() == quote:  # up to two quotes may end the content
-                    self._pos += 1
-                return
-            elif not triple and char == quote:
-                self._pos += 1
-                return
-            else:
-                self._pos += 1
-
-    def _value(self, path: KeyPath) -> None:
-        char = self._peek()
-        if char in ('"', "'"):
-            self._string()
-        elif char == "[":
-            self._array(path)
-        elif char == "{":
-            self._inline_table(path)
-        else:
-            while self._pos < len(self._text) and self._text[self._pos] not in _SCALAR_END:
-                self._pos += 1
-
-    def _array(self, path: KeyPath) -> None:
-        self._pos += 1
-        index = 0
-        while True:
-            self._skip(newlines=True)
-            char = self._peek()
-            if char in ("]", ""):
-                self._pos += 1
-                return
-            if char == ",":
-                self._pos += 1
-                index += 1
-                continue
-            element = (*path, index)
-            self._record(element, self._pos)
-            before = self._pos
-            self._value(element)
-            if self._pos == before:
-                self._pos += 1
-
-    def _inline_table(self, path: KeyPath) -> None:
-        self._pos += 1
-        while True:
-            self._skip(newlines=True)
-            char = self._peek()
-            if char in ("}", ""):
-                self._pos += 1
-                return
-            if char == ",":
-                self._pos += 1
-                continue
-            start = self._pos
-            keys = self._key()
-            if not keys:
-                self._pos += 1
-                continue
-            self._assignment((*path, *keys), start)
-
-
-def _decode_key(raw: str) -> str:
-    try:
-        value = tomllib.loads(f"k = {raw}")["k"]
-    except tomllib.TOMLDecodeError:
-        return raw[1:-1]
-    return value if isinstance(value, str) else raw[1:-1]
-
-
-# --- error reporting ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Problem:
-    path: KeyPath
-    line: int | None
-    image: str | None
-    message: str
-
-
-def _key_path(path: KeyPath) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            text = part if _BARE_KEY_RE.fullmatch(part) else '"' + part.replace('"', '\\"') + '"'
-            out += f".{text}" if out else text
-    return out
-
-
-_TOML_TYPES: dict[type, str] = {
-    str: "a string",
-    bool: "a boolean",
-    int: "an integer",
-    float: "a float",
-    list: "an array",
-    tuple: "an array",
-    dict: "a table",
-}
-_EXPECTED: dict[str, str] = {
-    "string_type": "a string",
-    "int_type": "an integer",
-    "bool_type": "true or false",
-    "tuple_type": "an array",
-    "list_type": "an array",
-    "dict_type": "a table",
-    "model_type": "a table",
-    "model_attributes_type": "a table",
-}
-
-
-def _toml_type(value: object) -> str:
-    for kind, name in _TOML_TYPES.items():
-        if isinstance(value, kind):
-            return name
-    return f"a {type(value).__name__}"
-
-
-def _model_at(path: KeyPath) -> type[BaseModel]:
-    """The model class whose keys live at ``path`` (relative to an image)."""
-    model: type[BaseModel] = ImageSpec
-    for part in path:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        nested = _find_model(field.annotation) if field is not None else None
-        if nested is None:
-            break
-        model = nested
-    return model
-
-
-def _find_model(annotation: object) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _find_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _describe(error: ErrorDetails, path: KeyPath) -> str:
-    kind = error["type"]
-    value = error.get("input")
-    if kind == "missing":
-        if path == ("name",):
-            return (
-                'required key is missing: a file with one image names it with name = "..." '
-                "(a project file uses [image.NAME] tables instead)"
-            )
-        return "required key is missing"
-    if kind == "extra_forbidden":
-        key = str(path[-1]) if path else "?"
-        allowed = sorted(_model_at(path[:-1]).model_fields)
-        close = difflib.get_close_matches(key, allowed, n=1)
-        guess = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown key {key!r}{guess}; expected one of: {', '.join(allowed)}"
-    if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]}, got {_toml_type(value)}"
-    if kind == "value_error":
-        ctx = error.get("ctx") or {}
-        return str(ctx.get("error", error["msg"]))
-    ctx = error.get("ctx") or {}
-    bounds = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">"}
-    if kind in bounds:
-        limit = next(iter(ctx.values()), "?")
-        return f"expected a number {bounds[kind]} {limit}, got {value!r}"
-    return f"{error['msg']} (got {value!r})"
-
-
-def _problem(
-    error: ErrorDetails, prefix: KeyPath, image: str | None, locator: _Locator
-) -> _Problem:
-    loc = tuple(error["loc"])
-    if loc and loc[-1] == "[key]":  # a bad key of a table (env): point at the key
-        loc = loc[:-1]
-    path: KeyPath = (*prefix, *loc)
-    return _Problem(path, locator.line_of(path), image, _describe(error, loc))
-
-
-def _format_problem(origin: Path, problem: _Problem) -> str:
-    where = f"{origin}:{problem.line}" if problem.line is not None else f"{origin}"
-    who = f"image {problem.image!r}: " if problem.image else ""
-    key = f"{_key_path(problem.path)}: " if problem.path else ""
-    return f"{where}: {who}{key}{problem.message}"
-
-
 # --- loading ------------------------------------------------------------------------------------
 
 
@@ -1055,7 +617,7 @@ def parse_spec_text(text: str, *, origin: Path) -> dict[str, ImageSpec]:
         try:
             spec = ImageSpec.model_validate(data, context={"base_dir": base_dir})
         except ValidationError as exc:
-            problems += [_problem(err, prefix, name, locator) for err in exc.errors()]
+            problems += [_problem(err, prefix, name, locator, ImageSpec) for err in exc.errors()]
             continue
         specs[spec.name] = spec
     if problems:
@@ -1115,109 +677,7 @@ def _split_images(
     return found
 
 
-# --- digests and builders -----------------------------------------------------------------------
-
-
-def required_inputs(spec: ImageSpec) -> frozenset[str]:
-    """The keys :func:`spec_digest` needs in ``input_digests`` for ``spec``.
-
-    ``kernel`` always; ``files[i]`` for every file (its content); ``base`` for
-    OCI and Nix bases (the archive or layout, the flake and its output).
-    """
-    keys = {"kernel", *(f"files[{i}]" for i in range(len(spec.files)))}
-    if spec.base_kind in ("oci", "nixos", "nix"):
-        keys.add("base")
-    return frozenset(keys)
-
-
-def digest_document(spec: ImageSpec) -> dict[str, Any]:
-    """The normalised spec that :func:`spec_digest` hashes.
-
-    Defaults are filled in, packages and groups are sorted, and what does not
-    change the image is left out: the name, host paths (their contents enter
-    through the input digests) and artifact override variables.
-    """
-    data = spec.model_dump(mode="json", exclude={"name"})
-    if data["network"] is None:
-        # Images that say nothing about networking keep the digests they had.
-        del data["network"]
-    for key in ("job_pids_limit", "job_memory_limit"):
-        if data["defaults"][key] is None:
-            del data["defaults"][key]  # images that set no limits keep their digests
-    for file in data["files"]:
-        del file["src"]
-    for artifact in data["artifacts"]:
-        del artifact["override_env"]
-        if artifact["version"] is None:
-            # Specs that name no version keep the digests they had.
-            del artifact["version"]
-    if spec.kernel not in KERNELS:
-        data["kernel"] = "path"
-    if spec.base_kind == "oci":
-        data["base"] = "oci:"
-    elif spec.base_kind in ("nixos", "nix"):
-        # A checkout's location is no part of the image: its content enters as the base digest.
-        flake, _, attr = spec.base_ref.partition("#")
-        if _is_local_flake(flake):
-            data["base"] = f"{spec.base_kind}:#{attr}"
-    return data
-
-
-def spec_digest(spec: ImageSpec, *, input_digests: Mapping[str, str], builder_version: str) -> str:
-    """Hex sha256 identifying the image ``spec`` builds.
-
-    ``input_digests`` must have exactly the keys of :func:`required_inputs`
-    (a missing one would let a changed file go unnoticed; an unknown one is a
-    typo); :func:`collect_input_digests` computes them.  Raises ``ValueError``
-    otherwise: that is a bug in the caller, not bad user input.
-    """
-    expected = required_inputs(spec)
-    missing = sorted(expected - input_digests.keys())
-    unknown = sorted(input_digests.keys() - expected)
-    if missing or unknown:
-        raise ValueError(
-            f"input digests for image {spec.name!r}: missing {missing}, unexpected {unknown}"
-        )
-    for key, value in input_digests.items():
-        if not value or any(c.isspace() for c in value):
-            raise ValueError(f"input digest {key!r} is not a digest: {value!r}")
-    if not builder_version:
-        raise ValueError("builder_version must not be empty")
-    return canonical_digest(
-        {
-            "format": SPEC_FORMAT_VERSION,
-            "builder_version": builder_version,
-            "spec": digest_document(spec),
-            "inputs": dict(input_digests),
-        }
-    )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's contents; raises :class:`UsageError` if it cannot be read."""
-    try:
-        with path.open("rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
-
-
-def collect_input_digests(
-    spec: ImageSpec, *, kernel: str, base: str | None = None
-) -> dict[str, str]:
-    """The ``input_digests`` of :func:`spec_digest`: hashes the files, adds the rest.
-
-    ``kernel`` is the digest of the kernel the image is made for; ``base`` that
-    of an OCI or NixOS base (required for those).
-    """
-    digests = {"kernel": kernel}
-    for index, file in enumerate(spec.files):
-        digests[f"files[{index}]"] = file_sha256(Path(file.src))
-    if "base" in required_inputs(spec):
-        if base is None:
-            raise ValueError(f"image {spec.name!r} has a {spec.base_kind} base: pass its digest")
-        digests["base"] = base
-    return digests
+# --- builders -------------------------------------------------------------------------------------
 
 
 def _bare_package(package: str) -> str:

@@ -119,18 +119,9 @@ from stoker.fields import (
     _check_sha256,
     _parse_duration,
 )
-from stoker.images.spec import (
-    DiskMB,
-    ImageName,
-    Items,
-    JobMemoryMB,
-    KeyPath,
-    MemoryMB,
-    _key_path,
-    _Locator,
-    _size,
-    _toml_type,
-)
+from stoker.images.spec import DiskMB, ImageName, Items, JobMemoryMB, MemoryMB
+from stoker.images.spec_errors import KeyPath, _key_path, _Locator, _toml_type
+from stoker.images.spec_fields import _size
 from stoker.isolation import CgroupMode, Isolation, LimitPolicy
 from stoker.isolation.limits import DEFAULT_OVERHEAD_MB, DEFAULT_PIDS
 from stoker.isolation.vmmuser import resolve_user
