@@ -85,7 +85,7 @@ async def adopt_jobs(
                     cpus=pool.cpus,
                     memory_mb=pool.memory,
                     disk_mb=pool.disk,
-                    image=pool.image,
+                    image=pool.image_name,
                     offset=int(point["offset"]),
                     channels=(int(point["channel"]),),
                 ),

@@ -49,7 +49,9 @@ unchanged).  Example, with the defaults of every optional key::
     priority = 10
 
     [pools.small]                       # at least one pool
-    image = "default"
+    image = "default"                   # or a flake base, "nixos:./flake#NAME" or
+                                        # "nix:./flake#ATTR", built at start (the pool's
+                                        # shape wins over microvm.nix's; see pool_images)
     cpus = 1
     memory = "512M"
     disk = "2G"
@@ -119,7 +121,8 @@ from stoker.fields import (
     _check_sha256,
     _parse_duration,
 )
-from stoker.images.spec import DiskMB, ImageName, Items, JobMemoryMB, MemoryMB
+from stoker.images.nix import flake_image_name, is_flake_base
+from stoker.images.spec import DiskMB, Items, JobMemoryMB, MemoryMB
 from stoker.images.spec_errors import KeyPath, _key_path, _Locator, _toml_type
 from stoker.images.spec_fields import _size
 from stoker.isolation import CgroupMode, Isolation, LimitPolicy
@@ -127,6 +130,7 @@ from stoker.isolation.limits import DEFAULT_OVERHEAD_MB, DEFAULT_PIDS
 from stoker.isolation.vmmuser import resolve_user
 from stoker.net.policy import NetworkPolicy
 from stoker.paths import Dirs
+from stoker.service.pool_images import check_pool_image
 
 #: QEMU's threads beyond one per vCPU that ``pids_max`` must leave room for.
 MIN_PIDS_BEYOND_CPUS = 16
@@ -251,7 +255,9 @@ class SubmittersConfig(_Model):
 class PoolConfig(_Model):
     """A pool: VMs of one image and shape, some kept warm ahead of demand."""
 
-    image: ImageName = "default"
+    #: An image name, or a ``nix:``/``nixos:`` flake base built at start
+    #: (:mod:`stoker.service.pool_images`; stored with an absolute flake path).
+    image: str = "default"
     cpus: int = Field(default=2, ge=1, le=64)
     #: MiB (``"512M"``, ``"2G"`` or a number of MiB).
     memory: MemoryMB = 1024
@@ -281,6 +287,21 @@ class PoolConfig(_Model):
     memory_overhead: Annotated[int, _size("memory_overhead", 32)] = DEFAULT_OVERHEAD_MB
     #: ``pids.max``: QEMU's threads (one per vCPU, up to 64 block-layer workers) and helpers.
     pids_max: int = Field(default=DEFAULT_PIDS, ge=1, le=1_000_000)
+
+    @field_validator("image")
+    @classmethod
+    def _image_or_flake(cls, value: str, info: ValidationInfo) -> str:
+        return check_pool_image(value, info.context)
+
+    @property
+    def image_base(self) -> str | None:
+        """The flake base the pool's image is built from (None: ``image`` names a built one)."""
+        return self.image if is_flake_base(self.image) else None
+
+    @property
+    def image_name(self) -> str:
+        """The image the pool's VMs boot: ``image``, or the name its flake base is built under."""
+        return self.image if self.image_base is None else flake_image_name(self.image)
 
     @model_validator(mode="after")
     def _min_idle_within_max(self) -> PoolConfig:
@@ -435,6 +456,16 @@ class ServiceConfig(_Model):
                     f"than this host's budget ({budget.cpu_budget:g} vCPUs, "
                     f"{budget.memory_budget_mb:g} MiB)"
                 )
+        named: dict[str, tuple[str, str]] = {}
+        for name, pool in self.pools.items():
+            # Flake images are stored under a name from the attribute alone: two
+            # flakes with one attribute name would overwrite each other's image.
+            seen = named.setdefault(pool.image_name, (name, pool.image))
+            if seen[1] != pool.image:
+                raise ValueError(
+                    f"pools {seen[0]!r} and {name!r} both run image {pool.image_name!r}, from "
+                    f"{seen[1]!r} and {pool.image!r}; use one flake base or rename an attribute"
+                )
         warm_cpus = sum(p.cpus * p.min_idle for p in self.pools.values())
         warm_mem = sum(p.memory * p.min_idle for p in self.pools.values())
         if warm_cpus > budget.cpu_budget or warm_mem > budget.memory_budget_mb:
@@ -506,8 +537,8 @@ class ServiceConfig(_Model):
         )
 
     def pools_for(self, image: str) -> list[str]:
-        """Names of the pools that run ``image``."""
-        return [name for name, pool in self.pools.items() if pool.image == image]
+        """Names of the pools that run ``image`` (for a flake base: the name it is built under)."""
+        return [name for name, pool in self.pools.items() if pool.image_name == image]
 
 
 def _redact_url(url: str) -> str:

@@ -391,7 +391,7 @@ def resolve(request: JobRequest, config: ServiceConfig, submitter: str) -> Resol
         )
     return ResolvedJob(
         pool=name,
-        image=pool.image,
+        image=pool.image_name,
         cpus=pool.cpus,
         memory_mb=pool.memory,
         disk_mb=pool.disk,
@@ -424,9 +424,9 @@ def _pick_pool(request: JobRequest, config: ServiceConfig) -> str:
                 f"unknown pool {request.pool!r}",
                 hint=f"pools: {', '.join(sorted(config.pools))}",
             )
-        if request.image is not None and request.image != pool.image:
+        if request.image is not None and request.image != pool.image_name:
             raise UsageError(
-                f"pool {request.pool!r} runs image {pool.image!r}, not {request.image!r}"
+                f"pool {request.pool!r} runs image {pool.image_name!r}, not {request.image!r}"
             )
         lack = _shortfall(request, pool)
         if lack:
@@ -444,7 +444,7 @@ def _pick_pool(request: JobRequest, config: ServiceConfig) -> str:
     else:
         names = config.pools_for(request.image)
         if not names:
-            images = sorted({p.image for p in config.pools.values()})
+            images = sorted({p.image_name for p in config.pools.values()})
             raise UsageError(
                 f"unknown image {request.image!r}", hint=f"images served: {', '.join(images)}"
             )

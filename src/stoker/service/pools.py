@@ -376,7 +376,7 @@ class Fleet:
         cfg = pool.config
         cls = FakeVM if isinstance(self.backend, FakeBackend) else ServiceVM
         return cls(
-            cfg.image,
+            cfg.image_name,
             cpus=cfg.cpus,
             memory=cfg.memory,
             disk=cfg.disk,

@@ -77,6 +77,7 @@ from stoker.service.jobs import (
 from stoker.service.logs import Notifier
 from stoker.service.metrics import Metrics
 from stoker.service.models import Artifact, Job, JobEvent, LogChunk, utcnow
+from stoker.service.pool_images import build_pool_images
 from stoker.service.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,10 @@ class PoolView(_View):
     """A pool: its configuration, and its VMs on this host."""
 
     name: str
+    #: The image its VMs boot (for a flake base: the name it is built under).
     image: str
+    #: The ``nix:``/``nixos:`` flake base the image is built from (None: a built image).
+    image_base: str | None = None
     cpus: int
     memory_mb: int
     disk_mb: int
@@ -253,6 +257,8 @@ class Service:
 
                 for pool in self.config.pools:
                     check_host(self.config.isolation(pool))
+            # Flake images before the first VM: a pool's VMs boot what was built.
+            await build_pool_images(self.config)
             await self.open()
             supervisor = Supervisor(
                 self.config,
@@ -571,7 +577,8 @@ class Service:
             out.append(
                 PoolView(
                     name=name,
-                    image=cfg.image,
+                    image=cfg.image_name,
+                    image_base=cfg.image_base,
                     cpus=cfg.cpus,
                     memory_mb=cfg.memory,
                     disk_mb=cfg.disk,

@@ -199,9 +199,13 @@ def _pools(
         pool = service.pools[name]
         subject = f"github.pools.{name}"
         findings.append(Finding("ok", subject, f"serves runs-on {list(labels.labels)}"))
-        image = store.get(pool.image)
+        image = store.get(pool.image_name)
         policy = pool.network
-        if image is None:
+        if image is None and pool.image_base is not None:
+            findings.append(
+                Finding("ok", f"pools.{name}.image", f"{pool.image_base} is built at start")
+            )
+        elif image is None:
             findings.append(
                 Finding(
                     "error",

@@ -99,7 +99,8 @@ function overview() {
         ["Pool", "Image", "Shape", "Idle", "Booting", "Busy", "Max", "Queued"],
         poolList.map((pool) => [
           h("a", { href: `#/jobs?pool=${encodeURIComponent(pool.name)}` }, pool.name),
-          pool.image,
+          // A flake pool: the built image's name, the flake base on hover.
+          pool.image_base ? h("span", { title: pool.image_base }, pool.image) : pool.image,
           `${pool.cpus} vCPU · ${bytes(pool.memory_mb * 1048576)}`,
           pool.idle,
           pool.warming,
