@@ -167,6 +167,13 @@ def test_a_wrong_token_is_refused(page: Page, server: ServeProcess) -> None:
     # The page itself still sends a signed-out visitor back to the form.
     page.goto(f"{server.url}/ui/#/jobs")
     expect(page).to_have_url(re.compile(r"/ui/login(#/jobs)?$"))
+    # Signing in there leads back to the address that sent the visitor to the form.
+    page.get_by_label("API token").fill(server.tokens["viewer"])
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(re.compile(r"/ui/#/jobs$"))
+    expect(page.locator("#jobs")).to_be_visible()
+    page.get_by_role("button", name="Sign out").click()
+    page.goto(f"{server.url}/ui/login")
     # A token without the read scope cannot look either.
     page.get_by_label("API token").fill(server.tokens["pusher"])
     page.get_by_role("button", name="Sign in").click()

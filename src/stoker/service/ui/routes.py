@@ -121,6 +121,7 @@ can look; <em>submit</em> or <em>admin</em> can also cancel jobs.</p>
 <button type="submit">Sign in</button>
 </form>
 </main>
+<script type="module" src="/ui/static/login.js"></script>
 </body>""",
         status=status,
     )
