@@ -32,7 +32,8 @@ from sqlalchemy import insert, text
 
 from stoker.service.db import Database, upgrade
 from stoker.service.joblist import explain, list_query
-from stoker.service.jobs import JobFilter, JobState
+from stoker.service.jobs import JobState
+from stoker.service.jobviews import JobFilter
 from stoker.service.models import Job
 
 POOLS = ("tiny", "medium", "large")

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stoker.service.config import load_config
-from stoker.service.jobs import TERMINAL, JobRequest, JobState, JobView
+from stoker.service.jobs import TERMINAL, JobRequest, JobState
+from stoker.service.jobviews import JobView
 from stoker.service.service import Service
 
 #: ``attempt=N`` at the start of every attempt's output.

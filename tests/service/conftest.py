@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from stoker.service.config import ServiceConfig
 from stoker.service.daemon import listen_socket
 from stoker.service.fake_backend import FakeBackend
-from stoker.service.jobs import JobState, JobView
+from stoker.service.jobs import JobState
+from stoker.service.jobviews import JobView
 from stoker.service.service import Observer, Service
 
 ConfigFactory = Callable[..., ServiceConfig]

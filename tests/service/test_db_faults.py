@@ -39,7 +39,8 @@ from stoker.service.db import (
     DatabaseUnavailable,
 )
 from stoker.service.fake_backend import FakeBackend
-from stoker.service.jobs import JobRequest, JobState, JobView
+from stoker.service.jobs import JobRequest, JobState
+from stoker.service.jobviews import JobView
 from stoker.service.logs import LogWriter
 from stoker.service.metrics import Metrics
 from stoker.service.models import Job

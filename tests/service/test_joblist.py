@@ -17,7 +17,8 @@ from sqlalchemy import insert
 
 from stoker.service.db import Database, upgrade
 from stoker.service.joblist import explain, list_query
-from stoker.service.jobs import JobFilter, JobState
+from stoker.service.jobs import JobState
+from stoker.service.jobviews import JobFilter
 from stoker.service.models import Job
 from stoker.service.stats import finished_query, read_stats
 

@@ -29,16 +29,15 @@ from stoker.service.config import ServiceConfig
 from stoker.service.fake_backend import FakeBackend, FakeLaunchedVM, FakeVM
 from stoker.service.jobs import (
     Conflict,
-    JobFilter,
     JobRequest,
     JobState,
-    JobView,
     NotFound,
     QuotaExceeded,
     TooLarge,
     new_job,
     resolve,
 )
+from stoker.service.jobviews import JobFilter, JobView
 from stoker.service.models import Artifact, Job, LogChunk, VMRecord, utcnow
 from stoker.service.service import Service
 

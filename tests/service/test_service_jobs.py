@@ -17,7 +17,6 @@ from stoker.service.jobs import (
     InvalidTransition,
     JobRequest,
     JobState,
-    JobView,
     TooLarge,
     can_transition,
     job_env,
@@ -26,6 +25,7 @@ from stoker.service.jobs import (
     resolve,
     transition,
 )
+from stoker.service.jobviews import JobView
 
 
 def config(**pools: dict[str, Any]) -> ServiceConfig:

@@ -24,7 +24,8 @@ import pytest_asyncio
 from chaos_harness import Daemon
 
 from stoker.service.config import ServiceConfig, load_config
-from stoker.service.jobs import JobRequest, JobState, JobView
+from stoker.service.jobs import JobRequest, JobState
+from stoker.service.jobviews import JobView
 from stoker.service.service import Service
 
 pytestmark = [pytest.mark.vm]

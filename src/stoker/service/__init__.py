@@ -27,19 +27,15 @@ if TYPE_CHECKING:
     from stoker.service.config import ServiceConfig, load_config
     from stoker.service.fleet import HostView, VMView
     from stoker.service.jobs import (
-        ArtifactView,
         Conflict,
-        EventView,
         GitSource,
-        JobFilter,
         JobRequest,
         JobState,
-        JobView,
-        LogChunkView,
         NotFound,
         QuotaExceeded,
         TooLarge,
     )
+    from stoker.service.jobviews import ArtifactView, EventView, JobFilter, JobView, LogChunkView
     from stoker.service.service import (
         HealthView,
         NullObserver,

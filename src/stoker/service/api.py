@@ -31,7 +31,7 @@ Errors are ``{"error": "<one line>", "detail": ...}`` with 400 (bad input),
 directory is removed and no job row exists.
 
 Secret environment values never appear in a response or a log line: jobs
-are returned through :class:`~stoker.service.jobs.JobView` (which leaves
+are returned through :class:`~stoker.service.jobviews.JobView` (which leaves
 them out) with every secret shown as ``"***"``, and validation errors are
 built from locations and messages only, never from the submitted input.
 """
@@ -72,15 +72,8 @@ from stoker.service.apiutil import (
 )
 from stoker.service.auth import TokenTable
 from stoker.service.config import ServiceConfig
-from stoker.service.jobs import (
-    ArtifactView,
-    JobFilter,
-    JobRequest,
-    JobState,
-    JobView,
-    LogChunkView,
-    redact,
-)
+from stoker.service.jobs import JobRequest, JobState, redact
+from stoker.service.jobviews import ArtifactView, JobFilter, JobView, LogChunkView
 from stoker.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from stoker.service.metrics import Metrics
 from stoker.service.openapi import allowed_methods, document

@@ -42,7 +42,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from stoker.errors import InfrastructureError
-from stoker.service.jobs import ACTIVE, JobState, JobView, recover, transition
+from stoker.service.jobs import ACTIVE, JobState, recover, transition
+from stoker.service.jobviews import JobView
 from stoker.service.models import Host, Job, LogChunk, VMRecord, utcnow
 from stoker.service.scheduler import Candidate
 

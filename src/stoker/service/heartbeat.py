@@ -26,7 +26,8 @@ from stoker.service.db import (
     recover_expired,
     renew_leases,
 )
-from stoker.service.jobs import JobState, JobView
+from stoker.service.jobs import JobState
+from stoker.service.jobviews import JobView
 from stoker.service.models import utcnow
 
 if TYPE_CHECKING:

@@ -27,7 +27,8 @@ from typing import Any
 from sqlalchemy import Select, Text, cast, select
 from sqlalchemy.orm import Session
 
-from stoker.service.jobs import JobFilter, NotFound
+from stoker.service.jobs import NotFound
+from stoker.service.jobviews import JobFilter
 from stoker.service.models import Job
 
 

@@ -46,7 +46,8 @@ from prometheus_client.registry import Collector
 
 from stoker.outcomes import CAUSES
 from stoker.service.db import DatabaseHealth
-from stoker.service.jobs import TERMINAL, JobState, JobView
+from stoker.service.jobs import TERMINAL, JobState
+from stoker.service.jobviews import JobView
 
 __all__ = ["CONTENT_TYPE", "Metrics", "failure_kind"]
 

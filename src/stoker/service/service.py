@@ -58,14 +58,9 @@ from stoker.service.fleet import HostView, VMView, read_hosts, read_vms
 from stoker.service.integrations import Integration
 from stoker.service.joblist import list_query
 from stoker.service.jobs import (
-    ArtifactView,
     Conflict,
-    JobFilter,
     JobRequest,
     JobState,
-    JobView,
-    LogChunkView,
-    NetworkView,
     NotFound,
     QuotaExceeded,
     TooLarge,
@@ -74,6 +69,7 @@ from stoker.service.jobs import (
     resolve,
     transition,
 )
+from stoker.service.jobviews import ArtifactView, JobFilter, JobView, LogChunkView, NetworkView
 from stoker.service.logs import Notifier
 from stoker.service.metrics import Metrics
 from stoker.service.models import Artifact, Job, JobEvent, LogChunk, utcnow

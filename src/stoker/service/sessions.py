@@ -43,12 +43,12 @@ from stoker.service.jobs import (
     Conflict,
     Forbidden,
     JobState,
-    LogChunkView,
     NotFound,
     TooLarge,
     _check_argv_item,
     _check_workdir,
 )
+from stoker.service.jobviews import LogChunkView
 from stoker.service.logs import LogWriter, Notifier
 from stoker.service.models import Job, JobStep, LogChunk, utcnow
 from stoker.service.runs import Outcome

@@ -83,15 +83,8 @@ from stoker.service.files import (
 )
 from stoker.service.fleet import merge_vm_record
 from stoker.service.heartbeat import Heartbeats
-from stoker.service.jobs import (
-    ACTIVE,
-    TERMINAL,
-    JobState,
-    JobView,
-    redact,
-    secret_values,
-    transition,
-)
+from stoker.service.jobs import ACTIVE, TERMINAL, JobState, redact, secret_values, transition
+from stoker.service.jobviews import JobView
 from stoker.service.logs import LogWriter, Notifier
 from stoker.service.models import Artifact, Host, Job, VMRecord, utcnow
 from stoker.service.network import JobConnections
