@@ -21,6 +21,7 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -29,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "service"))
+from job_rows import job_row
 
 from stoker.service.db import Database, upgrade
 from stoker.service.joblist import explain, list_query
@@ -62,36 +66,16 @@ def job_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
         created = now - timedelta(seconds=30 * 86400 * (n - i) / n)
         roll = rng.random()
         state = "queued" if roll < 0.02 else "running" if roll < 0.03 else rng.choice(finals)
-        done = state not in ("queued", "running")
         rows.append(
-            {
-                "id": f"{i:08x}{rng.getrandbits(96):024x}",
-                "submitter": rng.choice(SUBMITTERS),
-                "state": state,
-                "pool": rng.choice(POOLS),
-                "image": "debian",
-                "cpus": 1,
-                "memory_mb": 512,
-                "disk_mb": 1024,
-                "timeout_s": 600.0,
-                "argv": ["make", "test"],
-                "env": {},
-                "secret_keys": [],
-                "artifacts": [],
-                "labels": ["linux", "gpu"] if rng.random() < 0.01 else ["linux"],
-                "priority": 0,
-                "source_kind": "none",
-                "attempt": 0,
-                "cancel_requested": False,
-                "created_at": created,
-                "updated_at": created,
-                "queued_at": created,
-                "finished_at": created + timedelta(seconds=60) if done else None,
-                "cause": "exit" if done and state != "cancelled" else None,
-                "log_bytes": 0,
-                "log_truncated": False,
-                "event_seq": 1,
-            }
+            job_row(
+                f"{i:08x}{rng.getrandbits(96):024x}",
+                submitter=rng.choice(SUBMITTERS),
+                state=state,
+                pool=rng.choice(POOLS),
+                labels=["linux", "gpu"] if rng.random() < 0.01 else ["linux"],
+                created=created,
+                runtime=timedelta(seconds=60),
+            )
         )
     return rows
 

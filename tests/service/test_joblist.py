@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from job_rows import job_row
 from sqlalchemy import insert
 
 from stoker.service.db import Database, upgrade
@@ -34,37 +35,15 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def row(i: int, now: datetime) -> dict[str, Any]:
-    created = now - timedelta(minutes=N - i)
     state = ("queued", "running", "succeeded", "failed")[i % 4]
-    done = state in ("succeeded", "failed")
-    return {
-        "id": f"{i:032x}",
-        "submitter": f"user{i % 7}",
-        "state": state,
-        "pool": ("small", "medium", "large")[i % 3],
-        "image": "debian",
-        "cpus": 1,
-        "memory_mb": 256,
-        "disk_mb": 1024,
-        "timeout_s": 60.0,
-        "argv": ["true"],
-        "env": {},
-        "secret_keys": [],
-        "artifacts": [],
-        "labels": ["linux", "gpu"] if i % 50 == 0 else ["linux"],
-        "priority": 0,
-        "source_kind": "none",
-        "attempt": 0,
-        "cancel_requested": False,
-        "created_at": created,
-        "updated_at": created,
-        "queued_at": created,
-        "finished_at": created + timedelta(seconds=30) if done else None,
-        "cause": "exit" if done else None,
-        "log_bytes": 0,
-        "log_truncated": False,
-        "event_seq": 1,
-    }
+    return job_row(
+        f"{i:032x}",
+        submitter=f"user{i % 7}",
+        state=state,
+        pool=("small", "medium", "large")[i % 3],
+        labels=["linux", "gpu"] if i % 50 == 0 else ["linux"],
+        created=now - timedelta(minutes=N - i),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from typing import IO
 
 from stoker.errors import LaunchError, ProvisionError, UsageError
 from stoker.images.base import canonical_digest
+from stoker.procs import DIE_WITH_PARENT
 
 #: The flags that make flakes and the ``nix`` command usable on any Nix >= 2.4.
 NIX_FEATURES: tuple[str, ...] = ("--extra-experimental-features", "nix-command flakes")
@@ -97,6 +98,8 @@ def run_nix(
                 stderr=stderr,
                 timeout=timeout,
                 check=False,
+                # As every helper stoker starts: a build does not outlive a killed stoker.
+                preexec_fn=DIE_WITH_PARENT,
             )
         except FileNotFoundError as exc:
             raise LaunchError(f"{argv[0]} is not installed", argv=argv, hint=NIX_HINT) from exc

@@ -14,9 +14,11 @@ import bisect
 import difflib
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel
 from pydantic_core import ErrorDetails
@@ -261,6 +263,7 @@ _TOML_TYPES: dict[type, str] = {
 _EXPECTED: dict[str, str] = {
     "string_type": "a string",
     "int_type": "an integer",
+    "float_type": "a number",
     "bool_type": "true or false",
     "tuple_type": "an array",
     "list_type": "an array",
@@ -277,40 +280,71 @@ def _toml_type(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def _model_at(root: type[BaseModel], path: KeyPath) -> type[BaseModel]:
-    """The model class whose keys live at ``path`` (relative to ``root``, an image's model)."""
-    model = root
-    for part in path:
-        if isinstance(part, int):
+def _unwrap(annotation: object) -> object:
+    """``Annotated[X, ...]`` and ``X | None`` -> ``X``."""
+    while True:
+        if typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
             continue
-        field = model.model_fields.get(part)
-        nested = _find_model(field.annotation) if field is not None else None
-        if nested is None:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+            annotation = args[0]
+            continue
+        return annotation
+
+
+def _model_at(root: type[BaseModel], path: KeyPath) -> type[BaseModel]:
+    """The model class whose keys live at ``path`` in a document of ``root``.
+
+    Table keys and array indices name elements, not fields (``pools.NAME``,
+    ``files[0]``), and are stepped over.
+    """
+    annotation: object = root
+    for part in path:
+        annotation = _unwrap(annotation)
+        if typing.get_origin(annotation) in (dict, tuple, list):
+            annotation = typing.get_args(annotation)[
+                -1 if typing.get_origin(annotation) is dict else 0
+            ]
+            continue
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             break
-        model = nested
-    return model
-
-
-def _find_model(annotation: object) -> type[BaseModel] | None:
+        field = annotation.model_fields.get(str(part))
+        if field is None:
+            break
+        annotation = field.annotation
+    annotation = _unwrap(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for arg in typing.get_args(annotation):
-        found = _find_model(arg)
-        if found is not None:
-            return found
-    return None
+    return root
 
 
-def _describe(error: ErrorDetails, path: KeyPath, root: type[BaseModel]) -> str:
+_BOUNDS: dict[str, str] = {
+    "greater_than_equal": ">=",
+    "less_than_equal": "<=",
+    "greater_than": ">",
+    "less_than": "<",
+}
+
+
+def _describe(
+    error: ErrorDetails,
+    path: KeyPath,
+    root: type[BaseModel],
+    *,
+    missing: typing.Mapping[KeyPath, str] | None = None,
+) -> str:
+    """One line on what is wrong with the value at ``path`` of a ``root`` document.
+
+    Shared by image specs and the service's configuration.  ``missing`` adds a
+    hint to "required key is missing" for particular keys.
+    """
     kind = error["type"]
     value = error.get("input")
+    ctx = error.get("ctx") or {}
     if kind == "missing":
-        if path == ("name",):
-            return (
-                'required key is missing: a file with one image names it with name = "..." '
-                "(a project file uses [image.NAME] tables instead)"
-            )
-        return "required key is missing"
+        hint = (missing or {}).get(path)
+        return f"required key is missing: {hint}" if hint else "required key is missing"
     if kind == "extra_forbidden":
         key = str(path[-1]) if path else "?"
         allowed = sorted(_model_at(root, path[:-1]).model_fields)
@@ -320,14 +354,20 @@ def _describe(error: ErrorDetails, path: KeyPath, root: type[BaseModel]) -> str:
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]}, got {_toml_type(value)}"
     if kind == "value_error":
-        ctx = error.get("ctx") or {}
         return str(ctx.get("error", error["msg"]))
-    ctx = error.get("ctx") or {}
-    bounds = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">"}
-    if kind in bounds:
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected', '?')}, got {value!r}"
+    if kind in _BOUNDS:
         limit = next(iter(ctx.values()), "?")
-        return f"expected a number {bounds[kind]} {limit}, got {value!r}"
+        return f"expected a number {_BOUNDS[kind]} {limit}, got {value!r}"
     return f"{error['msg']} (got {value!r})"
+
+
+#: Hints for keys an image spec is often written without.
+_SPEC_MISSING: dict[KeyPath, str] = {
+    ("name",): 'a file with one image names it with name = "..." '
+    "(a project file uses [image.NAME] tables instead)",
+}
 
 
 def _problem(
@@ -342,7 +382,9 @@ def _problem(
     if loc and loc[-1] == "[key]":  # a bad key of a table (env): point at the key
         loc = loc[:-1]
     path: KeyPath = (*prefix, *loc)
-    return _Problem(path, locator.line_of(path), image, _describe(error, loc, root))
+    return _Problem(
+        path, locator.line_of(path), image, _describe(error, loc, root, missing=_SPEC_MISSING)
+    )
 
 
 def _format_problem(origin: Path, problem: _Problem) -> str:

@@ -84,13 +84,10 @@ Errors name the file, the line and the key, like image specs::
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import socket
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -123,7 +120,7 @@ from stoker.fields import (
 )
 from stoker.images.nix import flake_image_name, is_flake_base
 from stoker.images.spec import DiskMB, Items, JobMemoryMB, MemoryMB
-from stoker.images.spec_errors import KeyPath, _key_path, _Locator, _toml_type
+from stoker.images.spec_errors import KeyPath, _describe, _key_path, _Locator
 from stoker.images.spec_fields import _size
 from stoker.isolation import CgroupMode, Isolation, LimitPolicy
 from stoker.isolation.limits import DEFAULT_OVERHEAD_MB, DEFAULT_PIDS
@@ -592,82 +589,4 @@ def _format(origin: Path, locator: _Locator, error: ErrorDetails) -> tuple[int |
     line = locator.line_of(loc) if loc else None
     where = f"{origin}:{line}" if line is not None else str(origin)
     key = f"{_key_path(loc)}: " if loc else ""
-    return line, f"{where}: {key}{_describe(error, loc)}"
-
-
-_EXPECTED = {
-    "string_type": "a string",
-    "int_type": "an integer",
-    "float_type": "a number",
-    "bool_type": "true or false",
-    "tuple_type": "an array",
-    "dict_type": "a table",
-    "model_type": "a table",
-    "model_attributes_type": "a table",
-}
-
-
-def _describe(error: ErrorDetails, path: KeyPath) -> str:
-    kind = error["type"]
-    value = error.get("input")
-    ctx = error.get("ctx") or {}
-    if kind == "missing":
-        return "required key is missing"
-    if kind == "extra_forbidden":
-        key = str(path[-1]) if path else "?"
-        allowed = sorted(_model_at(path[:-1]).model_fields)
-        close = difflib.get_close_matches(key, allowed, n=1)
-        guess = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown key {key!r}{guess}; expected one of: {', '.join(allowed)}"
-    if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]}, got {_toml_type(value)}"
-    if kind == "value_error":
-        return str(ctx.get("error", error["msg"]))
-    if kind == "literal_error":
-        return f"expected one of {ctx.get('expected', '?')}, got {value!r}"
-    bounds = {
-        "greater_than_equal": ">=",
-        "less_than_equal": "<=",
-        "greater_than": ">",
-        "less_than": "<",
-    }
-    if kind in bounds:
-        limit = next(iter(ctx.values()), "?")
-        return f"expected a number {bounds[kind]} {limit}, got {value!r}"
-    return f"{error['msg']} (got {value!r})"
-
-
-def _model_at(path: KeyPath) -> type[BaseModel]:
-    """The model whose keys live at ``path`` (table keys and array indices are skipped)."""
-    annotation: object = ServiceConfig
-    for part in path:
-        annotation = _unwrap(annotation)
-        if typing.get_origin(annotation) in (dict, tuple, list):
-            # pools.NAME or tokens[0]: the part names an element, not a field.
-            annotation = typing.get_args(annotation)[
-                -1 if typing.get_origin(annotation) is dict else 0
-            ]
-            continue
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            break
-        field = annotation.model_fields.get(str(part))
-        if field is None:
-            break
-        annotation = field.annotation
-    annotation = _unwrap(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return ServiceConfig
-
-
-def _unwrap(annotation: object) -> object:
-    """``Annotated[X, ...]`` and ``X | None`` -> ``X``."""
-    while True:
-        if typing.get_origin(annotation) is Annotated:
-            annotation = typing.get_args(annotation)[0]
-            continue
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-            annotation = args[0]
-            continue
-        return annotation
+    return line, f"{where}: {key}{_describe(error, loc, ServiceConfig)}"
