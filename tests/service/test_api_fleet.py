@@ -135,6 +135,14 @@ async def test_a_secret_cut_by_the_bound_is_masked_first(api: Api) -> None:
     assert row.console == "yyyyy***" and row.reason.startswith("the VMM exited")
 
 
+async def test_nul_bytes_from_the_guest_console_are_stored_as_text(api: Api) -> None:
+    # PostgreSQL's text refuses NUL: a guest printing one must not lose the record.
+    crash = VMMCrashed("the VMM\0 exited", console="boot\0ing\n\0")
+    record = functools.partial(record_failure, vm_name="vm-2", host="h", pool="default", exc=crash)
+    row = await api.service.db.run(record)
+    assert row.console == "boot\ufffding\n\ufffd" and "\0" not in row.reason
+
+
 async def test_each_host_keeps_its_newest_failures(api: Api) -> None:
     async def fail(host: str, n: int) -> None:
         crash = VMMCrashed(f"crash {n}", console=f"console {n}")

@@ -59,7 +59,8 @@ def console_tail(console: str, secrets: Iterable[str] = ()) -> str:
     Masked before cutting, so that a cut cannot leave a secret's end unmasked.
     """
     data = redact(console, secrets).encode("utf-8", "replace")[-CONSOLE_TAIL_BYTES:]
-    return data.decode("utf-8", "ignore")
+    # The guest writes the console: a NUL byte would make PostgreSQL refuse the whole row.
+    return data.decode("utf-8", "ignore").replace("\0", "\ufffd")
 
 
 def record_failure(
@@ -81,7 +82,7 @@ def record_failure(
         pool=pool,
         job_id=job_id,
         failed_at=utcnow(),
-        reason=redact(headline(exc), secrets),
+        reason=redact(headline(exc), secrets).replace("\0", "\ufffd"),
         console=console_tail(getattr(exc, "console", "") or "", secrets),
     )
     session.add(row)

@@ -295,6 +295,14 @@ function networkSection(job) {
   );
 }
 
+/** A download link for an artifact; a name the browser would resolve elsewhere (a "." or
+ * ".." segment: the guest chose it) is shown without one. */
+function artifactLink(jobId, name) {
+  const segments = name.split("/");
+  if (segments.some((part) => part === "" || part === "." || part === "..")) return name;
+  return h("a", { href: `/v1/jobs/${jobId}/artifacts/${segments.map(encodeURIComponent).join("/")}`, download: "" }, name);
+}
+
 function jobView(jobId) {
   const head = h("div", { class: "job-head" });
   const body = h("div");
@@ -369,7 +377,7 @@ function jobView(jobId) {
           "Artifacts",
           ["File", "Size", "SHA-256"],
           list.artifacts.map((a) => [
-            h("a", { href: `/v1/jobs/${jobId}/artifacts/${a.name.split("/").map(encodeURIComponent).join("/")}`, download: "" }, a.name),
+            artifactLink(jobId, a.name),
             bytes(a.size),
             h("code", { class: "digest" }, a.sha256),
           ]),
